@@ -1,0 +1,132 @@
+"""The isolation driver interface: what the fleet asks of any way of running one Postgres.
+
+The fleet owns the state machine and persistence; a driver only turns one instance's
+desired condition into processes (or VMs) and reports how to reach its Postgres.
+Drivers never touch the store.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, ClassVar
+
+
+class DriverError(RuntimeError):
+    """A driver could not do what it was asked; the message is shown to users."""
+
+
+class DriverUnavailable(DriverError):
+    """The driver cannot run on this host (missing binary, no KVM, not built yet)."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    """How the host reaches one running instance's Postgres.
+
+    Exactly one of `socket_dir` (a unix socket directory, port names the socket file)
+    or `host` (TCP) is set. `admin_user` may connect without a password from the host.
+    """
+
+    port: int = 5432
+    socket_dir: str | None = None
+    host: str | None = None
+    admin_user: str = "postgres"
+    database: str = "postgres"
+
+    def describe(self) -> str:
+        if self.socket_dir is not None:
+            return f"unix:{self.socket_dir}"
+        return f"{self.host}:{self.port}"
+
+    @property
+    def socket_path(self) -> str | None:
+        if self.socket_dir is None:
+            return None
+        return f"{self.socket_dir}/.s.PGSQL.{self.port}"
+
+    def libpq_params(self) -> dict[str, str]:
+        """Keyword parameters for libpq-style clients (psql, psycopg, pgbench)."""
+        return {
+            "host": self.socket_dir if self.socket_dir is not None else str(self.host),
+            "port": str(self.port),
+            "user": self.admin_user,
+            "dbname": self.database,
+        }
+
+    async def open_connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self.socket_path is not None:
+            return await asyncio.open_unix_connection(self.socket_path)
+        return await asyncio.open_connection(self.host, self.port)
+
+
+@dataclass(frozen=True)
+class InstanceSpec:
+    """What a driver needs to know about one instance; built by the fleet from the store."""
+
+    uuid: str
+    name: str
+    role: str
+    memory_mb: int
+    slot: int  # small, unique, stable integer per instance (uids, addresses)
+    home: Path  # this instance's own directory, created by the fleet
+    vcpus: int = 1
+    extra: dict = field(default_factory=dict)
+
+
+ExitCallback = Callable[[InstanceSpec, str], None]
+
+
+class Driver(abc.ABC):
+    """One way of isolating a database. Every method is idempotent where it can be.
+
+    Lifecycle as the fleet drives it:
+      create()  : make the instance's data from a template, start it, personalise it
+                  (its role exists); returns a running Backend.
+      start()   : standby/stopped -> running (resume); returns the Backend.
+      suspend() : running -> standby: no process and no memory left, data kept.
+      stop()    : running -> stopped (a full shutdown).
+      destroy() : remove everything the instance owns. Stops it first if needed.
+      recover() : after a daemon restart: adopt a live instance (returns its Backend)
+                  or clean up stale processes so a later start() is safe (returns None).
+    A driver calls `on_exit(spec, reason)` when an instance it started dies on its own.
+    """
+
+    name: ClassVar[str]
+    #: open server sessions survive suspend/resume (a VM's TCP sessions do; a process's do not)
+    keeps_sessions_across_suspend: ClassVar[bool] = False
+
+    def __init__(self, state_dir: Path, on_exit: ExitCallback | None = None) -> None:
+        self.state_dir = state_dir
+        self.on_exit: ExitCallback = on_exit or (lambda spec, reason: None)
+
+    @abc.abstractmethod
+    async def prepare(self) -> None:
+        """Make the host ready (templates, images); slow work happens here, once."""
+
+    @abc.abstractmethod
+    async def create(self, spec: InstanceSpec) -> Backend: ...
+
+    @abc.abstractmethod
+    async def start(self, spec: InstanceSpec) -> Backend: ...
+
+    @abc.abstractmethod
+    async def suspend(self, spec: InstanceSpec) -> None: ...
+
+    @abc.abstractmethod
+    async def stop(self, spec: InstanceSpec) -> None: ...
+
+    @abc.abstractmethod
+    async def destroy(self, spec: InstanceSpec) -> None: ...
+
+    @abc.abstractmethod
+    async def recover(self, spec: InstanceSpec) -> Backend | None: ...
+
+    async def usage(self, spec: InstanceSpec) -> dict[str, int]:
+        """Resource use of a running instance: rss_bytes, cpu_time_ms where known."""
+        return {}
+
+    async def close(self) -> None:
+        """Release host resources the driver holds (not the instances)."""
