@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import ctypes
+import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar
@@ -27,18 +30,23 @@ class Backend:
     """How the host reaches one running instance's Postgres.
 
     Exactly one of `socket_dir` (a unix socket directory, port names the socket file)
-    or `host` (TCP) is set. `admin_user` may connect without a password from the host.
+    or `host` (TCP) is set. A TCP backend may live inside a network namespace
+    (`netns`, a name under /run/netns): the host reaches it by opening the socket there.
+    `admin_user` may connect without a password from the host.
     """
 
     port: int = 5432
     socket_dir: str | None = None
     host: str | None = None
+    netns: str | None = None
     admin_user: str = "postgres"
     database: str = "postgres"
 
     def describe(self) -> str:
         if self.socket_dir is not None:
             return f"unix:{self.socket_dir}"
+        if self.netns is not None:
+            return f"netns:{self.netns}/{self.host}:{self.port}"
         return f"{self.host}:{self.port}"
 
     @property
@@ -59,7 +67,43 @@ class Backend:
     async def open_connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         if self.socket_path is not None:
             return await asyncio.open_unix_connection(self.socket_path)
+        if self.netns is not None:
+            sock = await asyncio.get_running_loop().run_in_executor(
+                None, netns_socket, self.netns
+            )
+            await asyncio.get_running_loop().sock_connect(sock, (self.host, self.port))
+            return await asyncio.open_connection(sock=sock)
         return await asyncio.open_connection(self.host, self.port)
+
+
+def netns_socket(netns: str) -> socket.socket:
+    """A non-blocking TCP socket created inside network namespace `netns`.
+
+    A socket keeps the namespace it was created in, so only its creation needs to
+    happen there; this runs on a worker thread so the daemon's own thread never
+    leaves the host namespace.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    target = os.open(f"/run/netns/{netns}", os.O_RDONLY)
+    try:
+        if libc.setns(target, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns into {netns}: {os.strerror(err)}")
+        try:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        finally:
+            if libc.setns(own, CLONE_NEWNET) != 0:  # never leave a pool thread elsewhere
+                os._exit(70)
+        return sock
+    finally:
+        os.close(own)
+        os.close(target)
+
+
+CLONE_NEWNET = 0x40000000
 
 
 @dataclass(frozen=True)
