@@ -174,3 +174,15 @@ class Driver(abc.ABC):
 
     async def close(self) -> None:
         """Release host resources the driver holds (not the instances)."""
+
+
+async def admin_connect(backend: Backend, user: str | None = None):
+    """An AdminConnection to `backend` as its password-less admin role (or `user`)."""
+    from pgfleet.pgwire.client import AdminConnection
+
+    reader, writer = await backend.open_connection()
+    try:
+        return await AdminConnection.open(reader, writer, user or backend.admin_user, backend.database)
+    except BaseException:
+        writer.close()
+        raise

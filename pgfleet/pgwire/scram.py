@@ -1,0 +1,56 @@
+"""SCRAM-SHA-256 verifiers in PostgreSQL's own storage format (pg_authid.rolpassword):
+
+    SCRAM-SHA-256$<iterations>:<salt base64>$<StoredKey base64>:<ServerKey base64>
+
+Only the verifier is ever stored; the password is shown to the user once.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import secrets
+from dataclasses import dataclass
+
+from scramp import ScramMechanism
+
+MECHANISM = "SCRAM-SHA-256"
+ITERATIONS = 4096  # PostgreSQL's default scram_iterations
+
+_VERIFIER = re.compile(
+    r"^SCRAM-SHA-256\$(?P<i>\d+):(?P<salt>[A-Za-z0-9+/=]+)\$(?P<stored>[A-Za-z0-9+/=]+):(?P<server>[A-Za-z0-9+/=]+)$"
+)
+
+
+@dataclass(frozen=True)
+class Verifier:
+    salt: bytes
+    stored_key: bytes
+    server_key: bytes
+    iterations: int
+
+    def encode(self) -> str:
+        b64 = lambda b: base64.b64encode(b).decode("ascii")  # noqa: E731
+        return f"{MECHANISM}${self.iterations}:{b64(self.salt)}${b64(self.stored_key)}:{b64(self.server_key)}"
+
+    @classmethod
+    def decode(cls, text: str) -> "Verifier":
+        m = _VERIFIER.match(text)
+        if m is None:
+            raise ValueError("not a SCRAM-SHA-256 verifier")
+        return cls(
+            salt=base64.b64decode(m["salt"]),
+            stored_key=base64.b64decode(m["stored"]),
+            server_key=base64.b64decode(m["server"]),
+            iterations=int(m["i"]),
+        )
+
+    @classmethod
+    def from_password(cls, password: str, iterations: int = ITERATIONS) -> "Verifier":
+        salt, stored, server, i = ScramMechanism(MECHANISM).make_auth_info(password, iterations)
+        return cls(salt, stored, server, i)
+
+
+def generate_password() -> str:
+    """A URL-safe password with ~190 bits of entropy (needs no quoting in a URI)."""
+    return secrets.token_urlsafe(24)
