@@ -1,0 +1,108 @@
+"""Per-instance cgroups, v1 (memory, pids, cpu controllers) or v2 (unified).
+
+Limits: memory (the instance's memory_mb, swap included so a tenant cannot page the host
+to death), pids (no fork bombs), CPU weight (fair share under contention).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path("/sys/fs/cgroup")
+PIDS_MAX = 256  # postgres needs max_connections + ~10 auxiliary processes
+
+
+def is_v2(root: Path = ROOT) -> bool:
+    return (root / "cgroup.controllers").exists()
+
+
+@dataclass(frozen=True)
+class CgroupLimits:
+    memory_bytes: int
+    pids_max: int = PIDS_MAX
+    cpu_weight: int = 100  # v2 scale 1..10000; v1 shares = weight * 1024 / 100
+
+
+class Cgroup:
+    """The cgroup(s) of one instance under <controller>/<parent>/<name>."""
+
+    def __init__(self, parent: str, name: str, root: Path = ROOT) -> None:
+        self.v2 = is_v2(root)
+        if self.v2:
+            self.dirs = {"unified": root / parent / name}
+        else:
+            self.dirs = {c: root / c / parent / name for c in ("memory", "pids", "cpu") if (root / c).is_dir()}
+
+    def create(self, limits: CgroupLimits) -> None:
+        for controller, d in self.dirs.items():
+            d.mkdir(parents=True, exist_ok=True)
+            if self.v2:
+                _enable_v2_controllers(d.parent)
+                _write(d / "memory.max", str(limits.memory_bytes))
+                _write(d / "memory.swap.max", "0", optional=True)
+                _write(d / "pids.max", str(limits.pids_max))
+                _write(d / "cpu.weight", str(limits.cpu_weight), optional=True)
+            elif controller == "memory":
+                _write(d / "memory.limit_in_bytes", str(limits.memory_bytes))
+                _write(d / "memory.memsw.limit_in_bytes", str(limits.memory_bytes), optional=True)
+            elif controller == "pids":
+                _write(d / "pids.max", str(limits.pids_max))
+            elif controller == "cpu":
+                _write(d / "cpu.shares", str(max(2, limits.cpu_weight * 1024 // 100)))
+
+    def procs_files(self) -> list[str]:
+        """Files a new process writes "0" into to join every controller (before exec)."""
+        return [str(d / "cgroup.procs") for d in self.dirs.values()]
+
+    def memory_current(self) -> int | None:
+        d = self.dirs.get("unified") or self.dirs.get("memory")
+        if d is None:
+            return None
+        name = "memory.current" if self.v2 else "memory.usage_in_bytes"
+        try:
+            return int((d / name).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def remove(self) -> None:
+        """Remove the (empty) cgroups; an instance in standby keeps nothing here."""
+        for d in self.dirs.values():
+            try:
+                d.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                if exc.errno != errno.EBUSY:
+                    raise
+
+
+def join(procs_files: list[str]) -> None:
+    """Move the calling process into the given cgroups; runs between fork and exec."""
+    for path in procs_files:
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
+
+
+def _enable_v2_controllers(parent: Path) -> None:
+    # Controllers must be enabled in every ancestor's subtree_control, from the top.
+    chain = []
+    p = parent
+    while p != ROOT and ROOT in p.parents:
+        chain.append(p)
+        p = p.parent
+    for d in [ROOT, *reversed(chain)]:
+        _write(d / "cgroup.subtree_control", "+memory +pids +cpu", optional=True)
+
+
+def _write(path: Path, value: str, optional: bool = False) -> None:
+    try:
+        path.write_text(value)
+    except OSError:
+        if not optional:
+            raise

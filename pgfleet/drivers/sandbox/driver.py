@@ -1,0 +1,307 @@
+"""The `sandbox` driver: each database's postmaster runs natively, as its own unprivileged
+uid, in fresh mount, PID, IPC, UTS and network namespaces (the network namespace has no
+interfaces; Postgres listens only on a unix socket in the instance's private directory),
+under cgroup limits. Standby means the postmaster has shut down: no process, no memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..base import Backend, Driver, DriverError, InstanceSpec, admin_connect
+from ..pgbin import PostgresInstall, find_postgres
+from . import cgroups
+from .procscan import find_postmaster
+from .template import ensure_template
+
+log = logging.getLogger(__name__)
+
+UID_BASE = 3_000_000  # per-instance uids/gids: UID_BASE + slot; no passwd entry needed
+PORT = 5432  # names the socket file only: the network namespace has no interfaces
+READY_TIMEOUT_S = 60.0
+SHUTDOWN_TIMEOUT_S = 30.0
+CGROUP_PARENT = "pgfleet"
+
+
+@dataclass
+class _Running:
+    postmaster_pid: int
+    waiter: asyncio.Task  # completes when the postmaster has exited
+    stopping: bool = False
+
+
+class SandboxDriver(Driver):
+    name = "sandbox"
+    keeps_sessions_across_suspend = False
+
+    def __init__(self, state_dir: Path, on_exit=None, postgres_major: int | None = None) -> None:
+        super().__init__(state_dir, on_exit)
+        self.pg: PostgresInstall = find_postgres(postgres_major)
+        self.template: Path | None = None
+        self._running: dict[str, _Running] = {}
+        self.cgroup_parent = f"{CGROUP_PARENT}/{_home_tag(state_dir)}"
+
+    # --- paths ------------------------------------------------------------------
+    @staticmethod
+    def data_dir(spec: InstanceSpec) -> Path:
+        return spec.home / "data"
+
+    @staticmethod
+    def socket_dir(spec: InstanceSpec) -> Path:
+        return spec.home / "run"
+
+    @staticmethod
+    def log_path(spec: InstanceSpec) -> Path:
+        return spec.home / "postgres.log"
+
+    def backend(self, spec: InstanceSpec) -> Backend:
+        return Backend(port=PORT, socket_dir=str(self.socket_dir(spec)))
+
+    def _cgroup(self, spec: InstanceSpec) -> cgroups.Cgroup:
+        return cgroups.Cgroup(self.cgroup_parent, spec.uuid)
+
+    # --- lifecycle --------------------------------------------------------------
+    async def prepare(self) -> None:
+        if os.geteuid() != 0:
+            raise DriverError("the sandbox driver needs root (namespaces, cgroups, per-database uids)")
+        self.template = await ensure_template(self.pg, self.state_dir / "templates")
+
+    async def create(self, spec: InstanceSpec) -> Backend:
+        if self.template is None:
+            await self.prepare()
+        assert self.template is not None
+        await self._clone(spec)
+        backend = await self.start(spec)
+        await self._personalise(spec, backend)
+        return backend
+
+    async def _clone(self, spec: InstanceSpec) -> None:
+        uid = UID_BASE + spec.slot
+        data = self.data_dir(spec)
+        if (data / "PG_VERSION").exists():
+            return  # an earlier, interrupted create already cloned it
+        spec.home.mkdir(parents=True, exist_ok=True)
+        os.chmod(spec.home, 0o711)
+        partial = spec.home / "data.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        # cp -a keeps sparse files and modes; chown hands the copy to the instance's uid.
+        proc = await asyncio.create_subprocess_exec(
+            "cp", "-a", "--reflink=auto", str(self.template), str(partial),
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await proc.communicate()
+        if proc.returncode != 0:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise DriverError(f"cloning the template failed: {err.decode(errors='replace').strip()}")
+        proc = await asyncio.create_subprocess_exec("chown", "-R", f"{uid}:{uid}", str(partial))
+        if await proc.wait() != 0:
+            raise DriverError("chown of the new data directory failed")
+        partial.rename(data)  # atomic: a data dir either is complete or does not exist
+
+    async def _personalise(self, spec: InstanceSpec, backend: Backend) -> None:
+        from pgfleet.pgwire.client import quote_ident
+
+        role = quote_ident(spec.role)
+        conn = await admin_connect(backend)
+        try:
+            exists = await conn.scalar(
+                f"SELECT count(*) FROM pg_roles WHERE rolname = '{spec.role.replace(chr(39), '')}'"
+            )
+            if exists == "0":
+                await conn.query(
+                    f"CREATE ROLE {role} LOGIN CREATEDB CREATEROLE;"
+                    f"ALTER DATABASE postgres OWNER TO {role};"
+                    f"ALTER SCHEMA public OWNER TO {role};"
+                )
+        finally:
+            await conn.close()
+
+    async def start(self, spec: InstanceSpec) -> Backend:
+        if spec.uuid in self._running:
+            return self.backend(spec)
+        data = self.data_dir(spec)
+        if not (data / "PG_VERSION").exists():
+            raise DriverError(f"database {spec.name} has no data directory at {data}")
+        uid = UID_BASE + spec.slot
+        run = self.socket_dir(spec)
+        run.mkdir(mode=0o700, exist_ok=True)
+        os.chown(run, uid, uid)
+        # a postmaster that is still alive (after a daemon crash) must never get a twin
+        stale = find_postmaster(data)
+        if stale is not None:
+            await self._adopt_or_stop(spec, stale, keep=False)
+        cg = self._cgroup(spec)
+        cg.create(cgroups.CgroupLimits(memory_bytes=spec.memory_mb * 1024 * 1024))
+        procs_files = cg.procs_files()
+        shared_buffers = max(16, spec.memory_mb // 8)
+        argv = [
+            "unshare", "--mount", "--pid", "--fork", "--ipc", "--uts", "--net",
+            "--kill-child", "--mount-proc",
+            "--setuid", str(uid), "--setgid", str(uid),
+            "--", str(self.pg.postgres), "-D", str(data), "-k", str(run), "-p", str(PORT),
+            "-c", f"shared_buffers={shared_buffers}MB",
+            "-c", f"cluster_name={spec.name}",
+        ]
+        logf = open(self.log_path(spec), "ab")
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf,
+                preexec_fn=lambda: (cgroups.join(procs_files), os.setsid()),
+            )
+        finally:
+            logf.close()
+        try:
+            pm_pid = await self._wait_ready(spec, proc)
+        except BaseException:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            cg.remove()
+            raise
+        self._watch(spec, pm_pid, proc.wait())
+        return self.backend(spec)
+
+    async def _wait_ready(self, spec: InstanceSpec, proc: asyncio.subprocess.Process) -> int:
+        """Wait until the postmaster reports 'ready' in postmaster.pid; returns its host pid."""
+        pidfile = self.data_dir(spec) / "postmaster.pid"
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        delay = 0.001
+        while True:
+            if proc.returncode is not None:
+                raise DriverError(f"postgres for {spec.name} exited during start: {self._log_tail(spec)}")
+            try:
+                lines = pidfile.read_text().splitlines()
+            except FileNotFoundError:
+                lines = []
+            if len(lines) >= 8 and lines[7].strip() == "ready":
+                pm = _child_of(proc.pid)
+                if pm is not None:
+                    return pm
+            if time.monotonic() > deadline:
+                raise DriverError(f"postgres for {spec.name} not ready after {READY_TIMEOUT_S:.0f}s: {self._log_tail(spec)}")
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 0.02)
+
+    def _log_tail(self, spec: InstanceSpec) -> str:
+        try:
+            text = self.log_path(spec).read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return " | ".join(text.strip().splitlines()[-3:])
+
+    def _watch(self, spec: InstanceSpec, pm_pid: int, exited) -> None:
+        async def waiter() -> None:
+            await exited
+            entry = self._running.pop(spec.uuid, None)
+            self._cgroup(spec).remove()
+            if entry is not None and not entry.stopping:
+                log.warning("postgres of %s exited on its own: %s", spec.name, self._log_tail(spec))
+                self.on_exit(spec, "exited")
+
+        self._running[spec.uuid] = _Running(pm_pid, asyncio.create_task(waiter()))
+
+    async def suspend(self, spec: InstanceSpec) -> None:
+        # Fast shutdown: ends sessions, writes a shutdown checkpoint: the data is durable and
+        # the next start needs no recovery.
+        await self._shutdown(spec, signal.SIGINT)
+
+    async def stop(self, spec: InstanceSpec) -> None:
+        await self._shutdown(spec, signal.SIGINT)
+
+    async def _shutdown(self, spec: InstanceSpec, sig: signal.Signals) -> None:
+        entry = self._running.get(spec.uuid)
+        if entry is None:
+            stale = find_postmaster(self.data_dir(spec))
+            if stale is not None:
+                await self._adopt_or_stop(spec, stale, keep=False)
+            return
+        entry.stopping = True
+        _kill(entry.postmaster_pid, sig)
+        try:
+            await asyncio.wait_for(asyncio.shield(entry.waiter), SHUTDOWN_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            log.error("postgres of %s ignored shutdown for %ss; sending SIGQUIT", spec.name, SHUTDOWN_TIMEOUT_S)
+            _kill(entry.postmaster_pid, signal.SIGQUIT)
+            await entry.waiter
+
+    async def destroy(self, spec: InstanceSpec) -> None:
+        await self.stop(spec)
+        self._cgroup(spec).remove()
+        shutil.rmtree(spec.home, ignore_errors=True)
+
+    async def recover(self, spec: InstanceSpec) -> Backend | None:
+        pm = find_postmaster(self.data_dir(spec))
+        if pm is None:
+            self._cgroup(spec).remove()
+            return None
+        return await self._adopt_or_stop(spec, pm, keep=True)
+
+    async def _adopt_or_stop(self, spec: InstanceSpec, pm_pid: int, keep: bool) -> Backend | None:
+        """A postmaster we did not start in this daemon's life: watch it, or stop it."""
+        if spec.uuid not in self._running:
+            self._watch(spec, pm_pid, _wait_pid_exit(pm_pid))
+        if keep and _is_ready(self.data_dir(spec)):
+            return self.backend(spec)
+        await self._shutdown(spec, signal.SIGINT)
+        return None
+
+    async def usage(self, spec: InstanceSpec) -> dict[str, int]:
+        if spec.uuid not in self._running:
+            return {"rss_bytes": 0}
+        current = self._cgroup(spec).memory_current()
+        return {"rss_bytes": current} if current is not None else {}
+
+    def is_running(self, spec: InstanceSpec) -> bool:
+        return spec.uuid in self._running
+
+
+def _home_tag(state_dir: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:10]
+
+
+def _child_of(pid: int) -> int | None:
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return None
+    return int(children[0]) if children else None
+
+
+def _kill(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _is_ready(data: Path) -> bool:
+    try:
+        lines = (data / "postmaster.pid").read_text().splitlines()
+    except OSError:
+        return False
+    return len(lines) >= 8 and lines[7].strip() == "ready"
+
+
+async def _wait_pid_exit(pid: int) -> None:
+    """Wait for a process that is not our child to exit (pidfd: no polling, no pid reuse race)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    loop.add_reader(fd, lambda: done.done() or done.set_result(None))
+    try:
+        await done
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
