@@ -1,0 +1,3 @@
+from .db import InstanceRow, StaleTransition, Store
+
+__all__ = ["InstanceRow", "StaleTransition", "Store"]

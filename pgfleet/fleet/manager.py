@@ -1,0 +1,450 @@
+"""The fleet: instance lifecycle on one host.
+
+It owns the state machine: every transition is committed to the store before the driver
+is asked to act, lifecycle operations on one instance are serialised by its lock, and a
+connection to a standby database wakes it exactly once however many clients arrive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid as uuidlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator, Callable
+
+from contextlib import asynccontextmanager
+
+from pgfleet.drivers.base import Backend, Driver, DriverError, InstanceSpec
+from pgfleet.pgwire.scram import Verifier, generate_password
+from pgfleet.store import InstanceRow, Store
+
+from . import states
+from .errors import AlreadyExists, InvalidRequest, NotFound, Unavailable
+from .names import validate_name
+from .states import State
+
+log = logging.getLogger(__name__)
+
+DEFAULT_COOLDOWN_MS = 300_000
+DEFAULT_MEMORY_MB = 128
+MIN_MEMORY_MB, MAX_MEMORY_MB = 64, 16384
+POLICIES = ("on", "off")
+DEFAULT_DRAIN_TIMEOUT_S = 10.0
+
+
+@dataclass
+class Runtime:
+    """In-memory facts about one instance that need not survive a restart."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    backend: Backend | None = None
+    clients: int = 0  # open client sessions (leases)
+    last_active: float = field(default_factory=time.monotonic)
+    idle_timer: asyncio.TimerHandle | None = None
+    drained: asyncio.Event = field(default_factory=asyncio.Event)
+    total_connections: int = 0
+
+
+@dataclass(frozen=True)
+class Created:
+    row: InstanceRow
+    password: str
+
+
+class Fleet:
+    def __init__(self, store: Store, driver: Driver, home: Path) -> None:
+        self.store = store
+        self.driver = driver
+        self.home = home
+        self.rt: dict[str, Runtime] = {}
+        self._changed = asyncio.Condition()
+        self._tasks: set[asyncio.Task] = set()
+        self._closing = False
+        driver.on_exit = self._on_driver_exit
+
+    # --- queries -------------------------------------------------------------------
+    def list(self) -> list[InstanceRow]:
+        return self.store.all()
+
+    def get(self, ref: str) -> InstanceRow:
+        row = self.store.by_name(ref) or self.store.get(ref)
+        if row is None:
+            raise NotFound(f"database {ref!r} does not exist")
+        return row
+
+    def find(self, name: str) -> InstanceRow | None:
+        return self.store.by_name(name)
+
+    def runtime(self, uuid: str) -> Runtime:
+        rt = self.rt.get(uuid)
+        if rt is None:
+            rt = self.rt[uuid] = Runtime()
+        return rt
+
+    def backend_of(self, uuid: str) -> Backend | None:
+        return self.rt[uuid].backend if uuid in self.rt else None
+
+    def spec(self, row: InstanceRow) -> InstanceSpec:
+        return InstanceSpec(
+            uuid=row.uuid, name=row.name, role=row.role, memory_mb=row.memory_mb,
+            slot=row.slot, home=self.home / "instances" / row.uuid, vcpus=row.vcpus,
+        )
+
+    # --- create / delete -------------------------------------------------------------
+    async def create(
+        self, name: str, *, memory_mb: int = DEFAULT_MEMORY_MB, cooldown_ms: int = DEFAULT_COOLDOWN_MS,
+        policy: str = "on", image: str = "postgres:15", password: str | None = None,
+        autostart: bool = True, tags: dict | None = None,
+    ) -> Created:
+        validate_name(name)
+        validate_settings(memory_mb=memory_mb, cooldown_ms=cooldown_ms, policy=policy)
+        if self.store.by_name(name) is not None:
+            raise AlreadyExists(f"database {name!r} already exists")
+        password = password or generate_password()
+        row = InstanceRow(
+            uuid=str(uuidlib.uuid4()), name=name, slot=self._free_slot(), state=State.STARTING,
+            driver=self.driver.name, image=image, memory_mb=memory_mb, role=name,
+            verifier=Verifier.from_password(password).encode(), stz_policy=policy,
+            cooldown_ms=cooldown_ms, created_at=time.time(), tags=tags or {},
+        )
+        try:
+            self.store.insert(row)  # provisioned=0: recovery rolls it back if we crash now
+        except Exception as exc:  # the UNIQUE constraint lost a race
+            raise AlreadyExists(f"database {name!r} already exists") from exc
+        rt = self.runtime(row.uuid)
+        async with rt.lock:
+            started = time.monotonic()
+            try:
+                backend = await self.driver.create(self.spec(row))
+            except BaseException as exc:
+                await self._rollback_create(row, exc)
+                raise
+            boot_us = int((time.monotonic() - started) * 1e6)
+            self.store.transition(
+                row.uuid, State.STARTING, State.RUNNING, "created", provisioned=1,
+                started_at=time.time(), start_count=1, boot_time_us=boot_us,
+            )
+            rt.backend = backend
+            self._arm_idle_timer(row.uuid)
+        await self._notify()
+        if not autostart:
+            await self.suspend(row.uuid, reason="created without autostart")
+        return Created(self.store.get(row.uuid), password)  # type: ignore[arg-type]
+
+    async def _rollback_create(self, row: InstanceRow, exc: BaseException) -> None:
+        log.error("creating %s failed, rolling back: %s", row.name, exc)
+        try:
+            await asyncio.shield(self.driver.destroy(self.spec(row)))
+        finally:
+            self.store.delete(row.uuid)
+            self.rt.pop(row.uuid, None)
+
+    def _free_slot(self) -> int:
+        used = self.store.used_slots()
+        slot = 1
+        while slot in used:
+            slot += 1
+        return slot
+
+    async def delete(self, ref: str) -> InstanceRow:
+        row = self.get(ref)
+        self.store.update(row.uuid, deleting=1)  # from now on the proxy refuses it (57P03)
+        rt = self.runtime(row.uuid)
+        async with rt.lock:
+            self._cancel_idle_timer(rt)
+            rt.backend = None
+            await self.driver.destroy(self.spec(row))
+            self.store.delete(row.uuid)
+            self.rt.pop(row.uuid, None)
+        await self._notify()
+        return row
+
+    async def rotate_password(self, ref: str, password: str | None = None) -> tuple[InstanceRow, str]:
+        row = self.get(ref)
+        password = password or generate_password()
+        self.store.update(row.uuid, verifier=Verifier.from_password(password).encode())
+        return self.get(row.uuid), password
+
+    async def update(self, ref: str, **settings) -> InstanceRow:
+        row = self.get(ref)
+        changes = {k: v for k, v in settings.items() if v is not None}
+        validate_settings(**changes)
+        if "policy" in changes:
+            changes["stz_policy"] = changes.pop("policy")
+        self.store.update(row.uuid, **changes)
+        self._arm_idle_timer(row.uuid)
+        return self.get(row.uuid)
+
+    # --- wake / suspend / stop -------------------------------------------------------
+    async def ensure_running(self, ref: str, *, wake_stopped: bool = False) -> Backend:
+        """The backend of a running instance, starting it if it is in standby.
+
+        Concurrent callers share one start: they queue on the instance lock and find
+        it running when their turn comes.
+        """
+        row = self.get(ref)
+        rt = self.runtime(row.uuid)
+        if row.state == State.RUNNING and rt.backend is not None:
+            return rt.backend
+        async with rt.lock:
+            row = self.get(row.uuid)
+            if row.deleting:
+                raise Unavailable(f"database {row.name!r} is being deleted")
+            if row.state == State.RUNNING and rt.backend is not None:
+                return rt.backend
+            if row.state == State.STOPPED and not wake_stopped:
+                raise Unavailable(f"database {row.name!r} is stopped; start it first")
+            return await self._start_locked(row, reason="wake" if row.state == State.STANDBY else "start")
+
+    async def _start_locked(self, row: InstanceRow, reason: str) -> Backend:
+        rt = self.runtime(row.uuid)
+        if row.state == State.RUNNING and rt.backend is not None:
+            return rt.backend
+        if row.state not in (State.STANDBY, State.STOPPED):
+            raise Unavailable(f"database {row.name!r} is {row.state}")
+        self.store.transition(row.uuid, row.state, State.STARTING, reason)
+        started = time.monotonic()
+        try:
+            backend = await self.driver.start(self.spec(row))
+        except BaseException as exc:
+            self.store.transition(row.uuid, State.STARTING, State.STANDBY, f"start failed: {exc}",
+                                  stop_reason="start failed", stopped_at=time.time())
+            await self._notify()
+            if isinstance(exc, DriverError):
+                raise Unavailable(f"database {row.name!r} failed to start: {exc}") from exc
+            raise
+        self.store.transition(
+            row.uuid, State.STARTING, State.RUNNING, reason, started_at=time.time(),
+            start_count=row.start_count + 1, boot_time_us=int((time.monotonic() - started) * 1e6),
+            stop_reason=None,
+        )
+        rt.backend = backend
+        rt.last_active = time.monotonic()
+        self._arm_idle_timer(row.uuid)
+        await self._notify()
+        return backend
+
+    async def resume(self, ref: str) -> InstanceRow:
+        await self.ensure_running(ref, wake_stopped=True)
+        return self.get(ref)
+
+    async def suspend(self, ref: str, *, reason: str = "suspend", drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S,
+                      only_if_idle: bool = False) -> InstanceRow:
+        return await self._shut(ref, State.STANDBY, reason, drain_timeout_s, only_if_idle)
+
+    async def stop(self, ref: str, *, drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S) -> InstanceRow:
+        return await self._shut(ref, State.STOPPED, "stop", drain_timeout_s, False)
+
+    async def _shut(self, ref: str, target: State, reason: str, drain_timeout_s: float,
+                    only_if_idle: bool) -> InstanceRow:
+        row = self.get(ref)
+        rt = self.runtime(row.uuid)
+        async with rt.lock:
+            row = self.get(row.uuid)
+            if only_if_idle and (rt.clients > 0 or row.state != State.RUNNING or not self._idle_long_enough(row, rt)):
+                return row
+            if row.state in (State.STANDBY, State.STOPPED):
+                if row.state != target:
+                    self.store.transition(row.uuid, row.state, target, reason)
+                    await self._notify()
+                return self.get(row.uuid)
+            if row.state != State.RUNNING:
+                raise Unavailable(f"database {row.name!r} is {row.state}")
+            self._cancel_idle_timer(rt)
+            self.store.transition(row.uuid, State.RUNNING, State.DRAINING, reason)
+            await self._notify()
+            if rt.clients > 0 and drain_timeout_s > 0:
+                rt.drained.clear()
+                try:
+                    await asyncio.wait_for(rt.drained.wait(), drain_timeout_s)
+                except asyncio.TimeoutError:
+                    log.info("%s: %d clients still connected after draining; closing them", row.name, rt.clients)
+            self.store.transition(row.uuid, State.DRAINING, State.STOPPING, reason,
+                                  stop_reason="stop" if target == State.STOPPED else reason)
+            await self._notify()
+            rt.backend = None
+            spec = self.spec(row)
+            try:
+                if target == State.STOPPED:
+                    await self.driver.stop(spec)
+                else:
+                    await self.driver.suspend(spec)
+            except BaseException:
+                log.exception("%s: driver failed to %s", row.name, reason)
+                raise
+            finally:
+                self.store.transition(row.uuid, State.STOPPING, target, reason, stopped_at=time.time())
+                await self._notify()
+        return self.get(row.uuid)
+
+    # --- client sessions and scale to zero ---------------------------------------------
+    @asynccontextmanager
+    async def lease(self, uuid: str) -> AsyncIterator[Runtime]:
+        """Count one client session; while any exists the instance is not scaled to zero."""
+        rt = self.runtime(uuid)
+        rt.clients += 1
+        rt.total_connections += 1
+        rt.last_active = time.monotonic()
+        self._cancel_idle_timer(rt)
+        try:
+            yield rt
+        finally:
+            rt.clients -= 1
+            rt.last_active = time.monotonic()
+            if rt.clients == 0:
+                rt.drained.set()
+                self._arm_idle_timer(uuid)
+
+    def touch(self, uuid: str) -> None:
+        rt = self.rt.get(uuid)
+        if rt is not None:
+            rt.last_active = time.monotonic()
+
+    def _idle_long_enough(self, row: InstanceRow, rt: Runtime) -> bool:
+        return (time.monotonic() - rt.last_active) * 1000 >= row.cooldown_ms - 1
+
+    def _arm_idle_timer(self, uuid: str) -> None:
+        row = self.store.get(uuid)
+        rt = self.rt.get(uuid)
+        if row is None or rt is None or self._closing:
+            return
+        self._cancel_idle_timer(rt)
+        if row.stz_policy == "off" or rt.clients > 0 or row.state != State.RUNNING:
+            return
+        due = max(0.0, row.cooldown_ms / 1000 - (time.monotonic() - rt.last_active))
+        rt.idle_timer = asyncio.get_running_loop().call_later(due, self._idle_due, uuid)
+
+    @staticmethod
+    def _cancel_idle_timer(rt: Runtime) -> None:
+        if rt.idle_timer is not None:
+            rt.idle_timer.cancel()
+            rt.idle_timer = None
+
+    def _idle_due(self, uuid: str) -> None:
+        rt = self.rt.get(uuid)
+        if rt is not None:
+            rt.idle_timer = None
+        self._spawn(self._scale_to_zero(uuid))
+
+    async def _scale_to_zero(self, uuid: str) -> None:
+        try:
+            row = self.store.get(uuid)
+            if row is None:
+                return
+            await self.suspend(uuid, reason="idle", drain_timeout_s=0, only_if_idle=True)
+        except Exception:
+            log.exception("scale to zero of %s failed", uuid)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _on_driver_exit(self, spec: InstanceSpec, reason: str) -> None:
+        self._spawn(self._handle_exit(spec.uuid, reason))
+
+    async def _handle_exit(self, uuid: str, reason: str) -> None:
+        """The instance died on its own: it becomes standby (the next client wakes it and
+        Postgres recovers from its WAL); an instance that never scales to zero restarts."""
+        rt = self.runtime(uuid)
+        async with rt.lock:
+            row = self.store.get(uuid)
+            if row is None or row.state != State.RUNNING:
+                return
+            rt.backend = None
+            self._cancel_idle_timer(rt)
+            self.store.transition(uuid, State.RUNNING, State.STANDBY, f"crashed: {reason}",
+                                  stop_reason="crashed", stopped_at=time.time())
+            await self._notify()
+            if row.stz_policy == "off" and not self._closing:
+                await self._start_locked(self.store.get(uuid), reason="restart after crash")  # type: ignore[arg-type]
+
+    # --- waiting for states ---------------------------------------------------------
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def wait_for(self, ref: str, predicate: Callable[[InstanceRow], bool], timeout_s: float) -> InstanceRow:
+        deadline = time.monotonic() + timeout_s
+        async with self._changed:
+            while True:
+                row = self.get(ref)
+                if predicate(row):
+                    return row
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return row
+                try:
+                    await asyncio.wait_for(self._changed.wait(), remaining)
+                except asyncio.TimeoutError:
+                    pass
+
+    # --- daemon start and stop -----------------------------------------------------------
+    async def recover(self) -> None:
+        """Bring the store and the host into agreement after a (possibly unclean) restart."""
+        for row in self.store.all():
+            spec = self.spec(row)
+            rt = self.runtime(row.uuid)
+            if not row.provisioned:
+                log.warning("rolling back %s: its creation never finished", row.name)
+                await self.driver.destroy(spec)
+                self.store.delete(row.uuid)
+                self.rt.pop(row.uuid, None)
+                continue
+            if row.deleting:
+                log.warning("finishing the deletion of %s", row.name)
+                await self.driver.destroy(spec)
+                self.store.delete(row.uuid)
+                self.rt.pop(row.uuid, None)
+                continue
+            backend = await self.driver.recover(spec)
+            state = State(row.state)
+            if backend is not None and state in (State.RUNNING, State.STARTING, State.DRAINING):
+                if state != State.RUNNING:
+                    self.store.transition(row.uuid, state, State.RUNNING, "recovered")
+                rt.backend = backend
+                rt.last_active = time.monotonic()
+                self._arm_idle_timer(row.uuid)
+                log.info("re-attached to running %s", row.name)
+                continue
+            if backend is not None:  # alive although it should not be: stop it
+                await self.driver.suspend(spec)
+            if state in states.LIVE:
+                target = State.STOPPED if (state == State.STOPPING and row.stop_reason == "stop") else State.STANDBY
+                self._force_state(row, target, "recovered after daemon restart")
+            if row.stz_policy == "off" and self.get(row.uuid).state == State.STANDBY:
+                await self.ensure_running(row.uuid)
+        await self._notify()
+
+    def _force_state(self, row: InstanceRow, target: State, reason: str) -> None:
+        self.store.transition(row.uuid, row.state, target, reason, stopped_at=time.time())
+
+    async def shutdown(self) -> None:
+        """Daemon exit: every running database is suspended (durably) first."""
+        self._closing = True
+        for rt in self.rt.values():
+            self._cancel_idle_timer(rt)
+        running = [r for r in self.store.all() if r.state == State.RUNNING]
+        results = await asyncio.gather(
+            *(self.suspend(r.uuid, reason="daemon shutdown", drain_timeout_s=0) for r in running),
+            return_exceptions=True,
+        )
+        for row, res in zip(running, results):
+            if isinstance(res, BaseException):
+                log.error("suspending %s at shutdown failed: %s", row.name, res)
+        for task in list(self._tasks):
+            task.cancel()
+        await self.driver.close()
+
+
+def validate_settings(*, memory_mb: int | None = None, cooldown_ms: int | None = None,
+                      policy: str | None = None) -> None:
+    if memory_mb is not None and (not isinstance(memory_mb, int) or not MIN_MEMORY_MB <= memory_mb <= MAX_MEMORY_MB):
+        raise InvalidRequest(f"memory_mb must be an integer from {MIN_MEMORY_MB} to {MAX_MEMORY_MB}")
+    if cooldown_ms is not None and (not isinstance(cooldown_ms, int) or not 0 <= cooldown_ms <= 30 * 86_400_000):
+        raise InvalidRequest("cooldown_ms must be an integer from 0 to 2592000000 (30 days)")
+    if policy is not None and policy not in POLICIES:
+        raise InvalidRequest(f"scale-to-zero policy must be one of {', '.join(POLICIES)}")

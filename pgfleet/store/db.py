@@ -1,0 +1,189 @@
+"""Persistent state: one SQLite database under the pgfleet home.
+
+Every instance transition is committed here *before* the fleet acts on it (WAL mode,
+synchronous=FULL), so a daemon crash at any point leaves a row that says what was
+being attempted and recovery can finish or undo it.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterator
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    uuid            TEXT PRIMARY KEY,
+    name            TEXT NOT NULL UNIQUE,
+    slot            INTEGER NOT NULL UNIQUE,
+    state           TEXT NOT NULL,
+    driver          TEXT NOT NULL,
+    image           TEXT NOT NULL,
+    memory_mb       INTEGER NOT NULL,
+    vcpus           INTEGER NOT NULL DEFAULT 1,
+    role            TEXT NOT NULL,
+    verifier        TEXT NOT NULL,
+    stz_policy      TEXT NOT NULL,
+    cooldown_ms     INTEGER NOT NULL,
+    provisioned     INTEGER NOT NULL DEFAULT 0,
+    deleting        INTEGER NOT NULL DEFAULT 0,
+    created_at      REAL NOT NULL,
+    started_at      REAL,
+    stopped_at      REAL,
+    start_count     INTEGER NOT NULL DEFAULT 0,
+    stop_reason     TEXT,
+    boot_time_us    INTEGER,
+    tags            TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS transitions (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    uuid        TEXT NOT NULL,
+    at          REAL NOT NULL,
+    from_state  TEXT,
+    to_state    TEXT NOT NULL,
+    reason      TEXT
+);
+CREATE INDEX IF NOT EXISTS transitions_uuid ON transitions(uuid, id);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+@dataclass
+class InstanceRow:
+    uuid: str
+    name: str
+    slot: int
+    state: str
+    driver: str
+    image: str
+    memory_mb: int
+    role: str
+    verifier: str
+    stz_policy: str
+    cooldown_ms: int
+    created_at: float
+    vcpus: int = 1
+    provisioned: int = 0
+    deleting: int = 0
+    started_at: float | None = None
+    stopped_at: float | None = None
+    start_count: int = 0
+    stop_reason: str | None = None
+    boot_time_us: int | None = None
+    tags: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_sql(cls, row: sqlite3.Row) -> "InstanceRow":
+        data = dict(row)
+        data["tags"] = json.loads(data.get("tags") or "{}")
+        return cls(**data)
+
+
+_COLUMNS = [f.name for f in fields(InstanceRow)]
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("PRAGMA busy_timeout=5000")
+        self.db.executescript(_SCHEMA)
+        self.db.execute(
+            "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+        )
+
+    def close(self) -> None:
+        self.db.close()
+
+    # --- instances --------------------------------------------------------------
+    def insert(self, row: InstanceRow) -> None:
+        data = asdict(row)
+        data["tags"] = json.dumps(row.tags)
+        cols = ",".join(_COLUMNS)
+        marks = ",".join("?" for _ in _COLUMNS)
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute(f"INSERT INTO instances({cols}) VALUES ({marks})", [data[c] for c in _COLUMNS])
+            self._log(row.uuid, None, row.state, "created")
+
+    def get(self, uuid: str) -> InstanceRow | None:
+        r = self.db.execute("SELECT * FROM instances WHERE uuid=?", (uuid,)).fetchone()
+        return InstanceRow.from_sql(r) if r else None
+
+    def by_name(self, name: str) -> InstanceRow | None:
+        r = self.db.execute("SELECT * FROM instances WHERE name=?", (name,)).fetchone()
+        return InstanceRow.from_sql(r) if r else None
+
+    def all(self) -> list[InstanceRow]:
+        return [InstanceRow.from_sql(r) for r in self.db.execute("SELECT * FROM instances ORDER BY created_at, name")]
+
+    def update(self, uuid: str, **changes: Any) -> None:
+        if not changes:
+            return
+        if "tags" in changes:
+            changes["tags"] = json.dumps(changes["tags"])
+        sets = ",".join(f"{k}=?" for k in changes)
+        with self.db:
+            self.db.execute(f"UPDATE instances SET {sets} WHERE uuid=?", [*changes.values(), uuid])
+
+    def transition(self, uuid: str, from_state: str, to_state: str, reason: str | None = None, **changes: Any) -> None:
+        """Atomically move uuid from `from_state` to `to_state` (and apply `changes`)."""
+        if "tags" in changes:
+            changes["tags"] = json.dumps(changes["tags"])
+        sets = ",".join(["state=?", *(f"{k}=?" for k in changes)])
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            cur = self.db.execute(
+                f"UPDATE instances SET {sets} WHERE uuid=? AND state=?",
+                [to_state, *changes.values(), uuid, from_state],
+            )
+            if cur.rowcount != 1:
+                raise StaleTransition(uuid, from_state, to_state)
+            self._log(uuid, from_state, to_state, reason)
+
+    def delete(self, uuid: str) -> None:
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute("DELETE FROM instances WHERE uuid=?", (uuid,))
+            self._log(uuid, None, "deleted", None)
+
+    def used_slots(self) -> set[int]:
+        return {r[0] for r in self.db.execute("SELECT slot FROM instances")}
+
+    def history(self, uuid: str, limit: int = 100) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            "SELECT at, from_state, to_state, reason FROM transitions WHERE uuid=? ORDER BY id DESC LIMIT ?",
+            (uuid, limit),
+        )
+        return [dict(r) for r in rows]
+
+    def _log(self, uuid: str, from_state: str | None, to_state: str, reason: str | None) -> None:
+        self.db.execute(
+            "INSERT INTO transitions(uuid, at, from_state, to_state, reason) VALUES (?,?,?,?,?)",
+            (uuid, time.time(), from_state, to_state, reason),
+        )
+
+    # --- meta ------------------------------------------------------------------
+    def meta(self, key: str) -> str | None:
+        r = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return r[0] if r else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
+
+
+class StaleTransition(RuntimeError):
+    def __init__(self, uuid: str, from_state: str, to_state: str) -> None:
+        super().__init__(f"instance {uuid} is no longer {from_state}; cannot move it to {to_state}")
+
+
