@@ -1,0 +1,233 @@
+/*
+ * pgfleet guest init: PID 1 of every Postgres microVM.
+ *
+ * Compiled statically at image build time, so the root filesystem needs no shell and no
+ * tools. It mounts the pseudo filesystems and the data disk, starts the postmaster as the
+ * unprivileged owner of the data directory, and then serves a tiny root-only control port
+ * that the host uses after every snapshot restore:
+ *
+ *   'R' + int64 sec + int64 nsec + 64 random bytes  -> set the clock, add entropy, reseed CRNG
+ *   'H'                                             -> fast-shutdown Postgres, unmount, power off
+ *
+ * Answers are "ok\n" or "err <text>\n". Only the host can reach the guest (each VM sits
+ * alone in its own network namespace), so the port needs no authentication.
+ * Networking itself is configured by the kernel (`ip=` on the command line).
+ * When the postmaster dies, init syncs, unmounts and reboots; QEMU runs with -no-reboot
+ * and the kernel with reboot=t, so that ends QEMU and the host sees the VM exit.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <linux/random.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/reboot.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/time.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#define PGDATA "/data/pgdata"
+#define POSTGRES "/usr/lib/postgresql/15/bin/postgres"
+#define DATA_DEV "/dev/vdb"
+#define CONTROL_PORT 7
+
+static volatile sig_atomic_t got_child;
+static pid_t postmaster;
+
+static void say(const char *fmt, ...) {
+    char buf[512];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(buf, sizeof buf - 1, fmt, ap);
+    va_end(ap);
+    if (n < 0) return;
+    if (n > (int)sizeof buf - 2) n = sizeof buf - 2;
+    buf[n++] = '\n';
+    ssize_t w = write(2, buf, n);
+    (void)w;
+}
+
+static void power_off(const char *why) {
+    say("pgfleet-init: %s; powering off", why);
+    sync();
+    if (umount2("/data", 0) != 0) mount(NULL, "/data", NULL, MS_REMOUNT | MS_RDONLY, NULL);
+    sync();
+    /* reboot=t + QEMU -no-reboot: a reboot ends QEMU; ACPI poweroff does not exist here. */
+    reboot(RB_AUTOBOOT);
+    for (;;) pause();
+}
+
+static void on_sigchld(int sig) {
+    (void)sig;
+    got_child = 1;
+}
+
+/* Reap every exited child (orphans are re-parented to us); note when the postmaster is gone. */
+static int reap(void) {
+    int status, postmaster_gone = 0;
+    pid_t pid;
+    while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
+        if (pid == postmaster) {
+            say("pgfleet-init: postmaster exited (status 0x%x)", status);
+            postmaster_gone = 1;
+        }
+    }
+    return postmaster_gone;
+}
+
+static void mount_or_die(const char *src, const char *dst, const char *type, unsigned long flags,
+                         const char *opts) {
+    mkdir(dst, 0755);
+    if (mount(src, dst, type, flags, opts) != 0 && errno != EBUSY) {
+        char why[256];
+        snprintf(why, sizeof why, "mount %s on %s failed: %s", src, dst, strerror(errno));
+        power_off(why);
+    }
+}
+
+static pid_t start_postgres(void) {
+    struct stat st;
+    if (stat(PGDATA, &st) != 0) power_off("no " PGDATA " on the data disk");
+    /* A postmaster.pid from before a crash or snapshot names a pid that may now be ours. */
+    unlink(PGDATA "/postmaster.pid");
+    pid_t pid = fork();
+    if (pid < 0) power_off("fork failed");
+    if (pid > 0) return pid;
+    setsid();
+    /* Drop root for good: the data directory's owner is the postgres uid. */
+    if (setgroups(0, NULL) != 0 || setgid(st.st_gid) != 0 || setuid(st.st_uid) != 0) {
+        say("pgfleet-init: cannot drop privileges: %s", strerror(errno));
+        _exit(1);
+    }
+    if (chdir(PGDATA) != 0) _exit(1);
+    umask(077);
+    char *argv[] = {"postgres", "-D", PGDATA, NULL};
+    char *envp[] = {"PATH=/usr/lib/postgresql/15/bin", "LANG=C.UTF-8", "PGDATA=" PGDATA,
+                    "HOME=/tmp", NULL};
+    execve(POSTGRES, argv, envp);
+    say("pgfleet-init: exec postgres failed: %s", strerror(errno));
+    _exit(1);
+}
+
+static int read_full(int fd, void *buf, size_t len) {
+    size_t got = 0;
+    while (got < len) {
+        ssize_t n = read(fd, (char *)buf + got, len - got);
+        if (n <= 0) {
+            if (n < 0 && errno == EINTR) continue;
+            return -1;
+        }
+        got += n;
+    }
+    return 0;
+}
+
+static void reply(int fd, const char *text) {
+    ssize_t w = write(fd, text, strlen(text));
+    (void)w;
+}
+
+static void cmd_reseed(int fd) {
+    struct {
+        int64_t sec, nsec;
+        unsigned char entropy[64];
+    } __attribute__((packed)) msg;
+    if (read_full(fd, &msg, sizeof msg) != 0) return reply(fd, "err short\n");
+    struct timespec ts = {.tv_sec = msg.sec, .tv_nsec = msg.nsec};
+    if (clock_settime(CLOCK_REALTIME, &ts) != 0) return reply(fd, "err clock\n");
+    struct {
+        struct rand_pool_info info;
+        unsigned char buf[64];
+    } pool;
+    pool.info.entropy_count = 8 * sizeof msg.entropy;
+    pool.info.buf_size = sizeof msg.entropy;
+    memcpy(pool.buf, msg.entropy, sizeof msg.entropy);
+    int rnd = open("/dev/urandom", O_RDWR | O_CLOEXEC);
+    if (rnd < 0) return reply(fd, "err urandom\n");
+    /* Clones share the template's RNG state: mix in host randomness and force a reseed now
+       rather than at the next scheduled one, so every new backend gets fresh randomness. */
+    int ok = ioctl(rnd, RNDADDENTROPY, &pool) == 0 && ioctl(rnd, RNDRESEEDCRNG) == 0;
+    close(rnd);
+    reply(fd, ok ? "ok\n" : "err reseed\n");
+}
+
+static void cmd_halt(int fd) {
+    kill(postmaster, SIGINT); /* fast shutdown: ends sessions, writes a shutdown checkpoint */
+    for (;;) {
+        int status;
+        pid_t pid = waitpid(-1, &status, 0);
+        if (pid == postmaster || (pid < 0 && errno == ECHILD)) break;
+    }
+    sync();
+    umount2("/data", 0);
+    reply(fd, "ok\n");
+    close(fd);
+    power_off("halt requested");
+}
+
+int main(void) {
+    if (getpid() != 1) {
+        fprintf(stderr, "pgfleet-init must run as PID 1\n");
+        return 1;
+    }
+    mount_or_die("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
+    mount_or_die("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, NULL); /* EBUSY if automounted */
+    mount_or_die("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777,size=64m");
+    mount_or_die("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777,size=16m");
+    mount_or_die("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m");
+    /* noinit_itable: the image was made with lazy_itable_init; zeroing it would cost I/O. */
+    mount_or_die(DATA_DEV, "/data", "ext4", MS_NOATIME | MS_NOSUID | MS_NODEV,
+                 "noinit_itable,data=ordered");
+    sethostname("pgfleet", 7);
+
+    struct sigaction sa = {0};
+    sa.sa_handler = on_sigchld; /* no SA_RESTART: accept() returns EINTR so we reap */
+    sigaction(SIGCHLD, &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
+    postmaster = start_postgres();
+    say("pgfleet-init: postmaster %d started", (int)postmaster);
+
+    int srv = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    int one = 1;
+    setsockopt(srv, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons(CONTROL_PORT)};
+    addr.sin_addr.s_addr = htonl(INADDR_ANY);
+    if (srv < 0 || bind(srv, (struct sockaddr *)&addr, sizeof addr) != 0 || listen(srv, 8) != 0)
+        say("pgfleet-init: control port unavailable: %s", strerror(errno));
+
+    for (;;) {
+        if (got_child) {
+            got_child = 0;
+            if (reap()) power_off("postgres is gone");
+        }
+        int fd = srv >= 0 ? accept4(srv, NULL, NULL, SOCK_CLOEXEC) : -1;
+        if (fd < 0) {
+            if (srv < 0) pause();
+            continue; /* EINTR from SIGCHLD, or a transient error */
+        }
+        struct timeval tv = {.tv_sec = 2};
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+        unsigned char op;
+        if (read_full(fd, &op, 1) == 0) {
+            if (op == 'R')
+                cmd_reseed(fd);
+            else if (op == 'H')
+                cmd_halt(fd);
+            else
+                reply(fd, "err unknown command\n");
+        }
+        close(fd);
+    }
+}
