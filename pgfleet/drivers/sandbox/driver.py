@@ -41,8 +41,12 @@ class SandboxDriver(Driver):
     name = "sandbox"
     keeps_sessions_across_suspend = False
 
-    def __init__(self, state_dir: Path, on_exit=None, postgres_major: int | None = None) -> None:
+    def __init__(self, state_dir: Path, on_exit=None, postgres_major: int | None = None,
+                 cache_dir: Path | None = None) -> None:
         super().__init__(state_dir, on_exit)
+        from pgfleet.config import default_cache
+
+        self.cache_dir = cache_dir or default_cache()
         self.pg: PostgresInstall = find_postgres(postgres_major)
         self.template: Path | None = None
         self._running: dict[str, _Running] = {}
@@ -71,7 +75,7 @@ class SandboxDriver(Driver):
     async def prepare(self) -> None:
         if os.geteuid() != 0:
             raise DriverError("the sandbox driver needs root (namespaces, cgroups, per-database uids)")
-        self.template = await ensure_template(self.pg, self.state_dir / "templates")
+        self.template = await ensure_template(self.pg, self.cache_dir / "templates")
 
     async def create(self, spec: InstanceSpec) -> Backend:
         if self.template is None:

@@ -1,0 +1,81 @@
+"""The REST API application: routes, auth, and mapping every failure to a clear 4xx/5xx."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pgfleet import __version__
+from pgfleet.drivers.base import DriverError
+from pgfleet.fleet.errors import FleetError
+
+from . import databases
+from .common import MAX_BODY_BYTES, ApiContext, ApiError, check_token, envelope, error_body
+
+log = logging.getLogger(__name__)
+
+PUBLIC_PATHS = {"/healthz", "/openapi.json", "/docs", "/docs/oauth2-redirect"}
+
+
+def create_app(ctx: ApiContext) -> FastAPI:
+    app = FastAPI(title="pgfleet", version=__version__, description="Serverless Postgres on your own hosts.")
+    app.state.ctx = ctx
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            return error_body(413, f"request body larger than {MAX_BODY_BYTES} bytes", "too_large")
+        if request.url.path not in PUBLIC_PATHS:
+            try:
+                check_token(request, ctx.token)
+            except ApiError as exc:
+                return error_body(exc.status, str(exc), exc.code)
+        return await call_next(request)
+
+    @app.exception_handler(FleetError)
+    async def fleet_error(_request: Request, exc: FleetError):
+        return error_body(exc.http, str(exc), exc.code)
+
+    @app.exception_handler(DriverError)
+    async def driver_error(_request: Request, exc: DriverError):
+        return error_body(503, str(exc), "driver")
+
+    @app.exception_handler(ApiError)
+    async def api_error(_request: Request, exc: ApiError):
+        return error_body(exc.status, str(exc), exc.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError):
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}" for e in exc.errors()
+        )
+        return error_body(400, f"invalid request: {problems}", "invalid")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException):
+        return error_body(exc.status_code, str(exc.detail), "http")
+
+    @app.get("/healthz", tags=["meta"])
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/v1/status", tags=["meta"])
+    async def status():
+        rows = ctx.fleet.list()
+        by_state: dict[str, int] = {}
+        for r in rows:
+            by_state[r.state] = by_state.get(r.state, 0) + 1
+        stats = ctx.proxy_stats
+        return envelope({
+            "version": __version__, "driver": ctx.driver, "home": ctx.home,
+            "listen": f"{ctx.public_host}:{ctx.port}", "listen_pooled": f"{ctx.public_host}:{ctx.pooled_port}",
+            "databases": len(rows), "states": by_state,
+            "proxy": stats() if stats else None,
+        })
+
+    app.include_router(databases.router)
+    return app

@@ -1,0 +1,65 @@
+"""What every API route shares: the envelope, errors, token auth, the request context."""
+
+from __future__ import annotations
+
+import hmac
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from pgfleet.fleet.manager import Fleet
+
+MAX_BODY_BYTES = 1 << 20
+
+
+@dataclass
+class ApiContext:
+    """What the API needs from the daemon besides the fleet."""
+
+    fleet: Fleet
+    token: str
+    public_host: str
+    port: int
+    pooled_port: int
+    driver: str
+    home: str
+    proxy_stats: Any = None
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, code: str = "error") -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+def envelope(data: Any, started: float | None = None, status: int = 200) -> JSONResponse:
+    body: dict[str, Any] = {"status": "success", "data": data}
+    if started is not None:
+        body["op_time_us"] = int((time.perf_counter() - started) * 1e6)
+    return JSONResponse(body, status_code=status)
+
+
+def error_body(status: int, message: str, code: str) -> JSONResponse:
+    return JSONResponse(
+        {"status": "error", "message": message, "code": code,
+         "errors": [{"status": status, "message": message}]},
+        status_code=status,
+    )
+
+
+def check_token(request: Request, expected: str) -> None:
+    header = request.headers.get("authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected.encode()):
+        raise ApiError(401, "missing or invalid bearer token", "unauthorized")
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat().replace("+00:00", "Z")

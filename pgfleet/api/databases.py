@@ -1,0 +1,176 @@
+"""pgfleet's own resource: /v1/databases."""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+from urllib.parse import quote
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from pgfleet.fleet.manager import DEFAULT_COOLDOWN_MS, DEFAULT_MEMORY_MB
+from pgfleet.fleet.states import State
+from pgfleet.store import InstanceRow
+
+from .common import ApiContext, envelope, iso
+
+router = APIRouter(prefix="/v1/databases", tags=["databases"])
+
+
+class ScaleToZero(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    policy: Literal["on", "off"] = "on"
+    cooldown_ms: int = Field(DEFAULT_COOLDOWN_MS, ge=0, le=30 * 86_400_000)
+
+
+class CreateDatabase(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=63)
+    image: str = "postgres:15"
+    memory_mb: int = Field(DEFAULT_MEMORY_MB, ge=64, le=16384)
+    scale_to_zero: ScaleToZero = ScaleToZero()
+    autostart: bool = True
+
+
+class PatchDatabase(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    memory_mb: int | None = Field(None, ge=64, le=16384)
+    scale_to_zero: ScaleToZero | None = None
+
+
+class SuspendRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    drain_timeout_ms: int = Field(10_000, ge=0, le=3_600_000)
+
+
+def uris(ctx: ApiContext, row: InstanceRow, password: str | None = None) -> dict[str, str]:
+    cred = quote(row.role, safe="") + (f":{quote(password, safe='')}" if password else "")
+    return {
+        "uri": f"postgresql://{cred}@{ctx.public_host}:{ctx.port}/{row.name}",
+        "pooled_uri": f"postgresql://{cred}@{ctx.public_host}:{ctx.pooled_port}/{row.name}",
+    }
+
+
+def database_json(ctx: ApiContext, row: InstanceRow, password: str | None = None) -> dict:
+    rt = ctx.fleet.rt.get(row.uuid)
+    backend = ctx.fleet.backend_of(row.uuid) if row.state == State.RUNNING else None
+    out = {
+        "uuid": row.uuid,
+        "name": row.name,
+        "state": "deleting" if row.deleting else row.state,
+        "driver": row.driver,
+        "image": row.image,
+        "memory_mb": row.memory_mb,
+        "scale_to_zero": {"policy": row.stz_policy, "cooldown_ms": row.cooldown_ms},
+        "role": row.role,
+        "created_at": iso(row.created_at),
+        "started_at": iso(row.started_at),
+        "stopped_at": iso(row.stopped_at),
+        "start_count": row.start_count,
+        "stop_reason": row.stop_reason,
+        "boot_time_us": row.boot_time_us,
+        "clients": rt.clients if rt else 0,
+        **uris(ctx, row, password),
+    }
+    if backend is not None:
+        out["backend"] = backend.describe()
+        out["backend_user"] = backend.admin_user
+    if password is not None:
+        out["password"] = password
+    return out
+
+
+def _ctx(request: Request) -> ApiContext:
+    return request.app.state.ctx
+
+
+@router.post("", status_code=201)
+async def create_database(body: CreateDatabase, request: Request):
+    started = time.perf_counter()
+    ctx = _ctx(request)
+    created = await ctx.fleet.create(
+        body.name, memory_mb=body.memory_mb, cooldown_ms=body.scale_to_zero.cooldown_ms,
+        policy=body.scale_to_zero.policy, image=body.image, autostart=body.autostart,
+    )
+    return envelope(database_json(ctx, created.row, created.password), started, status=201)
+
+
+@router.get("")
+async def list_databases(request: Request):
+    started = time.perf_counter()
+    ctx = _ctx(request)
+    return envelope({"databases": [database_json(ctx, r) for r in ctx.fleet.list()]}, started)
+
+
+@router.get("/{ref}")
+async def get_database(ref: str, request: Request):
+    started = time.perf_counter()
+    ctx = _ctx(request)
+    return envelope(database_json(ctx, ctx.fleet.get(ref)), started)
+
+
+@router.patch("/{ref}")
+async def patch_database(ref: str, body: PatchDatabase, request: Request):
+    started = time.perf_counter()
+    ctx = _ctx(request)
+    stz = body.scale_to_zero
+    row = await ctx.fleet.update(
+        ref, memory_mb=body.memory_mb,
+        cooldown_ms=stz.cooldown_ms if stz else None, policy=stz.policy if stz else None,
+    )
+    return envelope(database_json(ctx, row), started)
+
+
+@router.delete("/{ref}")
+async def delete_database(ref: str, request: Request):
+    started = time.perf_counter()
+    ctx = _ctx(request)
+    row = await ctx.fleet.delete(ref)
+    return envelope({"uuid": row.uuid, "name": row.name, "state": "deleted"}, started)
+
+
+@router.put("/{ref}/suspend")
+async def suspend_database(ref: str, request: Request, body: SuspendRequest | None = None):
+    started = time.perf_counter()
+    ctx = _ctx(request)
+    drain = (body.drain_timeout_ms if body else 10_000) / 1000
+    row = await ctx.fleet.suspend(ref, reason="suspended by user", drain_timeout_s=drain)
+    return envelope(database_json(ctx, row), started)
+
+
+@router.put("/{ref}/resume")
+async def resume_database(ref: str, request: Request):
+    started = time.perf_counter()
+    ctx = _ctx(request)
+    row = await ctx.fleet.resume(ref)
+    return envelope(database_json(ctx, row), started)
+
+
+@router.put("/{ref}/stop")
+async def stop_database(ref: str, request: Request, body: SuspendRequest | None = None):
+    started = time.perf_counter()
+    ctx = _ctx(request)
+    drain = (body.drain_timeout_ms if body else 10_000) / 1000
+    row = await ctx.fleet.stop(ref, drain_timeout_s=drain)
+    return envelope(database_json(ctx, row), started)
+
+
+@router.post("/{ref}/password")
+async def rotate_password(ref: str, request: Request):
+    started = time.perf_counter()
+    ctx = _ctx(request)
+    row, password = await ctx.fleet.rotate_password(ref)
+    return envelope(database_json(ctx, row, password), started)
+
+
+@router.get("/{ref}/history")
+async def history(ref: str, request: Request):
+    started = time.perf_counter()
+    ctx = _ctx(request)
+    row = ctx.fleet.get(ref)
+    events = [
+        {"at": iso(e["at"]), "from": e["from_state"], "to": e["to_state"], "reason": e["reason"]}
+        for e in ctx.fleet.store.history(row.uuid)
+    ]
+    return envelope({"events": events}, started)

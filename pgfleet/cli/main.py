@@ -1,0 +1,319 @@
+"""`pgfleet`: the command line. Human output is a table; `--json` is for scripts.
+Every failure is one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+from urllib.parse import urlsplit
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pgfleet import __version__
+from pgfleet.config import (
+    DEFAULT_API, DEFAULT_LISTEN, DEFAULT_LISTEN_POOLED, DaemonInfo, default_home, ensure_token, token_path,
+)
+
+from . import pgpass
+from .client import ApiClient, CliError
+
+app = typer.Typer(help="pgfleet: serverless Postgres on your own hosts.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+db_app = typer.Typer(help="Create and manage databases.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+out = Console()
+err = Console(stderr=True)
+
+HomeOpt = typer.Option(None, "--home", help="pgfleet home (default: $PGFLEET_HOME, else a standard data dir)")
+JsonOpt = typer.Option(False, "--json", help="machine-readable output")
+
+
+class _State:
+    home: Path | None = None
+
+
+def _home(home: Path | None) -> Path:
+    return (home or _State.home or default_home()).absolute()
+
+
+def _client(home: Path | None = None) -> ApiClient:
+    return ApiClient(_home(home))
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+@app.callback()
+def _root(home: Optional[Path] = HomeOpt,
+          version: bool = typer.Option(False, "--version", help="print the version and exit")) -> None:
+    if version:
+        out.print(__version__)
+        raise typer.Exit()
+    _State.home = home
+
+
+# --- daemon -----------------------------------------------------------------------
+@app.command()
+def up(
+    home: Optional[Path] = HomeOpt,
+    listen: str = typer.Option(DEFAULT_LISTEN, help="proxy listener (one server session per client)"),
+    listen_pooled: str = typer.Option(DEFAULT_LISTEN_POOLED, help="pooled listener"),
+    api: str = typer.Option(DEFAULT_API, help="REST API listener"),
+    driver: str = typer.Option("auto", help="isolation driver: auto, sandbox or microvm"),
+    detach: bool = typer.Option(False, "--detach", "-d", help="run in the background; return once it serves"),
+    timeout: float = typer.Option(120.0, help="with --detach: seconds to wait for the daemon"),
+) -> None:
+    """Run the pgfleet daemon (foreground; Ctrl-C suspends databases and stops cleanly)."""
+    from pgfleet.config import parse_hostport
+    from pgfleet.drivers import DRIVER_NAMES
+
+    h = _home(home)
+    if driver not in DRIVER_NAMES:
+        raise CliError(f"unknown driver {driver!r}: choose one of {', '.join(DRIVER_NAMES)}")
+    for value, what in ((listen, "--listen"), (listen_pooled, "--listen-pooled"), (api, "--api")):
+        try:
+            parse_hostport(value, what)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
+    running = DaemonInfo.read(h)
+    if running is not None:
+        raise CliError(f"a pgfleet daemon (pid {running.pid}) is already running on {h}")
+    if detach:
+        _detach(h, listen, listen_pooled, api, driver, timeout)
+        return
+    from pgfleet.daemon import AlreadyRunning, DaemonOptions, run
+
+    try:
+        run(DaemonOptions(home=h, listen=listen, listen_pooled=listen_pooled, api=api, driver=driver))
+    except AlreadyRunning as exc:
+        raise CliError(str(exc)) from None
+
+
+def _detach(home: Path, listen: str, listen_pooled: str, api: str, driver: str, timeout: float) -> None:
+    home.mkdir(parents=True, exist_ok=True)
+    logf = open(home / "daemon.out", "ab")
+    cmd = [sys.executable, "-m", "pgfleet.cli.main", "up", "--home", str(home), "--listen", listen,
+           "--listen-pooled", listen_pooled, "--api", api, "--driver", driver]
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    with err.status("starting the pgfleet daemon…"):
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                tail = (home / "daemon.out").read_text(errors="replace").strip().splitlines()[-1:]
+                raise CliError(f"the daemon exited during start: {' '.join(tail) or 'see ' + str(home / 'daemon.log')}")
+            info = DaemonInfo.read(home)
+            if info is not None and info.pid == proc.pid:
+                err.print(f"pgfleet is up (pid {info.pid}): proxy {info.listen}, API {info.api_url}")
+                return
+            time.sleep(0.05)
+    proc.terminate()
+    raise CliError(f"the daemon did not come up within {timeout:.0f}s (see {home / 'daemon.log'})")
+
+
+@app.command()
+def down(home: Optional[Path] = HomeOpt,
+         timeout: float = typer.Option(120.0, help="seconds to wait for a clean stop")) -> None:
+    """Stop the background daemon (running databases are suspended first)."""
+    h = _home(home)
+    info = DaemonInfo.read(h)
+    if info is None:
+        raise CliError(f"no pgfleet daemon is running on {h}")
+    os.kill(info.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    with err.status("stopping pgfleet (suspending databases)…"):
+        while time.monotonic() < deadline:
+            try:
+                os.kill(info.pid, 0)
+            except ProcessLookupError:
+                err.print("pgfleet is down")
+                return
+            time.sleep(0.05)
+    raise CliError(f"the daemon (pid {info.pid}) did not stop within {timeout:.0f}s")
+
+
+@app.command()
+def status(as_json: bool = JsonOpt) -> None:
+    """Show the daemon and a count of databases by state."""
+    data = _client().call("GET", "/v1/status")
+    if as_json:
+        _print_json(data)
+        return
+    out.print(f"pgfleet {data['version']} on {data['home']} ({data['driver']} driver)")
+    out.print(f"proxy {data['listen']}   pooled {data['listen_pooled']}")
+    states = ", ".join(f"{n} {s}" for s, n in sorted(data["states"].items())) or "none"
+    out.print(f"databases: {data['databases']} ({states})")
+
+
+@app.command()
+def token() -> None:
+    """Print the API token (created at the daemon's first start)."""
+    h = _home(None)
+    path = token_path(h)
+    if not path.exists():
+        ensure_token(h)
+    sys.stdout.write(path.read_text())
+
+
+# --- databases ---------------------------------------------------------------------
+def _table(rows: list[dict]) -> Table:
+    t = Table(box=None, header_style="bold")
+    for c in ("NAME", "STATE", "MEMORY", "SCALE TO ZERO", "CLIENTS"):
+        t.add_column(c, no_wrap=True)
+    t.add_column("URI", overflow="fold")
+    for r in rows:
+        stz = r["scale_to_zero"]
+        stz_text = f"{stz['policy']}, {stz['cooldown_ms'] / 1000:g}s" if stz["policy"] != "off" else "off"
+        t.add_row(r["name"], _state_text(r["state"]), f"{r['memory_mb']} MiB", stz_text, str(r["clients"]), r["uri"])
+    return t
+
+
+def _state_text(state: str) -> str:
+    colour = {"running": "green", "standby": "cyan", "stopped": "yellow", "deleting": "red"}.get(state, "magenta")
+    return f"[{colour}]{state}[/{colour}]"
+
+
+def _save_password(d: dict, password: Optional[str]) -> Path:
+    entries = []
+    for key in ("uri", "pooled_uri"):
+        u = urlsplit(d[key])
+        entries.append((u.hostname or "127.0.0.1", u.port or 5432, d["name"], d["role"]))
+    return pgpass.save(entries, password)
+
+
+@db_app.command("create")
+def db_create(
+    name: str,
+    cooldown_ms: int = typer.Option(300_000, help="scale to zero after this long without clients"),
+    memory_mb: int = typer.Option(128, help="memory limit"),
+    policy: str = typer.Option("on", help="scale-to-zero policy: on or off"),
+    save_password: bool = typer.Option(True, help="save the password in ~/.pgpass so `psql URI` works"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Create a database; it is ready when this returns. The password is shown once."""
+    d = _client().call("POST", "/v1/databases", {
+        "name": name, "memory_mb": memory_mb, "scale_to_zero": {"policy": policy, "cooldown_ms": cooldown_ms},
+    })
+    saved = _save_password(d, d["password"]) if save_password else None
+    if as_json:
+        _print_json(d)
+        return
+    out.print(f"created [bold]{d['name']}[/bold] ({d['state']})")
+    out.print(f"  uri        {d['uri']}")
+    out.print(f"  pooled_uri {d['pooled_uri']}")
+    out.print(f"  password   {d['password']}   [dim](shown once{'; saved in ' + str(saved) if saved else ''})[/dim]")
+
+
+@db_app.command("list")
+def db_list(as_json: bool = JsonOpt) -> None:
+    """List databases."""
+    rows = _client().call("GET", "/v1/databases")["databases"]
+    if as_json:
+        _print_json(rows)
+    elif not rows:
+        err.print("no databases yet: create one with `pgfleet db create NAME`")
+    else:
+        out.print(_table(rows))
+
+
+@db_app.command("show")
+def db_show(name: str, as_json: bool = JsonOpt) -> None:
+    """Show one database (with `backend` and `backend_user` while it runs)."""
+    d = _client().call("GET", f"/v1/databases/{name}")
+    if as_json:
+        _print_json(d)
+        return
+    t = Table(box=None, show_header=False)
+    t.add_column(style="bold")
+    t.add_column()
+    for k, v in d.items():
+        t.add_row(k, _state_text(v) if k == "state" else json.dumps(v) if isinstance(v, dict) else str(v))
+    out.print(t)
+
+
+def _action(verb: str, method: str, name: str, as_json: bool, done: str) -> dict:
+    d = _client().call(method, f"/v1/databases/{name}/{verb}")
+    if as_json:
+        _print_json(d)
+    else:
+        err.print(f"{name}: {done} ({d['state']})")
+    return d
+
+
+@db_app.command("suspend")
+def db_suspend(name: str, as_json: bool = JsonOpt) -> None:
+    """Scale a database to zero now (waits for clients to leave, up to 10 s)."""
+    _action("suspend", "PUT", name, as_json, "suspended")
+
+
+@db_app.command("resume")
+def db_resume(name: str, as_json: bool = JsonOpt) -> None:
+    """Start a database in standby or stopped."""
+    _action("resume", "PUT", name, as_json, "resumed")
+
+
+@db_app.command("stop")
+def db_stop(name: str, as_json: bool = JsonOpt) -> None:
+    """Stop a database: unlike standby, connections do not wake it."""
+    _action("stop", "PUT", name, as_json, "stopped")
+
+
+@db_app.command("delete")
+def db_delete(name: str, as_json: bool = JsonOpt,
+              yes: bool = typer.Option(True, "--yes/--confirm", help="ask before deleting")) -> None:
+    """Delete a database and all its data."""
+    if not yes and not typer.confirm(f"delete {name} and all its data?"):
+        raise typer.Exit(1)
+    client = _client()
+    d = client.call("GET", f"/v1/databases/{name}")
+    gone = client.call("DELETE", f"/v1/databases/{name}")
+    _save_password(d, None)
+    if as_json:
+        _print_json(gone)
+    else:
+        err.print(f"{name}: deleted")
+
+
+@db_app.command("password")
+def db_password(name: str, as_json: bool = JsonOpt,
+                save_password: bool = typer.Option(True, help="update ~/.pgpass")) -> None:
+    """Rotate a database's password (the new one is shown once)."""
+    d = _client().call("POST", f"/v1/databases/{name}/password")
+    if save_password:
+        _save_password(d, d["password"])
+    if as_json:
+        _print_json(d)
+    else:
+        out.print(f"new password for {name}: {d['password']}   [dim](shown once)[/dim]")
+
+
+def _mount_optional() -> None:
+    try:
+        from .image import image_app
+    except ImportError:
+        return
+    app.add_typer(image_app, name="image")
+
+
+_mount_optional()
+
+
+def main() -> None:
+    try:
+        app()
+    except CliError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

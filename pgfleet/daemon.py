@@ -1,0 +1,146 @@
+"""`pgfleet up`: one process on the host that runs the fleet, the proxies and the API."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import fcntl
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+
+from pgfleet import __version__
+from pgfleet.api.app import create_app
+from pgfleet.api.common import ApiContext
+from pgfleet.config import DaemonInfo, ensure_token, parse_hostport
+from pgfleet.drivers import make_driver
+from pgfleet.fleet.manager import Fleet
+from pgfleet.proxy.server import ProxyServer
+from pgfleet.store import Store
+
+log = logging.getLogger("pgfleet")
+
+
+@dataclass
+class DaemonOptions:
+    home: Path
+    listen: str
+    listen_pooled: str
+    api: str
+    driver: str = "auto"
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn inside our loop: the daemon, not uvicorn, owns the signals."""
+
+    def install_signal_handlers(self) -> None:  # older uvicorn
+        pass
+
+    def capture_signals(self):  # newer uvicorn
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+class AlreadyRunning(RuntimeError):
+    pass
+
+
+def _lock_home(home: Path) -> int:
+    home.mkdir(parents=True, exist_ok=True)
+    os.chmod(home, 0o711)
+    fd = os.open(home / "daemon.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise AlreadyRunning(f"a pgfleet daemon is already running on {home}")
+    return fd
+
+
+def setup_logging(home: Path, foreground: bool) -> None:
+    handlers: list[logging.Handler] = [logging.FileHandler(home / "daemon.log")]
+    if foreground:
+        handlers.append(logging.StreamHandler(sys.stderr))
+    logging.basicConfig(
+        level=os.environ.get("PGFLEET_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers, force=True,
+    )
+
+
+async def serve(opts: DaemonOptions, ready: asyncio.Future | None = None) -> None:
+    lock_fd = _lock_home(opts.home)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    proxy_host, proxy_port = parse_hostport(opts.listen, "--listen")
+    pooled_host, pooled_port = parse_hostport(opts.listen_pooled, "--listen-pooled")
+    api_host, api_port = parse_hostport(opts.api, "--api")
+    token = ensure_token(opts.home)
+
+    store = Store(opts.home / "state.db")
+    driver = make_driver(opts.driver, opts.home)
+    fleet = Fleet(store, driver, opts.home)
+    log.info("pgfleet %s starting on %s with the %s driver", __version__, opts.home, driver.name)
+    await driver.prepare()
+    await fleet.recover()
+
+    direct = ProxyServer(fleet, proxy_host, proxy_port)
+    pooled = ProxyServer(fleet, pooled_host, pooled_port)  # session mode until the pooler lands
+    await direct.start()
+    await pooled.start()
+    public_host = proxy_host if proxy_host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    ctx = ApiContext(
+        fleet=fleet, token=token, public_host=public_host, port=direct.port, pooled_port=pooled.port,
+        driver=driver.name, home=str(opts.home),
+        proxy_stats=lambda: {"direct": dataclasses.asdict(direct.stats), "pooled": dataclasses.asdict(pooled.stats)},
+    )
+    api = _Uvicorn(uvicorn.Config(
+        create_app(ctx), host=api_host, port=api_port, log_level="warning", lifespan="off",
+        access_log=False, timeout_graceful_shutdown=2,
+    ))
+    api_task = asyncio.create_task(api.serve())
+    while not api.started:
+        if api_task.done():
+            await api_task  # raises the bind error
+            raise RuntimeError("the API server stopped during start")
+        await asyncio.sleep(0.01)
+    api_port = api.servers[0].sockets[0].getsockname()[1]
+    info = DaemonInfo(
+        pid=os.getpid(), api_url=f"http://{api_host}:{api_port}", listen=f"{public_host}:{direct.port}",
+        listen_pooled=f"{public_host}:{pooled.port}", driver=driver.name, version=__version__,
+    )
+    info.write(opts.home)
+    log.info("serving: proxy %s, pooled %s, API %s", info.listen, info.listen_pooled, info.api_url)
+    if ready is not None and not ready.done():
+        ready.set_result(info)
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down: suspending running databases")
+        DaemonInfo.path(opts.home).unlink(missing_ok=True)
+        await direct.close()
+        await pooled.close()
+        api.should_exit = True
+        await fleet.shutdown()
+        await api_task
+        store.close()
+        os.close(lock_fd)
+        log.info("stopped")
+
+
+def run(opts: DaemonOptions, foreground: bool = True) -> None:
+    opts.home.mkdir(parents=True, exist_ok=True)
+    setup_logging(opts.home, foreground)
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(serve(opts))
+    else:
+        uvloop.run(serve(opts))
