@@ -93,6 +93,7 @@ class SandboxDriver(Driver):
             return  # an earlier, interrupted create already cloned it
         spec.home.mkdir(parents=True, exist_ok=True)
         os.chmod(spec.home, 0o711)
+        _check_traversable(spec.home)
         partial = spec.home / "data.partial"
         shutil.rmtree(partial, ignore_errors=True)
         # cp -a keeps sparse files and modes; chown hands the copy to the instance's uid.
@@ -137,10 +138,15 @@ class SandboxDriver(Driver):
         run = self.socket_dir(spec)
         run.mkdir(mode=0o700, exist_ok=True)
         os.chown(run, uid, uid)
-        # a postmaster that is still alive (after a daemon crash) must never get a twin
-        stale = find_postmaster(data)
-        if stale is not None:
-            await self._adopt_or_stop(spec, stale, keep=False)
+        pidfile = data / "postmaster.pid"
+        if pidfile.exists():
+            # Left by a crash, or by a postmaster still alive after a daemon crash: that
+            # one must never get a twin (in its PID namespace it is PID 1, so Postgres' own
+            # interlock cannot tell). Without a live postmaster the file is stale.
+            live = find_postmaster(data)
+            if live is not None:
+                await self._adopt_or_stop(spec, live, keep=False)
+            pidfile.unlink(missing_ok=True)
         cg = self._cgroup(spec)
         cg.create(cgroups.CgroupLimits(memory_bytes=spec.memory_mb * 1024 * 1024))
         procs_files = cg.procs_files()
@@ -270,6 +276,16 @@ def _home_tag(state_dir: Path) -> str:
     import hashlib
 
     return hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:10]
+
+
+def _check_traversable(path: Path) -> None:
+    """Every database runs as its own uid, which must be able to reach its directory."""
+    for p in [path, *path.parents]:
+        if p.stat().st_mode & 0o001 == 0:
+            raise DriverError(
+                f"{p} is not traversable by other users (mode {p.stat().st_mode & 0o777:o}); "
+                f"per-database users cannot reach their data: chmod o+x {p} or choose another home"
+            )
 
 
 def _child_of(pid: int) -> int | None:

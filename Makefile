@@ -1,0 +1,22 @@
+# pgfleet: `make run` and `make test` are all a fresh Debian/Ubuntu host (as root) needs.
+SHELL := /bin/bash
+VENV := .venv
+PGFLEET := $(VENV)/bin/pgfleet
+PYTEST_ARGS ?=
+
+.PHONY: deps run test bench clean
+
+deps:
+	@./scripts/install-deps.sh
+
+run: deps
+	$(PGFLEET) up
+
+test: deps
+	@./scripts/run-tests.sh $(PYTEST_ARGS)
+
+bench: deps
+	$(VENV)/bin/python bench/wake.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

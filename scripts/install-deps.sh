@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Install what pgfleet needs on a Debian/Ubuntu host, idempotently:
+# the Debian packages in apt-packages.txt that are missing, then the Python venv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+missing=()
+while IFS= read -r line; do
+    line="${line%%#*}"
+    [[ -z "${line// }" ]] && continue
+    IFS='|' read -ra alts <<< "$line"
+    have=""
+    for alt in "${alts[@]}"; do
+        alt="$(echo "$alt" | xargs)"
+        if dpkg-query -W -f='${Status}' "$alt" 2>/dev/null | grep -q "install ok installed"; then have=1; break; fi
+    done
+    [[ -n "$have" ]] && continue
+    missing+=("$(echo "${alts[0]}" | xargs)")
+    alternatives+=("$line")
+done < apt-packages.txt
+
+if ((${#missing[@]})); then
+    if [[ $EUID -ne 0 ]]; then
+        echo "pgfleet needs these Debian packages; run as root or install them: ${missing[*]}" >&2
+        exit 1
+    fi
+    echo "installing Debian packages: ${missing[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    to_install=()
+    for line in "${alternatives[@]}"; do
+        IFS='|' read -ra alts <<< "$line"
+        for alt in "${alts[@]}"; do
+            alt="$(echo "$alt" | xargs)"
+            if apt-cache show "$alt" >/dev/null 2>&1; then to_install+=("$alt"); break; fi
+        done
+    done
+    apt-get install -y -qq --no-install-recommends "${to_install[@]}" >/dev/null
+fi
+
+PY="${PYTHON:-python3}"
+if [[ ! -x .venv/bin/python ]]; then
+    "$PY" -m venv .venv
+fi
+stamp=.venv/.pgfleet-installed
+if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
+    echo "installing Python packages into .venv" >&2
+    .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
+    if ! .venv/bin/pip install -q -e '.[test]' > .venv/pip.log 2>&1; then
+        cat .venv/pip.log >&2
+        exit 1
+    fi
+    .venv/bin/python -c "import pgfleet.cli.main, psycopg, pytest" 
+    touch "$stamp"
+fi

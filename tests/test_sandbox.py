@@ -1,0 +1,133 @@
+"""The sandbox driver on real Postgres: isolation, standby costs nothing, data survives."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from pgfleet.drivers.base import InstanceSpec, admin_connect
+from pgfleet.drivers.sandbox import cgroups
+from pgfleet.drivers.sandbox.driver import UID_BASE, SandboxDriver
+from pgfleet.drivers.sandbox.procscan import find_postmaster
+
+from .conftest import SANDBOX_SKIP
+
+pytestmark = pytest.mark.skipif(SANDBOX_SKIP is not None, reason=f"SKIPPED LOUDLY: {SANDBOX_SKIP}")
+
+
+@pytest.fixture
+async def driver(tmp_path):
+    d = SandboxDriver(tmp_path / "sandbox")
+    await d.prepare()
+    specs: list[InstanceSpec] = []
+    d.specs = specs  # type: ignore[attr-defined]
+    yield d
+    for spec in specs:
+        await d.destroy(spec)
+
+
+def _spec(driver, tmp_path: Path, name: str, slot: int, memory_mb: int = 128) -> InstanceSpec:
+    spec = InstanceSpec(uuid=f"uuid-{name}", name=name, role=name, memory_mb=memory_mb, slot=slot,
+                        home=tmp_path / "instances" / name)
+    driver.specs.append(spec)
+    return spec
+
+
+async def _query(backend, sql: str, user: str | None = None):
+    conn = await admin_connect(backend, user)
+    try:
+        return await conn.query(sql)
+    finally:
+        await conn.close()
+
+
+async def test_postgres_is_isolated(driver, tmp_path):
+    spec = _spec(driver, tmp_path, "iso", 11, memory_mb=96)
+    backend = await driver.create(spec)
+    pm = find_postmaster(driver.data_dir(spec))
+    assert pm is not None
+    status = Path(f"/proc/{pm}/status").read_text()
+    uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
+    assert uid_line.split()[1] == str(UID_BASE + 11), "postgres must run as its own unprivileged uid"
+    for ns in ("mnt", "pid", "ipc", "uts", "net"):
+        assert os.readlink(f"/proc/{pm}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"), f"{ns} namespace shared"
+    # inside its PID namespace the postmaster is PID 1 and sees no host processes
+    nspid = next(line for line in status.splitlines() if line.startswith("NSpid:")).split()
+    assert nspid[-1] == "1"
+    # the network namespace has no interface but loopback, and Postgres listens on no TCP port
+    rows = (await _query(backend, "SHOW listen_addresses"))[0].rows
+    assert rows == [("",)]
+    # memory limit from memory_mb
+    cg = cgroups.Cgroup(driver.cgroup_parent, spec.uuid)
+    limit_file = "memory.max" if cg.v2 else "memory.limit_in_bytes"
+    mem_dir = cg.dirs.get("unified") or cg.dirs["memory"]
+    assert int((mem_dir / limit_file).read_text()) == 96 * 1024 * 1024
+    assert str(pm) in (mem_dir / "cgroup.procs").read_text().split()
+    # the data directory belongs to that uid alone
+    st = os.stat(driver.data_dir(spec))
+    assert st.st_uid == UID_BASE + 11 and st.st_mode & 0o077 == 0
+
+
+async def test_tenant_role_is_owner_not_superuser(driver, tmp_path):
+    spec = _spec(driver, tmp_path, "owner", 12)
+    backend = await driver.create(spec)
+    res = await _query(backend, "SELECT current_user, usesuper FROM pg_user WHERE usename = current_user", "owner")
+    assert res[0].rows == [("owner", "f")]
+    res = await _query(backend, "CREATE TABLE t(x int); SELECT tableowner FROM pg_tables WHERE tablename='t'", "owner")
+    assert res[-1].rows == [("owner",)]
+
+
+async def test_standby_leaves_no_process_and_no_cgroup(driver, tmp_path):
+    spec = _spec(driver, tmp_path, "zero", 13)
+    await driver.create(spec)
+    await driver.suspend(spec)
+    assert find_postmaster(driver.data_dir(spec)) is None
+    cg = cgroups.Cgroup(driver.cgroup_parent, spec.uuid)
+    assert not any(d.exists() for d in cg.dirs.values())
+    assert await driver.usage(spec) == {"rss_bytes": 0}
+
+
+async def test_data_survives_many_suspend_resume_cycles(driver, tmp_path):
+    spec = _spec(driver, tmp_path, "cycles", 14)
+    backend = await driver.create(spec)
+    await _query(backend, "CREATE TABLE log(i int primary key)", "cycles")
+    for i in range(25):
+        await _query(backend, f"INSERT INTO log VALUES ({i})", "cycles")
+        await driver.suspend(spec)
+        backend = await driver.start(spec)
+        rows = (await _query(backend, "SELECT count(*), coalesce(max(i), -1) FROM log"))[0].rows
+        assert rows == [(str(i + 1), str(i))]
+
+
+async def test_data_survives_kill_9_of_postgres(driver, tmp_path):
+    spec = _spec(driver, tmp_path, "crash", 15)
+    exits = []
+    driver.on_exit = lambda s, reason: exits.append((s.name, reason))
+    backend = await driver.create(spec)
+    await _query(backend, "CREATE TABLE t(x int); INSERT INTO t SELECT generate_series(1, 1000)", "crash")
+    pm = find_postmaster(driver.data_dir(spec))
+    os.kill(pm, 9)
+    await driver._running[spec.uuid].waiter  # the driver notices the exit itself
+    assert exits == [("crash", "exited")]
+    backend = await driver.start(spec)  # crash recovery from WAL
+    assert (await _query(backend, "SELECT count(*) FROM t"))[0].rows == [("1000",)]
+
+
+async def test_recover_adopts_a_live_postmaster_and_never_doubles_it(driver, tmp_path):
+    spec = _spec(driver, tmp_path, "adopt", 16)
+    await driver.create(spec)
+    pm = find_postmaster(driver.data_dir(spec))
+    # a new driver object stands for a restarted daemon that knows nothing in memory
+    fresh = SandboxDriver(driver.state_dir)
+    await fresh.prepare()
+    backend = await fresh.recover(spec)
+    assert backend is not None
+    assert find_postmaster(fresh.data_dir(spec)) == pm
+    # start() on an adopted instance must not launch a second postmaster
+    await fresh.start(spec)
+    assert find_postmaster(fresh.data_dir(spec)) == pm
+    await fresh.suspend(spec)
+    assert find_postmaster(fresh.data_dir(spec)) is None
+    driver._running.clear()  # the first driver's watcher belongs to the "dead" daemon

@@ -1,0 +1,70 @@
+"""The persisted state machine: legal transitions only, written atomically."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from pgfleet.fleet import states
+from pgfleet.fleet.states import State
+from pgfleet.store import InstanceRow, StaleTransition, Store
+
+
+def _row(name="a", slot=1) -> InstanceRow:
+    return InstanceRow(uuid=f"u-{name}", name=name, slot=slot, state=State.STARTING, driver="sandbox",
+                       image="postgres:15", memory_mb=128, role=name, verifier="v", stz_policy="on",
+                       cooldown_ms=1000, created_at=time.time())
+
+
+def test_unikraft_states_exist():
+    assert {s.value for s in State} == {"starting", "running", "draining", "stopping", "standby", "stopped"}
+
+
+@pytest.mark.parametrize("a,b", [
+    (State.STARTING, State.RUNNING), (State.RUNNING, State.DRAINING), (State.DRAINING, State.STOPPING),
+    (State.STOPPING, State.STANDBY), (State.STANDBY, State.STARTING), (State.STOPPED, State.STARTING),
+])
+def test_legal(a, b):
+    states.check(a, b)
+
+
+@pytest.mark.parametrize("a,b", [
+    (State.STANDBY, State.RUNNING), (State.STOPPED, State.RUNNING), (State.RUNNING, State.STARTING),
+    (State.STOPPING, State.RUNNING),
+])
+def test_illegal(a, b):
+    with pytest.raises(states.IllegalTransition):
+        states.check(a, b)
+
+
+def test_transition_is_compare_and_set(tmp_path):
+    store = Store(tmp_path / "s.db")
+    store.insert(_row())
+    store.transition("u-a", State.STARTING, State.RUNNING, "test", provisioned=1)
+    with pytest.raises(StaleTransition):
+        store.transition("u-a", State.STARTING, State.RUNNING, "again")
+    row = store.get("u-a")
+    assert row.state == State.RUNNING and row.provisioned == 1
+    history = store.history("u-a")
+    assert [h["to_state"] for h in history] == ["running", "starting"]
+
+
+def test_state_survives_reopen(tmp_path):
+    store = Store(tmp_path / "s.db")
+    store.insert(_row("a", 1))
+    store.insert(_row("b", 2))
+    store.transition("u-b", State.STARTING, State.STANDBY, "x")
+    store.close()
+    again = Store(tmp_path / "s.db")
+    assert {r.name: r.state for r in again.all()} == {"a": "starting", "b": "standby"}
+    assert again.used_slots() == {1, 2}
+
+
+def test_names_are_unique(tmp_path):
+    import sqlite3
+
+    store = Store(tmp_path / "s.db")
+    store.insert(_row("a", 1))
+    with pytest.raises(sqlite3.IntegrityError):
+        store.insert(_row("a", 2))
