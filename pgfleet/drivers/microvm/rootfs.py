@@ -73,7 +73,9 @@ def _copy(src: Path, root: Path, dest: Path | None = None) -> None:
         # keep the name the loader asks for as a symlink to the real file (e.g. libc.so.6)
         _copy(real, root)
         if not target.exists() and not target.is_symlink():
-            target.symlink_to(os.path.relpath(root / real.relative_to("/"), target.parent))
+            # relative to the directory the link really lands in (lib64 -> usr/lib64 etc.)
+            here = os.path.realpath(target.parent)
+            target.symlink_to(os.path.relpath(root / real.relative_to("/"), here))
         return
     if not target.exists():
         shutil.copy2(real, target)
