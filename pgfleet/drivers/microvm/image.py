@@ -1,7 +1,7 @@
 """Guest images: kernel + read-only root filesystem + template data disk, cached by content.
 
 Cache layout (default /var/cache/pgfleet, env PGFLEET_CACHE; never inside a checkout):
-    kernels/<kernel-key>/vmlinux           shared by every image built from the same kernel inputs
+    kernels/<kernel-key>/bzImage           shared by every image built from the same kernel inputs
     images/<name>-<image-key>/             rootfs.img, data.img, image.json
 An image is rebuilt only when one of its inputs changes: the kernel config fragment, the
 linux-source package version, the postgres version, the guest init and guest configs.
@@ -27,7 +27,7 @@ from .common import GUEST_DIR, Progress, cache_dir, content_hash, no_progress
 from . import kernel as kernel_mod
 from . import rootfs as rootfs_mod
 
-IMAGE_FORMAT = "pgfleet-microvm-image-v1"
+IMAGE_FORMAT = "pgfleet-microvm-image-v2"
 DEFAULT_IMAGE = "postgres:15"
 DATA_DISK_MB = 2048  # sparse; a fresh cluster uses ~30 MB of it
 
@@ -170,6 +170,7 @@ def build_image(
                 kernel_bytes=kernel.stat().st_size,
                 rootfs_bytes=(tmp / "rootfs.img").stat().st_size,
             )
+            os.chmod(tmp, 0o755)  # mkdtemp made it private; VMs may run as other users later
             (tmp / "image.json").write_text(json.dumps(image.to_json(), indent=2))
             if final.exists():
                 shutil.rmtree(final)
@@ -189,13 +190,13 @@ def _ensure_kernel(cache: Path, progress: Progress) -> tuple[Path, str]:
     override = os.environ.get("PGFLEET_GUEST_KERNEL")
     if override:
         # Escape hatch for hosts that cannot build a kernel (no linux-source, no compiler):
-        # any PVH-capable vmlinux with the options in guest/kernel.config built in.
+        # any bzImage or PVH vmlinux with the options in guest/kernel.config built in.
         progress("kernel", 0.85, f"using PGFLEET_GUEST_KERNEL={override} (not built here)")
         return Path(override), f"override {override}"
     key = kernel_mod.kernel_key()
     kdir = cache / "kernels" / key
-    vmlinux = kdir / "vmlinux"
-    if vmlinux.exists():
+    bzimage = kdir / "bzImage"
+    if bzimage.exists():
         progress("kernel", 0.85, f"kernel {key} is cached")
     else:
         (cache / "kernels").mkdir(parents=True, exist_ok=True)
@@ -208,4 +209,4 @@ def _ensure_kernel(cache: Path, progress: Progress) -> tuple[Path, str]:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    return vmlinux, kernel_mod.source_version(kernel_mod.linux_source_tarball())
+    return bzimage, kernel_mod.source_version(kernel_mod.linux_source_tarball())

@@ -1,7 +1,9 @@
 """Build the guest kernel from Debian's `linux-source` package: tinyconfig + guest/kernel.config.
 
-The result is an uncompressed, stripped ELF `vmlinux` with a PVH entry note, which QEMU's
-microvm machine boots directly (no decompression, no firmware): the fastest cold boot under TCG.
+The result is an XZ-compressed `bzImage` (~1.7 MB) that QEMU's microvm machine boots directly
+with the Linux boot protocol (no firmware). An uncompressed PVH `vmlinux` would boot ~0.4 s
+faster under TCG but is ~16 MB (9 MB loaded); cold boots are rare here (templates are made
+once, instances resume from snapshots), so the small kernel wins.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ def wanted_options() -> dict[str, str]:
 
 
 def build_kernel(out_dir: Path, progress: Progress = no_progress, jobs: int | None = None) -> Path:
-    """Build vmlinux into out_dir (a fresh directory) and return its path. Takes minutes."""
+    """Build bzImage into out_dir (a fresh directory) and return its path. Takes minutes."""
     tarball = linux_source_tarball()
     work = out_dir / "build"
     if work.exists():
@@ -85,11 +87,9 @@ def build_kernel(out_dir: Path, progress: Progress = no_progress, jobs: int | No
     missing = [k for k, v in wanted_options().items() if (have.get(k, "n") == "y") != (v == "y")]
     if missing:
         raise DriverError(f"kernel options did not apply (unmet dependencies?): {missing}")
-    progress("kernel", 0.15, "compiling vmlinux (a few minutes on 2 cores)")
-    # vmlinux is what we boot (PVH entry, no decompression under TCG); bzImage is built too
-    # because its compressed size is the honest "how big is this kernel" figure.
+    progress("kernel", 0.15, "compiling the kernel (a few minutes on 2 cores)")
     proc = subprocess.Popen(
-        make + ["vmlinux", "bzImage"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        make + ["bzImage"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     # The kernel has ~1100 objects at this config; count compiled objects for a rough fraction.
     done, tail = 0, []
@@ -102,15 +102,12 @@ def build_kernel(out_dir: Path, progress: Progress = no_progress, jobs: int | No
                 progress("kernel", 0.15 + 0.8 * min(done / 1100, 1.0), f"compiled {done} files")
     if proc.wait() != 0:
         raise DriverError("kernel build failed:\n" + "\n".join(tail))
-    vmlinux = out_dir / "vmlinux"
-    shutil.copy2(src / "vmlinux", vmlinux)
-    # Symbols are useless to the guest and double the size; the PVH note is kept.
-    run(["strip", "--strip-all", str(vmlinux)], "strip vmlinux")
-    shutil.copy2(src / "arch/x86/boot/bzImage", out_dir / "bzImage")
+    bzimage = out_dir / "bzImage"
+    shutil.copy2(src / "arch/x86/boot/bzImage", bzimage)
     shutil.copy2(config, out_dir / "config")
     progress("kernel", 0.98, "removing the build tree")
     shutil.rmtree(work)
-    return vmlinux
+    return bzimage
 
 
 def _read_config(path: Path) -> dict[str, str]:

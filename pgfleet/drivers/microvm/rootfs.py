@@ -164,7 +164,8 @@ def build_data_disk(out: Path, size_mb: int, progress: Progress = no_progress) -
         owner = pwd.getpwnam("postgres")
     except KeyError as exc:
         raise DriverError("no host user `postgres` to run initdb as") from exc
-    with tempfile.TemporaryDirectory(prefix="pgfleet-data-", dir=out.parent) as tmp:
+    # Not under out.parent: that is a private (0700) build directory initdb could not enter.
+    with tempfile.TemporaryDirectory(prefix="pgfleet-data-") as tmp:
         top = Path(tmp) / "top"
         pgdata = top / "pgdata"
         top.mkdir()

@@ -133,6 +133,7 @@ class Vm:
     files: VmFiles
     popen: subprocess.Popen | None = None  # None when adopted after a daemon restart
     expected_exit: bool = False
+    established: bool = False  # create/start finished: an exit from now on is news to the fleet
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     exit_reason: str = ""
     _pidfd: int = -1
@@ -191,7 +192,9 @@ class Vm:
     async def close_qmp(self) -> None:
         try:
             await self.qmp.disconnect()
-        except (QMPError, OSError, EOFError):
+        except Exception:
+            # After `quit` or a kill the peer is gone; qemu.qmp may then raise anything
+            # (even an AssertionError about its run state). Nothing is left to clean up.
             pass
 
 
@@ -274,7 +277,7 @@ async def migrate_out(vm: Vm, target_fd: int, timeout: float = 30) -> None:
     """Stream device state into target_fd; on return the VM is stopped and consistent."""
     events = EventListener(("MIGRATION",))
     with vm.qmp.listen(events):
-        await vm.qmp.send_fd_scm(target_fd)
+        vm.qmp.send_fd_scm(target_fd)
         await vm.qmp.execute("getfd", {"fdname": "snap"})
         await vm.qmp.execute("migrate", {"uri": "fd:snap"})
         await _migration_done(vm, events, timeout)
@@ -285,7 +288,7 @@ async def migrate_in(vm: Vm, source_fd: int, timeout: float = 60) -> None:
     events = EventListener(("MIGRATION", "RESUME"))
     with vm.qmp.listen(events):
         await set_snapshot_caps(vm)
-        await vm.qmp.send_fd_scm(source_fd)
+        vm.qmp.send_fd_scm(source_fd)
         await vm.qmp.execute("getfd", {"fdname": "snap"})
         await vm.qmp.execute("migrate-incoming", {"uri": "fd:snap"})
         await _migration_done(vm, events, timeout)
