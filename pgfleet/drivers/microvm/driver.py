@@ -396,6 +396,10 @@ class MicroVMDriver(Driver):
     def _copy_template(src: vmm.VmFiles, dst: vmm.VmFiles) -> None:
         copy_sparse(src.ram, dst.ram)
         copy_sparse(src.data, dst.data)
+        # The guest's boot and Postgres startup lines, so log_path() tells the whole story.
+        with open(src.console, "rb") as fin, open(dst.console, "ab") as fout:
+            shutil.copyfileobj(fin, fout)
+            fout.write(b"--- pgfleet: restored from template snapshot ---\n")
         shutil.copyfile(src.state, dst.state_tmp)
         os.rename(dst.state_tmp, dst.state)  # the state goes last: it vouches for the others
 

@@ -1,0 +1,34 @@
+"""The guest image: built once per host, cached by content, within its size targets."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from pgfleet.drivers.microvm import kvm_works
+from pgfleet.drivers.microvm.image import build_image, list_images
+
+pytestmark = pytest.mark.microvm
+
+
+def test_image_is_cached_and_small(image):
+    t0 = time.monotonic()
+    again = build_image()
+    assert time.monotonic() - t0 < 2.0, "a second build with unchanged inputs must hit the cache"
+    assert again.key == image.key and again.dir == image.dir
+    assert image.kernel_bytes <= 4 * 1024 * 1024, f"kernel {image.kernel_bytes} B > 4 MB"
+    assert image.rootfs_bytes <= 60 * 1000 * 1000, f"rootfs {image.rootfs_bytes} B > 60 MB"
+    assert any(i.key == image.key for i in list_images())
+    assert not str(image.dir).startswith(str(Path(__file__).resolve().parents[2])), \
+        "the cache must live outside the checkout"
+
+
+def test_kvm_probe_gives_a_cached_verdict():
+    first = kvm_works()
+    t0 = time.monotonic()
+    assert kvm_works() is first
+    assert time.monotonic() - t0 < 0.1
+
+

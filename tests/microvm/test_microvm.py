@@ -1,0 +1,211 @@
+"""The microvm driver end to end: real QEMU, a real guest kernel, real Postgres in the guest."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from pgfleet.drivers.base import DriverError, netns_socket
+from pgfleet.drivers.microvm import MicroVMDriver
+from pgfleet.drivers.microvm.vmm import VmFiles
+from pgfleet.pgwire.client import QueryError
+
+from .conftest import connect, new_spec, query, until
+
+# One event loop for the whole session: the shared driver watches its VMs through it.
+pytestmark = [pytest.mark.microvm, pytest.mark.asyncio(loop_scope="session")]
+
+
+def qemu_pids(home: Path) -> list[int]:
+    """QEMU processes serving the instance in `home` (found by its RAM file path)."""
+    needle = f"mem-path={home}/ram".encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if needle in Path(f"/proc/{entry}/cmdline").read_bytes():
+                    pids.append(int(entry))
+            except OSError:
+                continue
+    return pids
+
+
+# ------------------------------------------------------------------ create / query
+
+async def test_create_gives_a_personalised_running_database(driver, make_instance):
+    spec, backend = await make_instance(role="alice")
+    assert backend.netns == f"pgf-{spec.slot}" and backend.host == "10.0.0.2"
+    conn = await connect(backend, "alice")
+    try:
+        [r] = await conn.query(
+            "SELECT current_user, rolsuper::text, pg_get_userbyid(d.datdba), "
+            "(SELECT pg_get_userbyid(nspowner) FROM pg_namespace WHERE nspname = 'public'), "
+            "extract(epoch FROM now())::bigint "
+            "FROM pg_roles r, pg_database d WHERE r.rolname = current_user AND d.datname = 'postgres'")
+        user, superuser, db_owner, schema_owner, guest_epoch = r.rows[0]
+        assert (user, superuser, db_owner, schema_owner) == ("alice", "false", "alice", "alice")
+        # The template was snapshotted earlier: the guest clock must have been set on restore.
+        assert abs(int(guest_epoch) - time.time()) < 5
+        await conn.query("CREATE TABLE notes (id int PRIMARY KEY, body text)")
+        await conn.query("INSERT INTO notes VALUES (1, 'hello')")
+        assert await conn.scalar("SELECT body FROM notes WHERE id = 1") == "hello"
+    finally:
+        await conn.close()
+    assert "database system is ready" in driver.log_path(spec).read_text()
+
+
+async def test_failed_create_leaves_nothing(driver, tmp_path):
+    spec = new_spec(tmp_path, role="pg_reserved")  # Postgres refuses role names starting pg_
+    with pytest.raises(DriverError, match="reserved"):
+        await driver.create(spec)
+    assert qemu_pids(spec.home) == []
+    assert not Path(f"/run/netns/pgf-{spec.slot}").exists()
+    assert not spec.home.exists() or not any(spec.home.iterdir())
+
+
+# ------------------------------------------------------------------ scale to zero
+
+async def test_suspend_leaves_no_process_and_wake_keeps_sessions_and_data(driver, make_instance):
+    spec, backend = await make_instance()
+    files = VmFiles(spec.home)
+    await query(backend, "CREATE TABLE cycles (n int)", "tenant")
+    held = await connect(backend, "tenant")  # one session kept open across every cycle
+    try:
+        for n in range(1, 23):
+            await query(backend, f"INSERT INTO cycles VALUES ({n})", "tenant")
+            await driver.suspend(spec)
+            assert qemu_pids(spec.home) == [], "suspend must leave no QEMU process"
+            assert files.state.exists() and "rss_bytes" not in await driver.usage(spec)
+            await driver.start(spec)
+            assert not files.state.exists(), "a resumed VM's snapshot must be void"
+            assert driver.last_timings.get("mode") == 0.0, "start after suspend must restore, not boot"
+            assert await held.scalar("SELECT count(*) FROM cycles") == str(n)
+            assert await query(backend, "SELECT sum(n) FROM cycles") == str(n * (n + 1) // 2)
+    finally:
+        await held.close()
+    assert driver.test_exits == [] or all(u != spec.uuid for u, _ in driver.test_exits)
+
+
+async def test_suspend_and_start_are_idempotent(driver, make_instance):
+    spec, backend = await make_instance()
+    await driver.suspend(spec)
+    await driver.suspend(spec)
+    await driver.start(spec)
+    await driver.start(spec)
+    assert len(qemu_pids(spec.home)) == 1
+    assert await query(backend, "SELECT 1") == "1"
+
+
+async def test_running_vm_reports_usage(driver, make_instance):
+    spec, backend = await make_instance()
+    await query(backend, "SELECT 1")
+    use = await driver.usage(spec)
+    assert use["pss_bytes"] > 0 and use["rss_bytes"] >= use["pss_bytes"]
+    assert use["disk_bytes"] < 256 * 2**20
+
+
+# ------------------------------------------------------------------ clones
+
+async def test_clones_are_independent(driver, make_instance):
+    (a, ba), (b, bb) = await make_instance("ta"), await make_instance("tb")
+    await query(ba, "CREATE TABLE only_in_a (x int); INSERT INTO only_in_a VALUES (42)", "ta")
+    assert await query(ba, "SELECT x FROM only_in_a", "ta") == "42"
+    with pytest.raises(QueryError, match="does not exist"):
+        await query(bb, "SELECT x FROM only_in_a", "tb")
+    assert await query(bb, "SELECT count(*) FROM pg_roles WHERE rolname = 'ta'") == "0"
+    # Both were restored from one snapshot: without the reseed they would draw the same numbers.
+    ra = await query(ba, "SELECT gen_random_uuid()::text")
+    rb = await query(bb, "SELECT gen_random_uuid()::text")
+    assert ra != rb
+
+
+async def test_tenants_cannot_reach_each_other(driver, make_instance):
+    (a, ba), (b, bb) = await make_instance("ta"), await make_instance("tb")
+    await query(ba, "CREATE TABLE whoami AS SELECT 'a'::text AS me", "ta")
+    await query(bb, "CREATE TABLE whoami AS SELECT 'b'::text AS me", "tb")
+    # Same guest address, different namespaces: from a's namespace you only ever reach a.
+    assert os.stat(f"/run/netns/{ba.netns}").st_ino != os.stat(f"/run/netns/{bb.netns}").st_ino
+    for _ in range(3):
+        assert await query(ba, "SELECT me FROM whoami", "ta") == "a"
+        assert await query(bb, "SELECT me FROM whoami", "tb") == "b"
+    # a's namespace routes nowhere but its own /30: any other address is unreachable at once
+    # (no packet leaves; nothing is sent into the host namespace).
+    routes = subprocess.run(["ip", "-n", ba.netns, "-j", "route"], capture_output=True,
+                            text=True, check=True).stdout
+    assert [r["dst"] for r in json.loads(routes)] == ["10.0.0.0/30"]
+    sock = await asyncio.get_running_loop().run_in_executor(None, netns_socket, ba.netns)
+    with sock, pytest.raises(OSError) as err:
+        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, ("192.0.2.1", 5432)), 5)
+    assert err.value.errno == 101  # ENETUNREACH
+    # And from inside guest a, Postgres cannot open a connection anywhere beyond its /30.
+    await query(ba, "CREATE EXTENSION IF NOT EXISTS dblink")
+    with pytest.raises(QueryError, match="could not|timeout|unreachable"):
+        await query(ba, "SELECT dblink_connect('host=192.0.2.1 port=5432 connect_timeout=2')")
+
+
+# ------------------------------------------------------------------ faults
+
+async def test_vmm_kill_is_reported_and_start_recovers_committed_rows(driver, make_instance):
+    spec, backend = await make_instance()
+    await query(backend, "CREATE TABLE ledger (n int)", "tenant")
+    for n in range(50):
+        await query(backend, f"INSERT INTO ledger VALUES ({n})", "tenant")
+    [pid] = qemu_pids(spec.home)
+    os.kill(pid, signal.SIGKILL)
+    await until(lambda: any(u == spec.uuid for u, _ in driver.test_exits), 10, "on_exit")
+    reason = next(r for u, r in driver.test_exits if u == spec.uuid)
+    assert "SIGKILL" in reason
+    await driver.start(spec)
+    assert driver.last_timings.get("mode") == 1.0, "after a kill the VM must cold boot"
+    assert await query(backend, "SELECT count(*) FROM ledger") == "50"
+    assert await query(backend, "SELECT current_setting('is_superuser')", "tenant") == "off"
+
+
+async def test_stop_then_start_cold_boots_with_data(driver, make_instance):
+    spec, backend = await make_instance()
+    await query(backend, "CREATE TABLE kept AS SELECT 7 AS x", "tenant")
+    await driver.stop(spec)
+    assert qemu_pids(spec.home) == []
+    assert not VmFiles(spec.home).ram.exists()
+    assert "database system is shut down" in driver.log_path(spec).read_text()
+    await driver.start(spec)
+    assert await query(backend, "SELECT x FROM kept") == "7"
+
+
+async def test_recover_adopts_a_running_vm_after_daemon_restart(driver, make_instance, tmp_path):
+    spec, backend = await make_instance()
+    await query(backend, "CREATE TABLE survived AS SELECT 1 AS x", "tenant")
+    # The daemon "dies": its QMP session goes away (QEMU accepts one at a time) and it
+    # forgets the VM. A second driver object stands in for the restarted daemon.
+    _, vm = driver._vms.pop(spec.uuid)
+    vm.expected_exit = True
+    await vm.close_qmp()
+    restarted = MicroVMDriver(tmp_path / "state2")
+    await restarted.prepare()  # image and template are cached: quick
+    assert await restarted.recover(spec) is not None
+    assert await query(backend, "SELECT x FROM survived") == "1"
+    await restarted.suspend(spec)
+    assert qemu_pids(spec.home) == []
+    assert await restarted.recover(spec) is None
+    await restarted.start(spec)
+    assert await query(backend, "SELECT x FROM survived") == "1"
+    await restarted.destroy(spec)
+    assert qemu_pids(spec.home) == []
+    assert not Path(f"/run/netns/pgf-{spec.slot}").exists()
+
+
+async def test_recover_cleans_up_when_the_vm_is_gone(driver, make_instance):
+    spec, backend = await make_instance()
+    [pid] = qemu_pids(spec.home)
+    os.kill(pid, signal.SIGKILL)
+    await until(lambda: any(u == spec.uuid for u, _ in driver.test_exits), 10, "on_exit")
+    assert await driver.recover(spec) is None
+    await driver.start(spec)
+    assert await query(backend, "SELECT 1") == "1"
