@@ -1,0 +1,277 @@
+"""Benchmark of the microvm driver: boot, clone, suspend, wake, memory, disk.
+
+    .venv/bin/python bench/microvm.py [--cycles 60] [--clones 20] [--vms 8]
+
+Writes bench/results/microvm.json and bench/results/microvm.png. Every latency is measured
+from the host's point of view with a real Postgres round trip at the end; mechanism costs
+(QEMU start, device-state load, file copies, ...) come from the driver's own timings and are
+reported separately. The accelerator (KVM or TCG) is part of the output: under TCG the
+guest's CPU runs at ~1% of native speed, so guest-side work dominates what KVM hosts see.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pgfleet.drivers.base import Backend, InstanceSpec  # noqa: E402
+from pgfleet.drivers.microvm import MicroVMDriver  # noqa: E402
+from pgfleet.drivers.microvm.snapshot import allocated_bytes  # noqa: E402
+from pgfleet.drivers.microvm.vmm import VmFiles  # noqa: E402
+from pgfleet.pgwire.client import AdminConnection  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TARGETS = {  # from the issue; ms unless noted
+    "wake_held_first_query_ms": 150, "clone_first_query_ms": 300, "suspend_ms": 20,
+    "running_pss_mib": 50, "rootfs_mb": 60, "kernel_mb": 4,
+}
+
+
+def pct(values: list[float]) -> dict[str, float]:
+    v = sorted(values)
+    if not v:
+        return {}
+
+    def q(p: float) -> float:
+        return v[min(len(v) - 1, max(0, round(p / 100 * (len(v) - 1))))]
+
+    return {"n": len(v), "p50": q(50), "p90": q(90), "p99": q(99), "min": v[0], "max": v[-1],
+            "mean": statistics.fmean(v)}
+
+
+async def connect(backend: Backend, user: str = "postgres") -> AdminConnection:
+    reader, writer = await backend.open_connection()
+    return await AdminConnection.open(reader, writer, user)
+
+
+async def first_query(backend: Backend) -> None:
+    conn = await connect(backend)
+    try:
+        await conn.query("SELECT 1")
+    finally:
+        await conn.close()
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.root = Path(tempfile.mkdtemp(prefix="pgfleet-bench-microvm-", dir="/var/tmp"))
+        self.driver = MicroVMDriver(self.root / "state")
+        self.slot = 6000
+        self.samples: dict[str, list[float]] = {}
+        self.mech: dict[str, list[float]] = {}
+        self.specs: list[InstanceSpec] = []
+
+    def spec(self) -> InstanceSpec:
+        self.slot += 1
+        s = InstanceSpec(uuid=str(uuid.uuid4()), name=f"b{self.slot}", role="app", memory_mb=128,
+                         slot=self.slot, home=self.root / f"i{self.slot}")
+        self.specs.append(s)
+        return s
+
+    def add(self, key: str, ms: float) -> None:
+        self.samples.setdefault(key, []).append(ms)
+
+    def add_mech(self, prefix: str) -> None:
+        for k, v in self.driver.last_timings.items():
+            if k.endswith("_ms"):
+                self.mech.setdefault(f"{prefix}.{k}", []).append(v)
+
+    async def run(self) -> dict:
+        t0 = time.perf_counter()
+        await self.driver.prepare()
+        prepare_s = time.perf_counter() - t0
+        image = self.driver.image
+        assert image is not None
+        print(f"accel={self.driver.accel} prepare={prepare_s:.2f}s", flush=True)
+
+        # Clone: template copy + restore + reseed + personalise, then a new connection's SELECT 1.
+        for _ in range(self.args.clones):
+            s = self.spec()
+            t = time.perf_counter()
+            backend = await self.driver.create(s)
+            t_created = time.perf_counter()
+            self.add_mech("create")
+            await first_query(backend)
+            self.add("clone_first_query_ms", (time.perf_counter() - t) * 1000)
+            self.add("clone_create_ms", (t_created - t) * 1000)
+            await self.driver.destroy(s)
+        print("clones done", flush=True)
+
+        # Cold boot: a stopped instance boots from its data disk (kernel, init, Postgres).
+        s = self.spec()
+        backend = await self.driver.create(s)
+        for _ in range(self.args.boots):
+            await self.driver.stop(s)
+            t = time.perf_counter()
+            await self.driver.start(s)
+            await first_query(backend)
+            self.add("cold_boot_first_query_ms", (time.perf_counter() - t) * 1000)
+            self.add_mech("boot")
+        await self.driver.destroy(s)
+        print("cold boots done", flush=True)
+
+        # Scale to zero: suspend, then wake to the first query on a held and on a new connection.
+        s = self.spec()
+        backend = await self.driver.create(s)
+        held = await connect(backend)
+        await held.query("CREATE TABLE IF NOT EXISTS c (n int)")
+        for i in range(self.args.cycles):
+            t = time.perf_counter()
+            await self.driver.suspend(s)
+            self.add("suspend_ms", (time.perf_counter() - t) * 1000)
+            self.add_mech("suspend")
+            t = time.perf_counter()
+            await self.driver.start(s)
+            self.add("wake_start_ms", (time.perf_counter() - t) * 1000)
+            self.add_mech("wake")
+            if i % 2 == 0:
+                await held.query(f"INSERT INTO c VALUES ({i})")
+                self.add("wake_held_first_query_ms", (time.perf_counter() - t) * 1000)
+            else:
+                await first_query(backend)
+                self.add("wake_new_conn_first_query_ms", (time.perf_counter() - t) * 1000)
+        rows = await held.scalar("SELECT count(*) FROM c")
+        await held.close()
+        assert rows == str((self.args.cycles + 1) // 2), f"lost rows: {rows}"
+        await self.driver.destroy(s)
+        print("cycles done", flush=True)
+
+        # Memory: several running clones after a query each; then disk per standby VM.
+        running = []
+        for _ in range(self.args.vms):
+            s = self.spec()
+            b = await self.driver.create(s)
+            await first_query(b)
+            running.append((s, b))
+        pss, rss = [], []
+        for s, b in running:
+            u = await self.driver.usage(s)
+            pss.append(u["pss_bytes"] / 2**20)
+            rss.append(u["rss_bytes"] / 2**20)
+        for s, b in running:
+            await self.driver.suspend(s)
+        standby_disk = [sum(allocated_bytes(p) for p in (VmFiles(s.home).ram, VmFiles(s.home).data,
+                                                          VmFiles(s.home).state)) / 2**20
+                        for s, _ in running]
+        # ... and they all come back.
+        for s, b in running:
+            await self.driver.start(s)
+            await first_query(b)
+            await self.driver.destroy(s)
+
+        summary = {k: pct(v) for k, v in self.samples.items()}
+        summary["running_pss_mib"] = pct(pss)
+        summary["running_rss_mib"] = pct(rss)
+        summary["standby_disk_mib"] = pct(standby_disk)
+        result = {
+            "driver": "microvm",
+            "accel": self.driver.accel,
+            "accel_note": ("TCG: the guest CPU is emulated (~1% of native); guest-side work is "
+                           "~100x slower than on a KVM host, mechanism costs are comparable")
+            if self.driver.accel == "tcg" else "KVM",
+            "host": {"cpus": os.cpu_count(), "kernel": platform.release(),
+                     "python": platform.python_version()},
+            "guest_memory_mb": 128,
+            "image": {"name": image.name, "key": image.key, "kernel_bytes": image.kernel_bytes,
+                      "rootfs_bytes": image.rootfs_bytes, "rootfs_type": image.rootfs_type,
+                      "postgres": image.postgres_version},
+            "prepare_s": round(prepare_s, 3),
+            "results": summary,
+            "mechanism_ms": {k: pct(v) for k, v in sorted(self.mech.items())},
+            "targets": TARGETS,
+            "verdict": self.verdict(summary, image),
+            "raw": self.samples,
+        }
+        return result
+
+    @staticmethod
+    def verdict(summary: dict, image) -> dict[str, str]:
+        def check(value: float, target: float) -> str:
+            return f"{value:.1f} vs <= {target}: {'met' if value <= target else 'MISSED'}"
+        return {
+            "wake_held_first_query_ms p50": check(summary["wake_held_first_query_ms"]["p50"],
+                                                  TARGETS["wake_held_first_query_ms"]),
+            "clone_first_query_ms p50": check(summary["clone_first_query_ms"]["p50"],
+                                              TARGETS["clone_first_query_ms"]),
+            "suspend_ms p50": check(summary["suspend_ms"]["p50"], TARGETS["suspend_ms"]),
+            "running_pss_mib p50": check(summary["running_pss_mib"]["p50"], TARGETS["running_pss_mib"]),
+            "rootfs_mb": check(image.rootfs_bytes / 1e6, TARGETS["rootfs_mb"]),
+            "kernel_mb": check(image.kernel_bytes / 2**20, TARGETS["kernel_mb"]),
+        }
+
+    async def cleanup(self) -> None:
+        for s in self.specs:
+            try:
+                await self.driver.destroy(s)
+            except Exception as exc:  # keep cleaning the others
+                print(f"cleanup {s.name}: {exc}", file=sys.stderr)
+        await self.driver.close()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    raw = result["raw"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+    for key in ("suspend_ms", "wake_held_first_query_ms", "wake_new_conn_first_query_ms",
+                "clone_first_query_ms"):
+        v = sorted(raw.get(key, []))
+        if v:
+            ax1.plot(v, [(i + 1) / len(v) for i in range(len(v))], label=key.replace("_ms", ""))
+    ax1.set_xscale("log")
+    ax1.set_xlabel("ms (log)")
+    ax1.set_ylabel("fraction of operations")
+    ax1.set_title(f"microvm latencies, CDF ({result['accel'].upper()})")
+    ax1.grid(True, which="both", alpha=0.3)
+    ax1.legend(fontsize=8)
+    mech = result["mechanism_ms"]
+    keys = [k for k in mech if k.split(".")[0] in ("create", "wake", "suspend") and
+            not k.endswith("total_ms")]
+    ax2.barh([k.replace("_ms", "") for k in keys], [mech[k]["p50"] for k in keys], color="tab:blue")
+    ax2.set_xlabel("p50 ms")
+    ax2.set_title("mechanism costs (p50)")
+    ax2.grid(True, axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cycles", type=int, default=60, help="suspend/wake cycles (>= 50)")
+    ap.add_argument("--clones", type=int, default=20)
+    ap.add_argument("--boots", type=int, default=5)
+    ap.add_argument("--vms", type=int, default=8, help="clones running at once for the memory figure")
+    ap.add_argument("--out", type=Path, default=RESULTS / "microvm.json")
+    args = ap.parse_args()
+    bench = Bench(args)
+    try:
+        result = await bench.run()
+    finally:
+        await bench.cleanup()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    plot(result, args.out.with_suffix(".png"))
+    print(json.dumps({"accel": result["accel"], "verdict": result["verdict"],
+                      "results": {k: {kk: round(vv, 1) for kk, vv in v.items()}
+                                  for k, v in result["results"].items()}}, indent=2))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
