@@ -28,6 +28,7 @@ PORT = 5432  # names the socket file only: the network namespace has no interfac
 READY_TIMEOUT_S = 60.0
 SHUTDOWN_TIMEOUT_S = 30.0
 CGROUP_PARENT = "pgfleet"
+SOCKET_ROOT = Path("/run/pgfleet")
 
 
 @dataclass
@@ -50,16 +51,17 @@ class SandboxDriver(Driver):
         self.pg: PostgresInstall = find_postgres(postgres_major)
         self.template: Path | None = None
         self._running: dict[str, _Running] = {}
-        self.cgroup_parent = f"{CGROUP_PARENT}/{_home_tag(state_dir)}"
+        self.home_tag = _home_tag(state_dir)
+        self.cgroup_parent = f"{CGROUP_PARENT}/{self.home_tag}"
 
     # --- paths ------------------------------------------------------------------
     @staticmethod
     def data_dir(spec: InstanceSpec) -> Path:
         return spec.home / "data"
 
-    @staticmethod
-    def socket_dir(spec: InstanceSpec) -> Path:
-        return spec.home / "run"
+    def socket_dir(self, spec: InstanceSpec) -> Path:
+        # Not under the home: a unix socket path must stay within 107 bytes.
+        return SOCKET_ROOT / self.home_tag / str(spec.slot)
 
     @staticmethod
     def log_path(spec: InstanceSpec) -> Path:
@@ -136,6 +138,7 @@ class SandboxDriver(Driver):
             raise DriverError(f"database {spec.name} has no data directory at {data}")
         uid = UID_BASE + spec.slot
         run = self.socket_dir(spec)
+        run.parent.mkdir(mode=0o711, parents=True, exist_ok=True)
         run.mkdir(mode=0o700, exist_ok=True)
         os.chown(run, uid, uid)
         pidfile = data / "postmaster.pid"
@@ -245,6 +248,7 @@ class SandboxDriver(Driver):
         await self.stop(spec)
         self._cgroup(spec).remove()
         shutil.rmtree(spec.home, ignore_errors=True)
+        shutil.rmtree(self.socket_dir(spec), ignore_errors=True)
 
     async def recover(self, spec: InstanceSpec) -> Backend | None:
         pm = find_postmaster(self.data_dir(spec))
