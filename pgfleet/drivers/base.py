@@ -168,6 +168,10 @@ class Driver(abc.ABC):
     @abc.abstractmethod
     async def recover(self, spec: InstanceSpec) -> Backend | None: ...
 
+    def log_path(self, spec: InstanceSpec) -> Path | None:
+        """The instance's console / server log file, if the driver keeps one."""
+        return None
+
     async def usage(self, spec: InstanceSpec) -> dict[str, int]:
         """Resource use of a running instance: rss_bytes, cpu_time_ms where known."""
         return {}

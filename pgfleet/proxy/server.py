@@ -11,6 +11,7 @@ import logging
 import socket
 import struct
 from dataclasses import dataclass
+from typing import Awaitable, Callable
 
 from pgfleet.drivers.base import Backend
 from pgfleet.fleet.errors import FleetError, NotFound
@@ -47,9 +48,15 @@ class ProxyStats:
     wakes: int = 0
 
 
+#: Finds a database that is not on this host: name -> (host, port) of the proxy that
+#: serves it, or None. Set by fleet routing (Kubernetes); None on a single host.
+RemoteResolver = Callable[[str], Awaitable[tuple[str, int] | None]]
+
+
 class ProxyServer:
-    def __init__(self, fleet: Fleet, host: str, port: int) -> None:
+    def __init__(self, fleet: Fleet, host: str, port: int, remote: RemoteResolver | None = None) -> None:
         self.fleet = fleet
+        self.remote = remote
         self.host = host
         self.port = port
         self.cancels = CancelRegistry()
@@ -105,6 +112,11 @@ class ProxyServer:
             return
         name = startup.database
         row = self.fleet.find(name)
+        if row is None and self.remote is not None:
+            target = await self.remote(name)
+            if target is not None:
+                await self._pass_through(startup, target, reader, writer)
+                return
         if row is None:
             raise ClientError("3D000", f'database "{name}" does not exist')
         if row.deleting:
@@ -127,6 +139,20 @@ class ProxyServer:
                 wake.cancel()
             elif not wake.cancelled():
                 wake.exception()  # retrieved: a failed wake was already reported to the client
+
+    async def _pass_through(self, startup: m.StartupMessage, target: tuple[str, int],
+                            reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Hand the whole session to the proxy of the host that has the database: it
+        authenticates and wakes as if the client had come to it directly."""
+        try:
+            r_reader, r_writer = await asyncio.open_connection(*target)
+        except OSError as exc:
+            raise ClientError("08006", f"could not reach the pgfleet node {target[0]}:{target[1]}: {exc}")
+        try:
+            r_writer.write(m.startup_message(startup.params))
+            await _relay(reader, writer, r_reader, r_writer)
+        finally:
+            r_writer.close()
 
     async def _wake(self, uuid: str) -> Backend:
         try:

@@ -67,6 +67,7 @@ class Image:
             "tsc=reliable", "i8042.noaux", "i8042.nokbd", "i8042.nopnp", "i8042.dumbkbd",
             "cryptomgr.notests", "random.trust_cpu=on", "8250.nr_uarts=1",
             "rcupdate.rcu_expedited=1", "mitigations=off",
+            *os.environ.get("PGFLEET_GUEST_CMDLINE_EXTRA", "").split(),
             f"root=/dev/vda", f"rootfstype={self.rootfs_type}", "ro", "init=/sbin/init",
             "ip=10.0.0.2::10.0.0.1:255.255.255.252:pgfleet:eth0:off",
         ])

@@ -63,8 +63,7 @@ class SandboxDriver(Driver):
         # Not under the home: a unix socket path must stay within 107 bytes.
         return SOCKET_ROOT / self.home_tag / str(spec.slot)
 
-    @staticmethod
-    def log_path(spec: InstanceSpec) -> Path:
+    def log_path(self, spec: InstanceSpec) -> Path:
         return spec.home / "postgres.log"
 
     def backend(self, spec: InstanceSpec) -> Backend:
