@@ -61,9 +61,15 @@ async def test_create_gives_a_personalised_running_database(driver, make_instanc
     assert "database system is ready" in driver.log_path(spec).read_text()
 
 
+async def test_reserved_role_names_are_refused(driver, tmp_path):
+    for role in ("postgres", "pg_monitor"):
+        with pytest.raises(DriverError, match="reserved"):
+            await driver.create(new_spec(tmp_path, role=role))
+
+
 async def test_failed_create_leaves_nothing(driver, tmp_path):
-    spec = new_spec(tmp_path, role="pg_reserved")  # Postgres refuses role names starting pg_
-    with pytest.raises(DriverError, match="reserved"):
+    spec = new_spec(tmp_path, role="")  # restored fine, then Postgres refuses the role name
+    with pytest.raises(DriverError, match="zero-length"):
         await driver.create(spec)
     assert qemu_pids(spec.home) == []
     assert not Path(f"/run/netns/pgf-{spec.slot}").exists()
