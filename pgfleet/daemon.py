@@ -33,6 +33,10 @@ class DaemonOptions:
     listen_pooled: str
     api: str
     driver: str = "auto"
+    #: fleet routing (Kubernetes): a kubeconfig path or "in-cluster"; None on a single host
+    kubeconfig: str | None = dataclasses.field(default_factory=lambda: os.environ.get("PGFLEET_KUBECONFIG") or None)
+    #: this host's Node name, so routing never hands a session back to itself
+    node_name: str | None = dataclasses.field(default_factory=lambda: os.environ.get("PGFLEET_K8S_NODE") or None)
 
 
 class _Uvicorn(uvicorn.Server):
@@ -91,11 +95,20 @@ async def serve(opts: DaemonOptions, ready: asyncio.Future | None = None) -> Non
     await driver.prepare()
     await fleet.recover()
 
-    direct = ProxyServer(fleet, proxy_host, proxy_port)
-    pooled = ProxyServer(fleet, pooled_host, pooled_port)  # session mode until the pooler lands
+    routing = None
+    if opts.kubeconfig:
+        from pgfleet.k8s.routing import FleetRouting
+
+        routing = FleetRouting(opts.kubeconfig, opts.node_name)
+        log.info("fleet routing through the cluster (%s) as node %s", opts.kubeconfig, opts.node_name)
+    direct = ProxyServer(fleet, proxy_host, proxy_port, remote=routing.direct if routing else None)
+    pooled = ProxyServer(fleet, pooled_host, pooled_port,  # session mode until the pooler lands
+                         remote=routing.pooled if routing else None)
     await direct.start()
     await pooled.start()
     public_host = proxy_host if proxy_host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    if routing is not None:
+        routing.own |= {(public_host, direct.port), (public_host, pooled.port)}
     ctx = ApiContext(
         fleet=fleet, token=token, public_host=public_host, port=direct.port, pooled_port=pooled.port,
         driver=driver.name, home=str(opts.home),
@@ -130,6 +143,8 @@ async def serve(opts: DaemonOptions, ready: asyncio.Future | None = None) -> Non
         api.should_exit = True
         await fleet.shutdown()
         await api_task
+        if routing is not None:
+            await routing.close()
         store.close()
         os.close(lock_fd)
         log.info("stopped")

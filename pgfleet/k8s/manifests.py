@@ -1,0 +1,89 @@
+"""The Database CustomResourceDefinition, as data: deploy/crd.yaml is this, and
+`pgfleet k8s crd` prints it (a test keeps the two equal)."""
+
+from __future__ import annotations
+
+from .kube import GROUP, KIND, PLURAL, VERSION
+
+_STR = {"type": "string"}
+
+SPEC_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "postgresVersion": {
+            "type": "string", "default": "15", "pattern": "^[0-9]{2}$",
+            "description": "Postgres major version.",
+            "x-kubernetes-validations": [{"rule": "self == oldSelf", "message": "postgresVersion is immutable"}],
+        },
+        "memoryMb": {"type": "integer", "minimum": 64, "maximum": 16384, "default": 256,
+                     "description": "Memory limit of the database, MiB."},
+        "scaleToZero": {
+            "type": "object", "default": {},
+            "properties": {
+                "policy": {"type": "string", "enum": ["on", "off"], "default": "on",
+                           "description": "on: standby after cooldownMs without clients; off: always running."},
+                "cooldownMs": {"type": "integer", "minimum": 0, "maximum": 2_592_000_000, "default": 300_000},
+            },
+        },
+        "pooling": {
+            "type": "object", "default": {},
+            "properties": {
+                "mode": {"type": "string", "enum": ["session", "transaction"], "default": "transaction"},
+                "maxClientConnections": {"type": "integer", "minimum": 1, "maximum": 100_000, "default": 100},
+            },
+        },
+        "deletionPolicy": {"type": "string", "enum": ["Delete", "Retain"], "default": "Delete",
+                           "description": "Delete: deleting the Database deletes its data. Retain: the database "
+                                          "is stopped and kept on its node (a new Database of the same name adopts it)."},
+    },
+}
+
+STATUS_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "phase": {"type": "string", "description": "Creating, Ready, Stopped, Lost, Failed"},
+        "node": _STR,
+        "state": {"type": "string", "description": "pgfleet state: running, standby, stopped, ..."},
+        "endpoint": _STR,
+        "pooledEndpoint": _STR,
+        "message": _STR,
+    },
+}
+
+CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1",
+    "kind": "CustomResourceDefinition",
+    "metadata": {"name": f"{PLURAL}.{GROUP}"},
+    "spec": {
+        "group": GROUP,
+        "scope": "Namespaced",
+        "names": {"plural": PLURAL, "singular": "database", "kind": KIND, "shortNames": ["pgdb"],
+                  "categories": ["pgfleet"]},
+        "versions": [{
+            "name": VERSION, "served": True, "storage": True,
+            "subresources": {"status": {}},
+            "schema": {"openAPIV3Schema": {
+                "type": "object",
+                "description": "A serverless Postgres database on a pgfleet node.",
+                "properties": {"spec": SPEC_SCHEMA, "status": STATUS_SCHEMA},
+                "required": ["spec"],
+            }},
+            "additionalPrinterColumns": [
+                {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+                {"name": "State", "type": "string", "jsonPath": ".status.state"},
+                {"name": "Node", "type": "string", "jsonPath": ".status.node"},
+                {"name": "Memory", "type": "integer", "jsonPath": ".spec.memoryMb"},
+                {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint", "priority": 1},
+                {"name": "Policy", "type": "string", "jsonPath": ".spec.deletionPolicy", "priority": 1},
+                {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+            ],
+        }],
+    },
+}
+
+
+def crd_yaml() -> str:
+    import yaml
+
+    return "# Generated from pgfleet/k8s/manifests.py (`pgfleet k8s crd`): edit there.\n" + yaml.safe_dump(
+        CRD, sort_keys=False, default_flow_style=False)
