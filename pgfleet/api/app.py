@@ -12,17 +12,30 @@ from pgfleet import __version__
 from pgfleet.drivers.base import DriverError
 from pgfleet.fleet.errors import FleetError
 
-from . import databases
+from fastapi.responses import HTMLResponse
+
+from pgfleet.fleet.quotas import Quotas
+
+from . import databases, ukc, ukc_resources
 from .common import MAX_BODY_BYTES, ApiContext, ApiError, check_token, envelope, error_body
+from .docs_page import DOCS_HTML
+from .ukc_common import ERROR_RESPONSES
 
 log = logging.getLogger(__name__)
 
-PUBLIC_PATHS = {"/healthz", "/openapi.json", "/docs", "/docs/oauth2-redirect"}
+# the schema and the docs page describe the API and hold no data; everything else needs the token
+PUBLIC_PATHS = {"/healthz", "/openapi.json", "/docs"}
 
 
 def create_app(ctx: ApiContext) -> FastAPI:
-    app = FastAPI(title="pgfleet", version=__version__, description="Serverless Postgres on your own hosts.")
+    app = FastAPI(
+        title="pgfleet", version=__version__, docs_url=None, redoc_url=None,
+        description="Serverless Postgres on your own hosts: the native /v1/databases API and a "
+                    "Unikraft Cloud-compatible /v1/instances, /v1/services, /v1/volumes, /v1/users/quotas.",
+    )
     app.state.ctx = ctx
+    if ctx.fleet.quotas is None:
+        ctx.fleet.quotas = Quotas.load(ctx.home)
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -59,6 +72,11 @@ def create_app(ctx: ApiContext) -> FastAPI:
     async def http_error(_request: Request, exc: StarletteHTTPException):
         return error_body(exc.status_code, str(exc.detail), "http")
 
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):
+        log.exception("%s %s failed", request.method, request.url.path)
+        return error_body(500, f"internal error: {type(exc).__name__}", "internal")
+
     @app.get("/healthz", tags=["meta"])
     async def healthz():
         return {"status": "ok"}
@@ -77,5 +95,13 @@ def create_app(ctx: ApiContext) -> FastAPI:
             "proxy": stats() if stats else None,
         })
 
-    app.include_router(databases.router)
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        return HTMLResponse(DOCS_HTML)  # self-contained: no CDN, works offline
+
+    app.include_router(databases.router, responses=ERROR_RESPONSES)
+    app.include_router(ukc.router)
+    app.include_router(ukc_resources.services)
+    app.include_router(ukc_resources.volumes)
+    app.include_router(ukc_resources.users)
     return app

@@ -26,7 +26,7 @@ class ScaleToZero(BaseModel):
 
 class CreateDatabase(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1, max_length=63)
+    name: str = Field(max_length=1024)  # the fleet explains what a valid name is
     image: str = "postgres:15"
     memory_mb: int = Field(DEFAULT_MEMORY_MB, ge=64, le=16384)
     scale_to_zero: ScaleToZero = ScaleToZero()

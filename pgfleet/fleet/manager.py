@@ -63,6 +63,8 @@ class Fleet:
         self._changed = asyncio.Condition()
         self._tasks: set[asyncio.Task] = set()
         self._closing = False
+        #: optional admission control (pgfleet.fleet.quotas.Quotas): checked before a create
+        self.quotas = None
         driver.on_exit = self._on_driver_exit
 
     # --- queries -------------------------------------------------------------------
@@ -103,6 +105,8 @@ class Fleet:
         validate_settings(memory_mb=memory_mb, cooldown_ms=cooldown_ms, policy=policy)
         if self.store.by_name(name) is not None:
             raise AlreadyExists(f"database {name!r} already exists")
+        if self.quotas is not None:
+            self.quotas.check_create(self, memory_mb)  # raises QuotaExceeded
         password = password or generate_password()
         row = InstanceRow(
             uuid=str(uuidlib.uuid4()), name=name, slot=self._free_slot(), state=State.STARTING,

@@ -1,0 +1,91 @@
+"""Admission control: configurable limits on what one pgfleet host will hold.
+
+Limits come from (later wins) the defaults below, `<home>/quotas.json` and the
+environment (`PGFLEET_QUOTA_INSTANCES`, `PGFLEET_QUOTA_LIVE_INSTANCES`,
+`PGFLEET_QUOTA_LIVE_MEMORY_MB`). A create that would cross one raises
+QuotaExceeded (HTTP 429). Databases in standby or stopped hold no memory, so only
+live ones (starting, running, draining, stopping) count against the live limits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from . import states
+from .errors import InvalidRequest, QuotaExceeded
+
+if TYPE_CHECKING:
+    from .manager import Fleet
+
+ENV_PREFIX = "PGFLEET_QUOTA_"
+
+
+@dataclass
+class Quotas:
+    instances: int = 10_000
+    live_instances: int = 1_000
+    live_memory_mb: int = 256 * 1024
+
+    @classmethod
+    def load(cls, home: Path | str | None = None, environ: dict | None = None) -> "Quotas":
+        environ = os.environ if environ is None else environ
+        values: dict[str, int] = {}
+        if home is not None:
+            path = Path(home) / "quotas.json"
+            if path.exists():
+                data = json.loads(path.read_text())
+                if not isinstance(data, dict):
+                    raise InvalidRequest(f"{path}: expected a JSON object")
+                values.update(data)
+        for f in fields(cls):
+            raw = environ.get(ENV_PREFIX + f.name.upper())
+            if raw is not None:
+                values[f.name] = raw
+        out = cls()
+        for f in fields(cls):
+            if f.name in values:
+                try:
+                    value = int(values[f.name])
+                except (TypeError, ValueError):
+                    raise InvalidRequest(f"quota {f.name} must be an integer, not {values[f.name]!r}") from None
+                if value < 0:
+                    raise InvalidRequest(f"quota {f.name} must not be negative")
+                setattr(out, f.name, value)
+        return out
+
+    def hard(self) -> dict[str, int]:
+        return asdict(self)
+
+    @staticmethod
+    def usage(fleet: "Fleet") -> dict[str, int]:
+        rows = fleet.list()
+        live = [r for r in rows if r.state in states.LIVE]
+        return {
+            "instances": len(rows),
+            "live_instances": len(live),
+            "live_memory_mb": sum(r.memory_mb for r in live),
+            "live_vcpus": sum(r.vcpus for r in live),
+        }
+
+    def check_create(self, fleet: "Fleet", memory_mb: int) -> None:
+        """A create starts the database, so it needs room in every limit."""
+        used = self.usage(fleet)
+        if used["instances"] + 1 > self.instances:
+            raise QuotaExceeded(f"quota exceeded: {used['instances']} of {self.instances} databases exist")
+        self.check_start(fleet, memory_mb)
+
+    def check_start(self, fleet: "Fleet", memory_mb: int) -> None:
+        used = self.usage(fleet)
+        if used["live_instances"] + 1 > self.live_instances:
+            raise QuotaExceeded(
+                f"quota exceeded: {used['live_instances']} of {self.live_instances} live databases running"
+            )
+        if used["live_memory_mb"] + memory_mb > self.live_memory_mb:
+            raise QuotaExceeded(
+                f"quota exceeded: {used['live_memory_mb']} MiB + {memory_mb} MiB would pass the live memory "
+                f"limit of {self.live_memory_mb} MiB"
+            )

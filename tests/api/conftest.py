@@ -1,0 +1,48 @@
+"""Fixtures for the API tests: one real `pgfleet up --detach` daemon (sandbox driver) per
+module, reached over real HTTP with its real token; small quotas so that generated
+requests cannot fill the host."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import SANDBOX_SKIP, start_daemon, stop_daemon, traversable
+
+#: quotas the test daemons run with (pgfleet.fleet.quotas reads them from the environment)
+QUOTA_INSTANCES = 3
+
+
+@pytest.fixture(scope="module")
+def api_daemon(tmp_path_factory):
+    if SANDBOX_SKIP:
+        pytest.skip(f"SKIPPED LOUDLY: {SANDBOX_SKIP}")
+    base = traversable(tmp_path_factory.mktemp("api"))
+    home = base / "pgfleet-home"
+    env = dict(os.environ, PGFLEET_HOME=str(home), PGPASSFILE=str(base / "pgpass"),
+               PGFLEET_QUOTA_INSTANCES=str(QUOTA_INSTANCES), PGFLEET_QUOTA_LIVE_MEMORY_MB="2048")
+    env.pop("PGPASSWORD", None)
+    d = start_daemon(Path(home), env)
+    try:
+        yield d
+    finally:
+        stop_daemon(d)
+
+
+@pytest.fixture(scope="module")
+def api_url(api_daemon) -> str:
+    return api_daemon.info["api_url"]
+
+
+@pytest.fixture(scope="module")
+def api_token(api_daemon) -> str:
+    return api_daemon.cli("token").stdout.strip()
+
+
+@pytest.fixture
+def http(api_url, api_token):
+    with httpx.Client(base_url=api_url, headers={"Authorization": f"Bearer {api_token}"}, timeout=120) as c:
+        yield c
