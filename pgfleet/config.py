@@ -66,13 +66,22 @@ class DaemonInfo:
         except (OSError, ValueError):
             return None
         info = cls(**data)
-        try:
-            os.kill(info.pid, 0)
-        except ProcessLookupError:
-            return None  # a stale file from a daemon that died
-        except PermissionError:
-            pass
-        return info
+        return info if pid_alive(info.pid) else None  # else a stale file from a daemon that died
+
+
+def pid_alive(pid: int) -> bool:
+    """True for a running process; a zombie (dead, not yet reaped) counts as gone."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = open(f"/proc/{pid}/stat").read()
+    except OSError:
+        return True
+    return stat[stat.rindex(")") + 2] != "Z"
 
 
 def token_path(home: Path) -> Path:

@@ -19,7 +19,8 @@ from rich.table import Table
 
 from pgfleet import __version__
 from pgfleet.config import (
-    DEFAULT_API, DEFAULT_LISTEN, DEFAULT_LISTEN_POOLED, DaemonInfo, default_home, ensure_token, token_path,
+    DEFAULT_API, DEFAULT_LISTEN, DEFAULT_LISTEN_POOLED, DaemonInfo, default_home, ensure_token, pid_alive,
+    token_path,
 )
 
 from . import pgpass
@@ -132,9 +133,7 @@ def down(home: Optional[Path] = HomeOpt,
     deadline = time.monotonic() + timeout
     with err.status("stopping pgfleet (suspending databases)…"):
         while time.monotonic() < deadline:
-            try:
-                os.kill(info.pid, 0)
-            except ProcessLookupError:
+            if not pid_alive(info.pid):
                 err.print("pgfleet is down")
                 return
             time.sleep(0.05)
@@ -313,11 +312,26 @@ _mount_optional()
 
 
 def main() -> None:
+    from typer._click import exceptions as click  # typer vendors click; no public alias
+
     try:
-        app()
+        code = app(standalone_mode=False, prog_name="pgfleet")
     except CliError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         sys.exit(1)
+    except click.NoArgsIsHelpError as exc:
+        exc.show()
+        sys.exit(2)
+    except click.UsageError as exc:
+        hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+        err.print(f"[red]error:[/red] {exc.format_message()}{hint}", highlight=False, soft_wrap=True, markup=True)
+        sys.exit(2)
+    except click.ClickException as exc:
+        err.print(f"[red]error:[/red] {exc.format_message()}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":
