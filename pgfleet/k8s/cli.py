@@ -22,6 +22,7 @@ KubeconfigOpt = typer.Option(None, "--kubeconfig", help="kubeconfig path, or 'in
 def _logging(level: str) -> None:
     logging.basicConfig(level=os.environ.get("PGFLEET_LOG_LEVEL", level),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def _home(home: Path | None) -> Path:

@@ -92,6 +92,13 @@ def quantity_mib(q: str | int | float) -> int:
     return max(1, -(-quantity_bytes(q) // 2**20))
 
 
+def b64(data: dict[str, str]) -> dict[str, str]:
+    """Secret `data` (the testbed, like any client, should not rely on stringData conversion)."""
+    import base64
+
+    return {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}
+
+
 def split_endpoint(value: str) -> tuple[str, int]:
     host, _, port = value.rpartition(":")
     return host.strip("[]"), int(port)

@@ -23,7 +23,7 @@ from pgfleet.config import DaemonInfo
 from .kube import (
     ANN_API_URL, ANN_DATABASE, ANN_POOLED, ANN_PROXY, ANN_STZ_COOLDOWN, ANN_STZ_POLICY, ANN_TOKEN_SECRET,
     COND_AWAKE, MERGE, NODE_LABEL, TAINT_KEY, TAINT_VALUE, DaemonApi, DaemonError, DaemonUnavailable,
-    quantity_mib, status_code,
+    quantity_mib, status_code, b64,
 )
 
 log = logging.getLogger("pgfleet.k8s.node")
@@ -147,7 +147,7 @@ class NodeAgent:
             "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
             "metadata": {"name": self.token_secret, "namespace": self.namespace,
                          "labels": {NODE_LABEL: "true"}},
-            "stringData": {"token": token},
+            "data": b64({"token": token}),
         }
         try:
             await self.core.create_namespaced_secret(self.namespace, body)
@@ -155,7 +155,7 @@ class NodeAgent:
             if status_code(exc) != 409:
                 raise
             await self.core.patch_namespaced_secret(self.token_secret, self.namespace,
-                                                    {"stringData": {"token": token}}, _content_type=MERGE)
+                                                    {"data": b64({"token": token})}, _content_type=MERGE)
 
     def _node_annotations(self, info: DaemonInfo | None) -> dict[str, str]:
         if info is None:
@@ -337,10 +337,10 @@ class NodeAgent:
                 "labels": {"pgfleet.io/pod": meta["name"], NODE_LABEL: "true"},
                 "ownerReferences": [{"apiVersion": "v1", "kind": "Pod", "name": meta["name"], "uid": meta["uid"]}],
             },
-            "stringData": {
+            "data": b64({
                 "uri": f"postgresql://{cred}@{proxy}/{name}", "pooled_uri": f"postgresql://{cred}@{pooled}/{name}",
                 "password": db["password"], "user": db["role"], "database": name,
-            },
+            }),
         }
         try:
             await self.core.create_namespaced_secret(meta["namespace"], body)
@@ -348,7 +348,7 @@ class NodeAgent:
             if status_code(exc) != 409:
                 raise
             await self.core.patch_namespaced_secret(body["metadata"]["name"], meta["namespace"],
-                                                    {"stringData": body["stringData"]}, _content_type=MERGE)
+                                                    {"data": body["data"]}, _content_type=MERGE)
 
     async def _delete_pod(self, pod: dict) -> None:
         """Suspend and remove every instance of the pod, then confirm the deletion."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +22,7 @@ import kopf
 
 from .kube import (
     ANN_API_URL, ANN_POOLED, ANN_PROXY, ANN_TOKEN_SECRET, GROUP, MERGE, NODE_LABEL, PLURAL, VERSION,
-    DaemonApi, DaemonError, DaemonUnavailable, kube_client, quantity_mib, status_code,
+    DaemonApi, DaemonError, DaemonUnavailable, kube_client, quantity_bytes, quantity_mib, status_code, b64,
 )
 
 log = logging.getLogger("pgfleet.k8s.operator")
@@ -82,7 +83,7 @@ class Operator:
             api = self._apis[key] = DaemonApi(ann[ANN_API_URL], token, timeout_s=180)
         alloc = (node_obj.status.allocatable or node_obj.status.capacity or {}) if node_obj.status else {}
         return NodeRef(name, api, ann[ANN_PROXY], ann[ANN_POOLED],
-                       memory_mb=quantity_mib(alloc.get("memory", "0")), slots=int(alloc.get("pods", "0")))
+                       memory_mb=quantity_mib(alloc.get("memory", "0")), slots=quantity_bytes(alloc.get("pods", "0")))
 
     async def candidates(self) -> list[tuple[NodeRef, list[dict]]]:
         nodes = (await self.core.list_node(label_selector=f"{NODE_LABEL}=true")).items
@@ -148,7 +149,7 @@ class Operator:
                 "ownerReferences": [{"apiVersion": f"{GROUP}/{VERSION}", "kind": "Database", "name": name,
                                      "uid": meta["uid"], "controller": True, "blockOwnerDeletion": True}],
             },
-            "stringData": data,
+            "data": b64(data),
         }
         try:
             await self.core.create_namespaced_secret(namespace, secret)
@@ -156,7 +157,7 @@ class Operator:
             if status_code(exc) != 409:
                 raise
             await self.core.patch_namespaced_secret(secret["metadata"]["name"], namespace, {
-                "metadata": {"ownerReferences": secret["metadata"]["ownerReferences"]}, "stringData": data,
+                "metadata": {"ownerReferences": secret["metadata"]["ownerReferences"]}, "data": b64(data),
             }, _content_type=MERGE)
 
     async def secret_exists(self, namespace: str, name: str) -> bool:
@@ -317,6 +318,28 @@ def build_registry(op: Operator) -> kopf.OperatorRegistry:
         settings.batching.batch_window = 0.05
         await op.start()
 
+    @kopf.on.login(registry=registry)
+    async def login(logger, **kwargs: Any) -> kopf.ConnectionInfo | None:
+        from .kube import kubeconfig_source
+
+        src = kubeconfig_source(op.kubeconfig)
+        if src == "in-cluster":
+            return kopf.login_with_service_account(logger=logger, **kwargs)
+        from kubernetes_asyncio import client, config
+
+        cfg = client.Configuration()
+        await config.load_kube_config(config_file=src, client_configuration=cfg, persist_config=False)
+        header = cfg.get_api_key_with_prefix("BearerToken")
+        if asyncio.iscoroutine(header):
+            header = await header
+        scheme, _, token = (header or "").rpartition(" ")
+        return kopf.ConnectionInfo(
+            server=cfg.host, ca_path=cfg.ssl_ca_cert, insecure=not cfg.verify_ssl,
+            username=cfg.username or None, password=cfg.password or None,
+            scheme=scheme or None, token=token or None,
+            certificate_path=cfg.cert_file, private_key_path=cfg.key_file,
+        )
+
     @kopf.on.cleanup(registry=registry)
     async def cleanup(**_: Any) -> None:
         await op.stop()
@@ -348,13 +371,7 @@ def build_registry(op: Operator) -> kopf.OperatorRegistry:
 
 
 def run(kubeconfig: str | None, resync_s: float, namespace: str | None = None, liveness: str | None = None) -> None:
-    import os
-
-    from .kube import kubeconfig_source
-
-    src = kubeconfig_source(kubeconfig)
-    if src != "in-cluster":
-        os.environ["KUBECONFIG"] = src  # kopf's own login reads it
+    logging.getLogger("kopf").setLevel(os.environ.get("PGFLEET_KOPF_LOG_LEVEL", "WARNING"))
     op = Operator(kubeconfig, resync_s)
     registry = build_registry(op)
     kopf.run(
