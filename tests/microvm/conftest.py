@@ -60,7 +60,7 @@ async def driver(image, tmp_path_factory) -> AsyncIterator:
 _slots = itertools.count(7000 + (os.getpid() % 500) * 4)
 
 
-def new_spec(root: Path, role: str = "tenant", memory_mb: int = 128) -> InstanceSpec:
+def new_spec(root: Path, role: str = "tenant", memory_mb: int = 128) -> InstanceSpec:  # noqa: D103
     slot = next(_slots)
     return InstanceSpec(uuid=str(uuid.uuid4()), name=f"t{slot}", role=role,
                         memory_mb=memory_mb, slot=slot, home=root / f"i{slot}")

@@ -215,3 +215,33 @@ async def test_recover_cleans_up_when_the_vm_is_gone(driver, make_instance):
     assert await driver.recover(spec) is None
     await driver.start(spec)
     assert await query(backend, "SELECT 1") == "1"
+
+
+async def test_snapshot_from_before_a_host_crash_is_not_trusted(driver, make_instance):
+    """An unsynced snapshot written in another host boot must not be restored."""
+    spec, backend = await make_instance()
+    await query(backend, "CREATE TABLE durable AS SELECT 5 AS x", "tenant")
+    await driver.suspend(spec)
+    await driver._cancel_sync(spec)  # let the background fsync finish
+    files = VmFiles(spec.home)
+    marker = files.state.with_name("vmstate.durable")
+    assert marker.read_text().startswith("synced ")
+    # Pretend the snapshot was written in an earlier boot and never synced.
+    marker.write_text("00000000-0000-0000-0000-000000000000 deadbeef\n")
+    await driver.start(spec)
+    assert driver.last_timings.get("mode") == 1.0, "an untrusted snapshot must mean a cold boot"
+    assert await query(backend, "SELECT x FROM durable") == "5"
+
+
+async def test_other_memory_sizes_get_their_own_template(driver, tmp_path):
+    spec = new_spec(tmp_path, role="big", memory_mb=192)
+    try:
+        backend = await driver.create(spec)
+        total_kb = await query(backend, "SELECT pg_read_file('/proc/meminfo')")
+        mem_total_kb = int(total_kb.split()[1])
+        assert 150_000 < mem_total_kb <= 192 * 1024
+        await driver.suspend(spec)
+        await driver.start(spec)
+        assert await query(backend, "SELECT current_user", "big") == "big"
+    finally:
+        await driver.destroy(spec)

@@ -33,7 +33,8 @@ from . import network, vmm
 from .common import CONTROL_PORT, GUEST_ADDR, PG_PORT, QEMU, cache_dir, content_hash
 from .image import DEFAULT_IMAGE, Image, build_image
 from .probe import kvm_works
-from .snapshot import allocated_bytes, copy_sparse, unlink_quiet
+from .snapshot import (allocated_bytes, copy_sparse, drop_snapshot, mark_unsynced,
+                       snapshot_usable, sync_snapshot, unlink_quiet)
 
 log = logging.getLogger("pgfleet.drivers.microvm")
 
@@ -89,6 +90,7 @@ class MicroVMDriver(Driver):
         self._locks: dict[str, asyncio.Lock] = {}
         self._template_lock = asyncio.Lock()
         self._templates: dict[tuple[int, int], Template] = {}
+        self._syncs: dict[str, asyncio.Task] = {}  # uuid -> background fsync of its snapshot
         #: mechanism costs of the most recent create/start/suspend, in ms (for the benchmark)
         self.last_timings: dict[str, float] = {}
 
@@ -170,7 +172,9 @@ class MicroVMDriver(Driver):
             # very statements personalising runs, rolled back.
             await self._control(ns, [b"A", self._sql_command(
                 "BEGIN; " + personalise_sql("pgfleet_warmup") + "; ROLLBACK")])
-            await self._save(vm, files)
+            token = await self._save(vm, files)
+            # Templates outlive host reboots: make them durable before anyone copies them.
+            await asyncio.to_thread(sync_snapshot, files.state, [files.ram, files.data], token)
             meta = {"memory_mb": memory_mb, "vcpus": vcpus, "image": self.image.key,
                     "accel": self.accel, "made_in_s": round(time.perf_counter() - t0, 2),
                     "created_at": time.time()}
@@ -304,7 +308,7 @@ class MicroVMDriver(Driver):
     async def _reseed(self, ns: str) -> None:
         await self._control(ns, [self._reseed_command()])
 
-    async def _save(self, vm: vmm.Vm, files: vmm.VmFiles, timings: dict | None = None) -> None:
+    async def _save(self, vm: vmm.Vm, files: vmm.VmFiles, timings: dict | None = None) -> str:
         """Snapshot a running VM into files.state and end QEMU."""
         t0 = time.perf_counter()
         fd = os.open(files.state_tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -314,6 +318,7 @@ class MicroVMDriver(Driver):
             os.close(fd)
         # Migration completed: the guest is stopped and disk writes flushed, so RAM file +
         # disk + state are one consistent snapshot from here on, even if QEMU dies now.
+        token = mark_unsynced(files.state)
         os.rename(files.state_tmp, files.state)
         t1 = time.perf_counter()
         vm.expected_exit = True
@@ -327,6 +332,7 @@ class MicroVMDriver(Driver):
         if timings is not None:
             timings["migrate_ms"] = (t1 - t0) * 1000
             timings["quit_ms"] = (time.perf_counter() - t1) * 1000
+        return token
 
     async def _restore(self, spec: InstanceSpec, files: vmm.VmFiles, timings: dict,
                        then: list[bytes] | None = None) -> vmm.Vm:
@@ -343,7 +349,7 @@ class MicroVMDriver(Driver):
             finally:
                 os.close(fd)
             # The guest runs now: its RAM diverges from the snapshot, which is void from here.
-            unlink_quiet(files.state)
+            drop_snapshot(files.state)
             t1 = time.perf_counter()
             timings["state_load_ms"] = (t1 - t0) * 1000
             await self._control(ns, [self._reseed_command(), *(then or [])])
@@ -360,7 +366,7 @@ class MicroVMDriver(Driver):
 
     async def _cold_boot(self, spec: InstanceSpec, files: vmm.VmFiles, timings: dict) -> vmm.Vm:
         ns = self._netns(spec)
-        unlink_quiet(files.state)
+        drop_snapshot(files.state)
         unlink_quiet(files.ram)  # a fresh, empty RAM file: nothing of the old run is reused
         vm = await self._spawn(self._machine(spec.memory_mb, spec.vcpus), files, ns,
                                incoming=False, timings=timings)
@@ -441,6 +447,7 @@ class MicroVMDriver(Driver):
             shutil.copyfileobj(fin, fout)
             fout.write(b"--- pgfleet: restored from template snapshot ---\n")
         shutil.copyfile(src.state, dst.state_tmp)
+        mark_unsynced(dst.state)
         os.rename(dst.state_tmp, dst.state)  # the state goes last: it vouches for the others
 
     async def start(self, spec: InstanceSpec) -> Backend:
@@ -452,7 +459,12 @@ class MicroVMDriver(Driver):
                 raise DriverError(f"microvm {spec.name} has no data disk at {files.data}")
             t0 = time.perf_counter()
             timings: dict[str, float] = {}
+            self._syncs.pop(spec.uuid, None)  # a running fsync is harmless, and not waited for
             await asyncio.to_thread(network.ensure, self._netns(spec))
+            if files.state.exists() and not snapshot_usable(files.state):
+                log.warning("%s: snapshot predates a host crash and was never synced; "
+                            "cold booting from its disk", spec.name)
+                drop_snapshot(files.state)
             if files.state.exists():
                 try:
                     await self._restore(spec, files, timings)
@@ -462,7 +474,7 @@ class MicroVMDriver(Driver):
                     # alone is consistent (Postgres recovers from its WAL).
                     log.warning("restoring %s failed (%s); cold booting from its disk",
                                 spec.name, exc)
-                    unlink_quiet(files.state)
+                    drop_snapshot(files.state)
                     await self._cold_boot(spec, files, timings)
                     timings["mode"] = 1.0
             else:
@@ -483,17 +495,22 @@ class MicroVMDriver(Driver):
                 return
             t0 = time.perf_counter()
             timings: dict[str, float] = {}
-            await self._save(vm, vm.files, timings)
+            token = await self._save(vm, vm.files, timings)
             self._vms.pop(spec.uuid, None)
+            files = vm.files
+            # Durable in the background; until then the snapshot is trusted only in this boot.
+            self._syncs[spec.uuid] = asyncio.ensure_future(asyncio.to_thread(
+                sync_snapshot, files.state, [files.ram, files.data], token))
             # The namespace stays: host sockets held into the guest live there.
             timings["total_ms"] = (time.perf_counter() - t0) * 1000
             self.last_timings = timings
 
     async def stop(self, spec: InstanceSpec) -> None:
         async with self._lock(spec):
+            self._syncs.pop(spec.uuid, None)
             files = vmm.VmFiles(spec.home)
             vm = self._running(spec)
-            if vm is None and files.state.exists():
+            if vm is None and snapshot_usable(files.state):
                 # Standby -> stopped: resume briefly so Postgres shuts down cleanly.
                 try:
                     vm = await self._restore(spec, files, {})
@@ -510,7 +527,7 @@ class MicroVMDriver(Driver):
                     await vm.kill()
                 await vm.close_qmp()
                 self._vms.pop(spec.uuid, None)
-            unlink_quiet(files.state)
+            drop_snapshot(files.state)
             unlink_quiet(files.ram)  # a stopped instance keeps only its disk
 
     async def destroy(self, spec: InstanceSpec) -> None:
@@ -518,7 +535,17 @@ class MicroVMDriver(Driver):
             await self._teardown(spec)
         self._locks.pop(spec.uuid, None)
 
+    async def _cancel_sync(self, spec: InstanceSpec) -> None:
+        """Wait out a snapshot fsync still running (a thread cannot be interrupted)."""
+        task = self._syncs.pop(spec.uuid, None)
+        if task is not None:
+            try:
+                await task
+            except OSError as exc:
+                log.warning("%s: syncing its snapshot failed: %s", spec.name, exc)
+
     async def _teardown(self, spec: InstanceSpec) -> None:
+        await self._cancel_sync(spec)
         entry = self._vms.pop(spec.uuid, None)
         if entry is not None:
             await entry[1].kill()
@@ -550,6 +577,7 @@ class MicroVMDriver(Driver):
                 if status == "postmigrate" and files.state_tmp.exists():
                     mig = await vm.qmp.execute("query-migrate")
                     if mig.get("status") == "completed":  # type: ignore[union-attr]
+                        mark_unsynced(files.state)
                         os.rename(files.state_tmp, files.state)  # the suspend had finished
                 await vm.kill()
             # Nothing (usable) runs: clear leftovers so start() begins from a known state.
@@ -579,5 +607,11 @@ class MicroVMDriver(Driver):
 
     async def close(self) -> None:
         """Drop QMP sessions; VMs keep running (recover() adopts them after a restart)."""
+        for task in list(self._syncs.values()):
+            try:
+                await task
+            except OSError as exc:
+                log.warning("syncing a snapshot failed: %s", exc)
+        self._syncs.clear()
         for _, vm in list(self._vms.values()):
             await vm.close_qmp()

@@ -69,7 +69,8 @@ class VmFiles:
         return self.home / "qemu.log"
 
     def owned(self) -> list[Path]:
-        return [self.ram, self.data, self.state, self.state_tmp, self.qmp, self.pid,
+        return [self.ram, self.data, self.state, self.state_tmp,
+                self.state.with_name(self.state.name + ".durable"), self.qmp, self.pid,
                 self.console, self.qemu_log]
 
 
