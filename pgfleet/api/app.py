@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+import pydantic
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -71,6 +73,11 @@ def create_app(ctx: ApiContext) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException):
         return error_body(exc.status_code, str(exc.detail), "http")
+
+    @app.exception_handler(pydantic.ValidationError)
+    async def invalid_item(_request: Request, exc: pydantic.ValidationError):
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'item'}: {e['msg']}" for e in exc.errors())
+        return error_body(400, f"invalid request: {problems}", "invalid")
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):

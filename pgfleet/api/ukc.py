@@ -87,8 +87,8 @@ class ServiceGroupIn(Strict):
 
 
 class CreateInstance(Strict):
-    name: str | None = Field(None, min_length=1, max_length=63)
-    image: Annotated[str, Field(max_length=512)] | ImageSpec
+    name: str | None = Field(None, min_length=1, max_length=63, pattern=r"^[a-z]([a-z0-9-]{0,61}[a-z0-9])?$")
+    image: Annotated[str, Field(max_length=512, pattern=r"^([a-z0-9.:-]+/)*postgres(:[A-Za-z0-9._-]+)?(@sha256:[0-9a-f]{64})?$")] | ImageSpec
     args: list[str] | None = Field(None, max_length=64)
     env: dict[str, str] | None = Field(None, max_length=64)
     memory_mb: int = Field(128, ge=MIN_MEMORY_MB, le=MAX_MEMORY_MB)
@@ -533,8 +533,8 @@ async def wait_instances(
     uuid: list[str] | None = Query(None, max_length=100),
     name: list[str] | None = Query(None, max_length=100),
     state: list[Literal[tuple(s.value for s in State)]] | None = Query(None, max_length=100),  # type: ignore[valid-type]
-    timeout_ms: list[int] | None = Query(None, max_length=100),
-    timeout_s: list[int] | None = Query(None, max_length=100),
+    timeout_ms: list[Annotated[int, Field(ge=-1, le=MAX_WAIT_S * 1000)]] | None = Query(None, max_length=100),
+    timeout_s: list[Annotated[int, Field(ge=-1, le=MAX_WAIT_S)]] | None = Query(None, max_length=100),
     body: list[WaitItem] | WaitItem | None = Body(None),
 ):
     items = as_items(body)
@@ -583,8 +583,8 @@ async def get_logs(
     request: Request,
     uuid: list[str] | None = Query(None, max_length=100),
     name: list[str] | None = Query(None, max_length=100),
-    offset: list[int] | None = Query(None, max_length=100),
-    limit: list[int] | None = Query(None, max_length=100),
+    offset: list[Annotated[int, Field(ge=-(1 << 40), le=1 << 40)]] | None = Query(None, max_length=100),
+    limit: list[Annotated[int, Field(ge=0, le=MAX_LOG_BYTES)]] | None = Query(None, max_length=100),
     body: list[LogItem] | LogItem | None = Body(None),
 ):
     items = as_items(body)

@@ -34,7 +34,7 @@ NAMESPACE = uuidlib.UUID("5b7f1c0e-8d9a-4f57-9a1b-3f0d2c6a7e11")
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # wrong types are errors, not coerced
 
 
 class NameOrUUID(Strict):
