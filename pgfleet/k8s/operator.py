@@ -180,7 +180,7 @@ class Operator:
                   "scale_to_zero": {"policy": stz.get("policy", "on"), "cooldown_ms": int(stz.get("cooldownMs", 300_000))}}
         await self._check_name_free(name, namespace)
         async with self._place_lock:
-            ref, db, password = None, None, None
+            ref, db, password, adopted = None, None, None, False
             if status.get("node"):
                 try:
                     ref = await self.node(status["node"])
@@ -194,6 +194,7 @@ class Operator:
                 found = await self.find_instance(name)
                 if found is not None:
                     ref, db = found
+                    adopted = True
                     logger.info(f"adopting database {name} on node {ref.name}")
             if db is None:
                 ref = await self.place(memory_mb)
@@ -211,8 +212,9 @@ class Operator:
         assert ref is not None and db is not None
         if db["state"] == "stopped":  # retained earlier and adopted again
             db = await ref.api.call("PUT", f"/v1/databases/{name}/resume")
-        if password is None and not await self.secret_exists(namespace, name):
-            # adopted without a password we know: issue a new one
+        if password is None and (adopted or not await self.secret_exists(namespace, name)):
+            # adopted (a retained database, or a create whose status write was lost): we cannot
+            # know the password, so issue a new one and write a Secret owned by this Database
             db = await ref.api.call("POST", f"/v1/databases/{name}/password")
             password = db["password"]
         if password is not None:
