@@ -32,3 +32,32 @@ def test_kvm_probe_gives_a_cached_verdict():
     assert time.monotonic() - t0 < 0.1
 
 
+
+
+def test_image_cli_lists_the_cached_image(image):
+    import json
+
+    from typer.testing import CliRunner
+
+    from pgfleet.cli.image import image_app
+
+    runner = CliRunner()
+    built = runner.invoke(image_app, ["build", "postgres:15", "--json"])
+    assert built.exit_code == 0, built.output
+    assert json.loads(built.stdout)["key"] == image.key
+    listed = runner.invoke(image_app, ["list", "--json"])
+    assert listed.exit_code == 0, listed.output
+    rows = {r["key"]: r for r in json.loads(listed.stdout)}
+    row = rows[image.key]
+    assert row["name"] == "postgres:15" and row["current"] is True
+    assert row["kernel_bytes"] == image.kernel_bytes and row["rootfs_bytes"] == image.rootfs_bytes
+    assert row["built_at"] > 0
+
+
+def test_unknown_images_are_refused_clearly():
+    from pgfleet.drivers.base import DriverError
+
+    with pytest.raises(DriverError, match="postgres:<major>"):
+        build_image("mysql:8")
+    with pytest.raises(DriverError, match="only postgres:15"):
+        build_image("postgres:9")
