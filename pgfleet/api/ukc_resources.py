@@ -197,6 +197,9 @@ async def create_volume(request: Request, body: CreateVolume):
 
 def _in_use(ctx: ApiContext, ref: dict, verb: str) -> None:
     row = _find_derived(ctx, "volume", "-data", ref)
+    if verb == "cloned":
+        raise ItemError(409, f"volume {row.name}-data cannot be cloned: cloning a database's data is not offered "
+                             "yet")
     raise ItemError(409, f"volume {row.name}-data is the data volume of instance {row.name!r} and cannot be "
                          f"{verb}; it goes with its database")
 
