@@ -47,8 +47,16 @@ def traversable(path: Path) -> Path:
 
 
 @pytest.fixture
-def tmp_path(tmp_path):
-    return traversable(tmp_path)
+def tmp_path():
+    """A private temporary directory that per-database uids can pass through.
+
+    Not pytest's own: concurrent pytest sessions reset /tmp/pytest-of-<user> to 0700."""
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="pgfleet-test-", dir="/var/tmp"))
+    os.chmod(path, 0o711)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @dataclass
@@ -112,10 +120,15 @@ class Daemon:
         return int(self.info["listen"].rsplit(":", 1)[1])
 
 
-def start_daemon(home: Path, env: dict) -> Daemon:
+def start_daemon(home: Path, env: dict, like: "Daemon | None" = None) -> Daemon:
+    """Start a daemon on free ports, or on the same ports as `like` (a restart)."""
+    listen, pooled, api = "127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0"
+    if like is not None:
+        listen, pooled = like.info["listen"], like.info["listen_pooled"]
+        api = like.info["api_url"].removeprefix("http://")
     proc = subprocess.run(
         [*PGFLEET, "up", "--detach", "--home", str(home), "--driver", "sandbox",
-         "--listen", "127.0.0.1:0", "--listen-pooled", "127.0.0.1:0", "--api", "127.0.0.1:0"],
+         "--listen", listen, "--listen-pooled", pooled, "--api", api],
         env=env, capture_output=True, text=True, timeout=180,
     )
     assert proc.returncode == 0, f"pgfleet up --detach failed: {proc.stderr}"

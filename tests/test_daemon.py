@@ -118,7 +118,7 @@ def test_daemon_kill_9_loses_nothing_and_leaves_no_twin(daemon_env):
         _wait_gone(d.info["pid"])
         # Postgres outlives the daemon (its own session and namespaces)...
         assert set(postmasters_under(home)) == set(before)
-        d = start_daemon(home, daemon_env)
+        d = start_daemon(home, daemon_env, like=d)
         # ...and the new daemon adopts it instead of starting a second one on the same data
         assert set(postmasters_under(home)) == set(before)
         states = {r["name"]: r["state"] for r in d.json("db", "list")}
@@ -157,11 +157,12 @@ def test_down_suspends_everything_cleanly_and_up_brings_it_back(daemon_env):
     d.cli("down")
     assert postmasters_under(home) == []
     assert not (home / "daemon.json").exists()
-    d = start_daemon(home, daemon_env)
+    d = start_daemon(home, daemon_env, like=d)
     try:
         # policy off: it is brought back up at start, with its data
-        assert d.json("db", "show", "keep")["state"] == "running"
-        assert _psql(d, uri, "SELECT x FROM t") == "7"
+        shown = d.json("db", "show", "keep")
+        assert shown["state"] == "running"
+        assert _psql(d, shown["uri"], "SELECT x FROM t") == "7"
     finally:
         stop_daemon(d)
 
