@@ -53,3 +53,17 @@ if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
     .venv/bin/python -c "import pgfleet.cli.main, psycopg, pytest" 
     touch "$stamp"
 fi
+
+# node-postgres for the compatibility tests (tests/compat/node), pinned by its package-lock.json
+node_dir=tests/compat/node
+if [[ -f $node_dir/package-lock.json ]]; then
+    if ! command -v npm >/dev/null 2>&1 && [[ $EUID -eq 0 ]]; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends npm >/dev/null || true
+    fi
+    node_stamp=$node_dir/node_modules/.pgfleet-installed
+    if command -v npm >/dev/null 2>&1 && [[ ! -f $node_stamp || $node_dir/package-lock.json -nt $node_stamp ]]; then
+        echo "installing node packages into $node_dir/node_modules" >&2
+        (cd "$node_dir" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+        touch "$node_stamp"
+    fi
+fi
