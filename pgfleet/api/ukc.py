@@ -205,6 +205,20 @@ def instance_json(ctx: ApiContext, row: InstanceRow, details: bool = True) -> di
     return out
 
 
+async def detailed(ctx: ApiContext, row: InstanceRow, details: bool = True) -> dict:
+    """The instance with the metrics that apply: memory in use, client sessions."""
+    out = instance_json(ctx, row, details)
+    if details:
+        rt = ctx.fleet.rt.get(row.uuid)
+        usage = await ctx.fleet.driver.usage(ctx.fleet.spec(row)) if row.state == State.RUNNING else {}
+        out["rss_bytes"] = int(usage.get("rss_bytes", 0))
+        if "cpu_time_ms" in usage:
+            out["cpu_time_ms"] = int(usage["cpu_time_ms"])
+        out["nconns"] = rt.clients if rt else 0
+        out["ntotal"] = rt.total_connections if rt else 0
+    return out
+
+
 def brief(row: InstanceRow, previous: str | None = None) -> dict:
     out = {"uuid": row.uuid, "name": row.name, "state": "stopping" if row.deleting else row.state}
     if previous is not None:
@@ -298,7 +312,7 @@ async def create_instance(request: Request, body: CreateInstance):
         row = created.row
         if not body.autostart:
             row = await ctx.fleet.stop(row.uuid, drain_timeout_s=0)
-        item = instance_json(ctx, row)
+        item = await detailed(ctx, row)
         if password is None:
             item["pgfleet"]["password"] = created.password  # shown once, as in /v1/databases
         out.ok(item)
@@ -334,7 +348,7 @@ async def list_instances(
     if refs:
         for ref in refs:
             try:
-                out.ok(instance_json(ctx, resolve(ctx, ref), details))
+                out.ok(await detailed(ctx, resolve(ctx, ref), details))
             except (NotFound, InvalidRequest) as exc:
                 out.fail(exc, ref)
         return out.response()
@@ -345,7 +359,7 @@ async def list_instances(
     if count is not None:
         rows = rows[:count]
     for row in rows:
-        out.ok(instance_json(ctx, row, details))
+        out.ok(await detailed(ctx, row, details))
     return out.response()
 
 
@@ -353,7 +367,7 @@ async def get_instance(request: Request, uuid: str, details: bool = True):
     ctx = ctx_of(request)
     out = Outcome(KEY)
     try:
-        out.ok(instance_json(ctx, resolve(ctx, {"uuid": uuid}), details))
+        out.ok(await detailed(ctx, resolve(ctx, {"uuid": uuid}), details))
     except NotFound as exc:
         out.fail(exc, {"uuid": uuid})
     return out.response(single=True)

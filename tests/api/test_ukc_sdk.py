@@ -53,6 +53,7 @@ async def test_sdk_lifecycle_with_postgres(ukc, api_daemon):
     assert [i.name for i in listed] == ["sdkdb"]
     got = await ukc.instances.get(uuid=created.uuid)
     assert got.name == "sdkdb" and got.uuid == created.uuid
+    assert got.rss_bytes > 0 and got.nconns == 0  # metrics fields on the instance (SDK keeps extras)
 
     # the password given as POSTGRES_PASSWORD works through the proxy
     conninfo = dict(host="127.0.0.1", port=api_daemon.proxy_port, dbname="sdkdb", user="sdkdb",
