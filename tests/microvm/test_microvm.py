@@ -245,3 +245,13 @@ async def test_other_memory_sizes_get_their_own_template(driver, tmp_path):
         assert await query(backend, "SELECT current_user", "big") == "big"
     finally:
         await driver.destroy(spec)
+
+
+async def test_concurrent_creates_and_wakes(driver, make_instance):
+    made = await asyncio.gather(*(make_instance(f"c{i}") for i in range(3)))
+    for i, (spec, backend) in enumerate(made):
+        await query(backend, f"CREATE TABLE mine AS SELECT {i} AS i", f"c{i}")
+    await asyncio.gather(*(driver.suspend(spec) for spec, _ in made))
+    await asyncio.gather(*(driver.start(spec) for spec, _ in made))
+    for i, (spec, backend) in enumerate(made):
+        assert await query(backend, "SELECT i FROM mine", f"c{i}") == str(i)

@@ -16,6 +16,7 @@ form one consistent snapshot, or there is no snapshot and the disk alone is the 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
 import os
@@ -50,6 +51,12 @@ class Template:
     @property
     def files(self) -> vmm.VmFiles:
         return vmm.VmFiles(self.dir)
+
+
+def _flock(path: Path):
+    f = open(path, "w")
+    fcntl.flock(f, fcntl.LOCK_EX)
+    return f  # closing it releases the lock
 
 
 class GuestCommandError(DriverError):
@@ -136,7 +143,14 @@ class MicroVMDriver(Driver):
             key = self._template_key(memory_mb, vcpus)
             final = self.cache / "templates" / key
             if not (final / "template.json").exists():
-                await self._make_template(final, memory_mb, vcpus)
+                # Another daemon (or a benchmark) on this host may be making the same one.
+                (self.cache / "templates").mkdir(parents=True, exist_ok=True)
+                lock = await asyncio.to_thread(_flock, self.cache / "templates" / ".lock")
+                try:
+                    if not (final / "template.json").exists():
+                        await self._make_template(final, memory_mb, vcpus)
+                finally:
+                    lock.close()
             tpl = Template(final, memory_mb, vcpus)
             self._templates[(memory_mb, vcpus)] = tpl
             return tpl

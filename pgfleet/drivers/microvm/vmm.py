@@ -89,10 +89,11 @@ def qemu_argv(cfg: MachineConfig, files: VmFiles, *, tap_fd: int, qmp_fd: int,
     accel = ["-accel", "kvm", "-cpu", "host"] if cfg.accel == "kvm" else [
         # tb-size: the TCG translation cache defaults to 1 GiB of virtual space; 32 MiB is
         # plenty for one small guest and bounds what it can cost in RSS.
-        "-accel", f"tcg,tb-size={os.environ.get('PGFLEET_TCG_TB_MB', '32')}", "-cpu", "max",
+        "-accel", f"tcg,tb-size={os.environ.get('PGFLEET_TCG_TB_MB', '32')}",
+        "-cpu", os.environ.get("PGFLEET_TCG_CPU", "max"),
     ]
     argv = [
-        QEMU, "-name", f"pgfleet,debug-threads=on",
+        QEMU, "-name", f"pgfleet:{files.home.name},debug-threads=on",  # readable in ps/top
         "-M", "microvm,acpi=off,x-option-roms=off,isa-serial=on,rtc=on",
         *accel,
         "-smp", str(cfg.vcpus), "-m", mem,
