@@ -90,8 +90,8 @@ class Outcome:
 
     def response(self, single: bool = False) -> JSONResponse:
         """The envelope. `single`: a per-UUID call answers a failure with its HTTP status."""
-        failed = len(self.failures)
-        if failed == 0 and not self.timed_out:
+        failed = sum(1 for i in self.items if i.get("status") == "error")  # failures and lapsed waits
+        if failed == 0:
             status = "success"
         elif failed < len(self.items):
             status = "partial_success"
@@ -101,9 +101,9 @@ class Outcome:
         http = 200
         if self.timed_out:
             body["message"] = "Operation timed out"
-        elif failed:
+        elif self.failures:
             body["message"] = "; ".join(dict.fromkeys(str(f) for f in self.failures))
-            if single and status == "error":
+            if single and status == "error" and len(self.failures) == failed:
                 # one resource: the failure is the answer's HTTP status, and `errors` says it again
                 body["errors"] = [{"status": f.http, "message": str(f)} for f in self.failures]
                 http = self.failures[0].http

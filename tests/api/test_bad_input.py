@@ -134,6 +134,12 @@ def test_missing_and_conflicting(http, keep):
     ok, bad = body["data"]["instances"]
     assert ok["status"] == "success" and ok["name"] == "keep"
     assert bad == {"status": "error", "error": 8, "message": "no instance named 'nope'", "name": "nope"}
+    # a wait that lapses says so, with the state it saw (what the SDK turns into WaitTimeoutError)
+    r = http.request("GET", f"/v1/instances/{keep['uuid']}/wait", json={"state": "stopped", "timeout_ms": 100})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["status"] == "error" and body["message"] == "Operation timed out"
+    assert body["data"]["instances"][0]["state"] == "running"
     # conflict
     r = http.post("/v1/instances", json={"name": "keep", "image": "postgres:15"})
     body = assert_envelope_error(r, 409, "already exists")
