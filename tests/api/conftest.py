@@ -5,31 +5,45 @@ requests cannot fill the host."""
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import SANDBOX_SKIP, start_daemon, stop_daemon, traversable
+from tests.conftest import SANDBOX_SKIP, start_daemon, stop_daemon
 
 #: quotas the test daemons run with (pgfleet.fleet.quotas reads them from the environment)
 QUOTA_INSTANCES = 3
 
 
-@pytest.fixture(scope="module")
-def api_daemon(tmp_path_factory):
+@contextmanager
+def daemon_with(**quota_env: str):
+    """A real daemon in its own private directory (0711, as tests/conftest.py's tmp_path:
+    per-database uids pass through it), stopped and removed afterwards."""
     if SANDBOX_SKIP:
         pytest.skip(f"SKIPPED LOUDLY: {SANDBOX_SKIP}")
-    base = traversable(tmp_path_factory.mktemp("api"))
+    base = Path(tempfile.mkdtemp(prefix="pgfleet-api-test-", dir="/var/tmp"))
+    os.chmod(base, 0o711)
     home = base / "pgfleet-home"
-    env = dict(os.environ, PGFLEET_HOME=str(home), PGPASSFILE=str(base / "pgpass"),
-               PGFLEET_QUOTA_INSTANCES=str(QUOTA_INSTANCES), PGFLEET_QUOTA_LIVE_MEMORY_MB="2048")
+    env = dict(os.environ, PGFLEET_HOME=str(home), PGPASSFILE=str(base / "pgpass"), **quota_env)
     env.pop("PGPASSWORD", None)
-    d = start_daemon(Path(home), env)
     try:
-        yield d
+        d = start_daemon(home, env)
+        try:
+            yield d
+        finally:
+            stop_daemon(d)
     finally:
-        stop_daemon(d)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def api_daemon():
+    with daemon_with(PGFLEET_QUOTA_INSTANCES=str(QUOTA_INSTANCES), PGFLEET_QUOTA_LIVE_MEMORY_MB="2048") as d:
+        yield d
 
 
 @pytest.fixture(scope="module")

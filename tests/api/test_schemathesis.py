@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import SANDBOX_SKIP, start_daemon, stop_daemon, traversable
+from .conftest import daemon_with
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -24,19 +24,9 @@ CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,re
 
 
 @pytest.fixture(scope="module")
-def fuzz_daemon(tmp_path_factory):
-    if SANDBOX_SKIP:
-        pytest.skip(f"SKIPPED LOUDLY: {SANDBOX_SKIP}")
-    import os
-
-    base = traversable(tmp_path_factory.mktemp("fuzz"))
-    home = base / "home"
-    env = dict(os.environ, PGFLEET_HOME=str(home), PGFLEET_QUOTA_INSTANCES="1")
-    d = start_daemon(Path(home), env)
-    try:
+def fuzz_daemon():
+    with daemon_with(PGFLEET_QUOTA_INSTANCES="1") as d:
         yield d
-    finally:
-        stop_daemon(d)
 
 
 def test_schemathesis_against_openapi(fuzz_daemon, tmp_path):
