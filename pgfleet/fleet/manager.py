@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 DEFAULT_COOLDOWN_MS = 300_000
 DEFAULT_MEMORY_MB = 128
 MIN_MEMORY_MB, MAX_MEMORY_MB = 64, 16384
-POLICIES = ("on", "off")
+POLICIES = ("on", "off", "idle")
 DEFAULT_DRAIN_TIMEOUT_S = 10.0
 
 
@@ -42,6 +42,7 @@ class Runtime:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     backend: Backend | None = None
     clients: int = 0  # open client sessions (leases)
+    busy: int = 0  # sessions with a query running or a transaction open
     last_active: float = field(default_factory=time.monotonic)
     idle_timer: asyncio.TimerHandle | None = None
     drained: asyncio.Event = field(default_factory=asyncio.Event)
@@ -103,6 +104,7 @@ class Fleet:
     ) -> Created:
         validate_name(name)
         validate_settings(memory_mb=memory_mb, cooldown_ms=cooldown_ms, policy=policy)
+        self._check_policy_supported(policy)
         if self.store.by_name(name) is not None:
             raise AlreadyExists(f"database {name!r} already exists")
         if self.quotas is not None:
@@ -146,6 +148,13 @@ class Fleet:
             self.store.delete(row.uuid)
             self.rt.pop(row.uuid, None)
 
+    def _check_policy_supported(self, policy: str | None) -> None:
+        if policy == "idle" and not self.driver.keeps_sessions_across_suspend:
+            raise InvalidRequest(
+                f"scale-to-zero policy 'idle' needs sessions that survive a suspend, which the "
+                f"{self.driver.name} driver cannot keep; use 'on' (or the microvm driver)"
+            )
+
     def _free_slot(self) -> int:
         used = self.store.used_slots()
         slot = 1
@@ -176,6 +185,7 @@ class Fleet:
         row = self.get(ref)
         changes = {k: v for k, v in settings.items() if v is not None}
         validate_settings(**changes)
+        self._check_policy_supported(changes.get("policy"))
         if "policy" in changes:
             changes["stz_policy"] = changes.pop("policy")
         self.store.update(row.uuid, **changes)
@@ -248,7 +258,8 @@ class Fleet:
         rt = self.runtime(row.uuid)
         async with rt.lock:
             row = self.get(row.uuid)
-            if only_if_idle and (rt.clients > 0 or row.state != State.RUNNING or not self._idle_long_enough(row, rt)):
+            if only_if_idle and (self._in_use(row, rt) or row.state != State.RUNNING
+                                 or not self._idle_long_enough(row, rt)):
                 return row
             if row.state in (State.STANDBY, State.STOPPED):
                 if row.state != target:
@@ -260,7 +271,7 @@ class Fleet:
             self._cancel_idle_timer(rt)
             self.store.transition(row.uuid, State.RUNNING, State.DRAINING, reason)
             await self._notify()
-            if rt.clients > 0 and drain_timeout_s > 0:
+            if rt.clients > 0 and drain_timeout_s > 0 and not (row.stz_policy == "idle" and reason == "idle"):
                 rt.drained.clear()
                 try:
                     await asyncio.wait_for(rt.drained.wait(), drain_timeout_s)
@@ -302,6 +313,20 @@ class Fleet:
                 rt.drained.set()
                 self._arm_idle_timer(uuid)
 
+    def session_busy(self, uuid: str, busy: bool) -> None:
+        """A session started (True) or finished (False) a query or transaction. With the
+        `idle` policy only busy sessions keep a database awake."""
+        rt = self.rt.get(uuid)
+        if rt is None:
+            return
+        rt.busy += 1 if busy else -1
+        rt.last_active = time.monotonic()
+        if busy:
+            self._cancel_idle_timer(rt)
+        elif rt.busy <= 0:
+            rt.busy = 0
+            self._arm_idle_timer(uuid)
+
     def touch(self, uuid: str) -> None:
         rt = self.rt.get(uuid)
         if rt is not None:
@@ -316,10 +341,16 @@ class Fleet:
         if row is None or rt is None or self._closing:
             return
         self._cancel_idle_timer(rt)
-        if row.stz_policy == "off" or rt.clients > 0 or row.state != State.RUNNING:
+        if row.stz_policy == "off" or self._in_use(row, rt) or row.state != State.RUNNING:
             return
         due = max(0.0, row.cooldown_ms / 1000 - (time.monotonic() - rt.last_active))
         rt.idle_timer = asyncio.get_running_loop().call_later(due, self._idle_due, uuid)
+
+    @staticmethod
+    def _in_use(row: InstanceRow, rt: Runtime) -> bool:
+        """What keeps a database from scaling to zero: any client session (`on`), or
+        only a session in the middle of a query or transaction (`idle`)."""
+        return rt.busy > 0 if row.stz_policy == "idle" else (rt.clients > 0 or rt.busy > 0)
 
     @staticmethod
     def _cancel_idle_timer(rt: Runtime) -> None:

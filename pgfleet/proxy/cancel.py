@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
+from typing import Callable
 
 from pgfleet.drivers.base import Backend
 from pgfleet.pgwire import messages as m
@@ -27,7 +28,9 @@ class CancelRegistry:
                 self._targets[key] = None  # type: ignore[assignment]  # reserved
                 return key
 
-    def bind(self, key: tuple[int, int], target: CancelTarget | None) -> None:
+    def bind(self, key: tuple[int, int], target: "CancelTarget | Callable[[], CancelTarget | None] | None") -> None:
+        """A fixed target (a direct session) or a function giving the current one (a pooled
+        client is on a different server connection in each transaction)."""
         self._targets[key] = target  # type: ignore[assignment]
 
     def release(self, key: tuple[int, int]) -> None:
@@ -35,6 +38,8 @@ class CancelRegistry:
 
     async def cancel(self, process_id: int, secret_key: int) -> bool:
         target = self._targets.get((process_id, secret_key))
+        if callable(target):
+            target = target()
         if target is None:
             return False
         reader, writer = await target.backend.open_connection()

@@ -1,7 +1,9 @@
 """The connection proxy: Postgres v3 protocol in front of every database on this host.
 
-It authenticates clients itself (SCRAM against the stored verifier), routes them by
-database name, wakes a database in standby while holding the client, and relays.
+It terminates TLS (routing by SNI), authenticates clients itself (SCRAM against the stored
+verifier), routes them to a database, wakes a database in standby while holding the
+client, and then either binds the client to its own server session (direct listener) or
+pools server connections per transaction (pooled listener).
 """
 
 from __future__ import annotations
@@ -9,26 +11,37 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 import struct
-from dataclasses import dataclass
-from typing import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable, Literal
 
 from pgfleet.drivers.base import Backend
 from pgfleet.fleet.errors import FleetError, NotFound
 from pgfleet.fleet.manager import Fleet
+from pgfleet.fleet.states import State
 from pgfleet.pgwire import messages as m
 from pgfleet.pgwire.scram import Verifier
+from pgfleet.store import InstanceRow
 
 from .auth import AuthFailed, scram_authenticate
 from .cancel import CancelRegistry, CancelTarget
+from .pool import Pool, PooledClient
+from .relay import Relay, SessionActivity
 
 log = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT_S = 30.0
 WAKE_TIMEOUT_S = 60.0
-RELAY_CHUNK = 256 * 1024
+STREAM_LIMIT = 256 * 1024
 #: client startup parameters that must not reach the backend as given
 _NOT_FORWARDED = {"user", "database", "replication"}
+
+Mode = Literal["session", "transaction"]
+
+#: Finds a database that is not on this host: name -> (host, port) of the proxy that
+#: serves it, or None. Set by fleet routing (Kubernetes); None on a single host.
+RemoteResolver = Callable[[str], Awaitable[tuple[str, int] | None]]
 
 
 class ClientError(Exception):
@@ -45,28 +58,38 @@ class ProxyStats:
     connections: int = 0
     active: int = 0
     auth_failures: int = 0
-    wakes: int = 0
+    refused_limit: int = 0
+    per_database: dict[str, int] = field(default_factory=dict)
 
 
-#: Finds a database that is not on this host: name -> (host, port) of the proxy that
-#: serves it, or None. Set by fleet routing (Kubernetes); None on a single host.
-RemoteResolver = Callable[[str], Awaitable[tuple[str, int] | None]]
+@dataclass
+class Route:
+    name: str
+    how: Literal["sni", "endpoint", "database"]
+    options: str | None  # the options parameter with routing words removed
 
 
 class ProxyServer:
-    def __init__(self, fleet: Fleet, host: str, port: int, remote: RemoteResolver | None = None) -> None:
+    def __init__(
+        self, fleet: Fleet, host: str, port: int, remote: RemoteResolver | None = None, *,
+        mode: Mode = "session", tls: ssl.SSLContext | None = None, domain: str = "db.localhost",
+    ) -> None:
         self.fleet = fleet
         self.remote = remote
         self.host = host
         self.port = port
+        self.mode = mode
+        self.tls = tls
+        self.domain = domain.lower().strip(".")
         self.cancels = CancelRegistry()
         self.stats = ProxyStats()
+        self.pools: dict[str, Pool] = {}
         self._server: asyncio.base_events.Server | None = None
         self._clients: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(
-            self._accept, self.host, self.port, reuse_address=True, backlog=4096, limit=RELAY_CHUNK,
+            self._accept, self.host, self.port, reuse_address=True, backlog=4096, limit=STREAM_LIMIT,
         )
         self.port = self._server.sockets[0].getsockname()[1]
 
@@ -77,7 +100,10 @@ class ProxyServer:
             task.cancel()
         if self._clients:
             await asyncio.gather(*self._clients, return_exceptions=True)
+        for pool in self.pools.values():
+            pool.close()
 
+    # --- one client --------------------------------------------------------------------
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
@@ -93,6 +119,8 @@ class ProxyServer:
             await _send_error(writer, exc.sqlstate, str(exc), exc.detail)
         except m.ProtocolError as exc:
             await _send_error(writer, "08P01", f"protocol violation: {exc}")
+        except ssl.SSLError as exc:
+            log.debug("TLS handshake failed: %s", exc)
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError):
             pass
         except asyncio.CancelledError:
@@ -106,21 +134,41 @@ class ProxyServer:
             writer.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        startup = await asyncio.wait_for(self._read_startup(reader, writer), STARTUP_TIMEOUT_S)
+        startup, tls_used = await asyncio.wait_for(self._handshake(reader, writer), STARTUP_TIMEOUT_S)
         if isinstance(startup, m.CancelRequest):
             await self.cancels.cancel(startup.process_id, startup.secret_key)
             return
-        name = startup.database
-        row = self.fleet.find(name)
-        if row is None and self.remote is not None:
-            target = await self.remote(name)
+        route = self._route(startup, writer)
+        row = self.fleet.find(route.name)
+        if row is None and self.remote is not None and route.how == "database":
+            target = await self.remote(route.name)
             if target is not None:
                 await self._pass_through(startup, target, reader, writer)
                 return
         if row is None:
-            raise ClientError("3D000", f'database "{name}" does not exist')
+            raise ClientError("3D000", f'database "{route.name}" does not exist')
         if row.deleting:
-            raise ClientError("57P03", f'database "{name}" is being deleted')
+            raise ClientError("57P03", f'database "{route.name}" is being deleted')
+        if row.require_tls and not tls_used:
+            raise ClientError("28000", f'database "{route.name}" requires an encrypted connection (sslmode=require)')
+        limit = row.max_pooled_clients if self.mode == "transaction" else row.max_direct_clients
+        current = self.stats.per_database.get(row.uuid, 0)
+        if current >= limit:
+            self.stats.refused_limit += 1
+            listener = "pooled" if self.mode == "transaction" else "direct"
+            raise ClientError("53300", f'too many {listener} connections for database "{row.name}" (limit {limit})')
+        self.stats.per_database[row.uuid] = current + 1
+        try:
+            await self._authenticated_session(startup, route, row, reader, writer)
+        finally:
+            left = self.stats.per_database.get(row.uuid, 1) - 1
+            if left:
+                self.stats.per_database[row.uuid] = left
+            else:
+                self.stats.per_database.pop(row.uuid, None)
+
+    async def _authenticated_session(self, startup: m.StartupMessage, route: Route, row: InstanceRow,
+                                     reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         # Waking starts now, in parallel with authentication, to hide its latency.
         wake = asyncio.ensure_future(self._wake(row.uuid))
         try:
@@ -132,27 +180,51 @@ class ProxyServer:
                 raise ClientError("28P01", f'password authentication failed for user "{startup.user}"')
             writer.write(m.authentication(m.AUTH_OK))
             async with self.fleet.lease(row.uuid):
-                backend = await asyncio.wait_for(asyncio.shield(wake), WAKE_TIMEOUT_S)
-                await self._session(startup, row.role, backend, reader, writer)
+                if self.mode == "transaction":
+                    await self._pooled_session(row, wake, reader, writer)
+                else:
+                    backend = await asyncio.wait_for(asyncio.shield(wake), WAKE_TIMEOUT_S)
+                    await self._direct_session(startup, route, row, backend, reader, writer)
         finally:
             if not wake.done():
                 wake.cancel()
             elif not wake.cancelled():
                 wake.exception()  # retrieved: a failed wake was already reported to the client
 
-    async def _pass_through(self, startup: m.StartupMessage, target: tuple[str, int],
-                            reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Hand the whole session to the proxy of the host that has the database: it
-        authenticates and wakes as if the client had come to it directly."""
-        try:
-            r_reader, r_writer = await asyncio.open_connection(*target)
-        except OSError as exc:
-            raise ClientError("08006", f"could not reach the pgfleet node {target[0]}:{target[1]}: {exc}")
-        try:
-            r_writer.write(m.startup_message(startup.params))
-            await _relay(reader, writer, r_reader, r_writer)
-        finally:
-            r_writer.close()
+    async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        tls_used = False
+        while True:
+            packet = await m.read_startup(reader)
+            if isinstance(packet, m.SSLRequest):
+                if self.tls is None or tls_used:
+                    writer.write(b"N")
+                    continue
+                writer.write(b"S")
+                await writer.drain()
+                if reader._buffer:  # type: ignore[attr-defined]
+                    raise m.ProtocolError("data after SSLRequest before the TLS handshake")
+                await writer.start_tls(self.tls)
+                tls_used = True
+                continue
+            if isinstance(packet, m.GSSENCRequest):
+                writer.write(b"N")
+                continue
+            return packet, tls_used
+
+    def _route(self, startup: m.StartupMessage, writer: asyncio.StreamWriter) -> Route:
+        """By SNI (`<db>.<domain>`), then `options=endpoint=<db>`, then the database name."""
+        options = startup.params.get("options")
+        endpoint, rest = _take_endpoint(options)
+        ssl_obj = writer.get_extra_info("ssl_object")
+        sni = getattr(ssl_obj, "pgfleet_sni", None) if ssl_obj is not None else None
+        if sni:
+            sni = sni.lower().rstrip(".")
+            suffix = "." + self.domain
+            if sni.endswith(suffix) and "." not in sni[: -len(suffix)]:
+                return Route(sni[: -len(suffix)], "sni", rest)
+        if endpoint:
+            return Route(endpoint, "endpoint", rest)
+        return Route(startup.database, "database", options)
 
     async def _wake(self, uuid: str) -> Backend:
         try:
@@ -162,20 +234,28 @@ class ProxyServer:
         except FleetError as exc:
             raise ClientError("57P03", str(exc))
 
-    async def _read_startup(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-        while True:
-            packet = await m.read_startup(reader)
-            if isinstance(packet, (m.SSLRequest, m.GSSENCRequest)):
-                writer.write(b"N")  # TLS comes with the pooler; the client may go on in plain text
-                continue
-            return packet
+    def _activity(self, uuid: str) -> SessionActivity:
+        fleet = self.fleet
 
-    async def _session(
-        self, startup: m.StartupMessage, role: str, backend: Backend,
+        def before_forward():
+            rt = fleet.rt.get(uuid)
+            if rt is not None and rt.backend is not None:
+                return None
+            return asyncio.ensure_future(fleet.ensure_running(uuid))
+
+        return SessionActivity(lambda busy: fleet.session_busy(uuid, busy), before_forward)
+
+    # --- direct: one server session per client ------------------------------------------
+    async def _direct_session(
+        self, startup: m.StartupMessage, route: Route, row: InstanceRow, backend: Backend,
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
     ) -> None:
         params = {k: v for k, v in startup.params.items() if k not in _NOT_FORWARDED}
-        params.update(user=role, database=backend.database)
+        if route.options is not None:
+            params["options"] = route.options
+        elif "options" in params:
+            del params["options"]
+        params.update(user=row.role, database=backend.database)
         try:
             b_reader, b_writer = await backend.open_connection()
         except OSError as exc:
@@ -184,7 +264,9 @@ class ProxyServer:
         try:
             b_writer.write(m.startup_message(params))
             await self._forward_until_ready(b_reader, writer, backend, key)
-            await _relay(reader, writer, b_reader, b_writer)
+            relay = Relay(writer.transport, b_writer.transport, self._activity(row.uuid))  # type: ignore[arg-type]
+            relay.start(_take_buffer(reader), _take_buffer(b_reader))
+            await relay.done
         finally:
             self.cancels.release(key)
             b_writer.close()
@@ -206,41 +288,105 @@ class ProxyServer:
             out += m.message(kind, body)
             if kind == b"E":
                 writer.write(bytes(out))
-                raise _SessionOver()
+                raise ClientError("", "")  # the backend's own error has been sent
             if kind == b"Z":
                 writer.write(bytes(out))
                 return
 
+    # --- pooled: server connections shared per transaction -------------------------------
+    def pool_for(self, row: InstanceRow) -> Pool:
+        pool = self.pools.get(row.uuid)
+        if pool is None:
+            uuid = row.uuid
+            pool = self.pools[uuid] = Pool(row.name, row.role, row.pool_size,
+                                           lambda: asyncio.ensure_future(self._wake(uuid)))
+        return pool
 
-class _SessionOver(ClientError):
-    def __init__(self) -> None:
-        super().__init__("", "")
+    async def _pooled_session(self, row: InstanceRow, wake: asyncio.Future,
+                              reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        pool = self.pool_for(row)
+        await asyncio.wait_for(asyncio.shield(wake), WAKE_TIMEOUT_S)
+        if not pool.params:  # the first client learns the server's parameters for everyone
+            conn = await pool.acquire()
+            pool.release(conn)
+        key = self.cancels.mint()
+        out = [m.parameter_status(k, v) for k, v in pool.params.items()]
+        out += [m.backend_key_data(*key), m.ready_for_query(b"I")]
+        writer.write(b"".join(out))
+        client = PooledClient(pool, writer.transport, lambda busy: self.fleet.session_busy(row.uuid, busy))  # type: ignore[arg-type]
+        backend = self.fleet.backend_of(row.uuid)
+
+        def target() -> CancelTarget | None:
+            current = client.cancel_target()
+            b = self.fleet.backend_of(row.uuid) or backend
+            return CancelTarget(b, *current) if current is not None and b is not None else None
+
+        self.cancels.bind(key, target)
+        try:
+            client.start(_take_buffer(reader))
+            await client.done
+        finally:
+            self.cancels.release(key)
+
+    async def _pass_through(self, startup: m.StartupMessage, target: tuple[str, int],
+                            reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Hand the whole session to the proxy of the host that has the database: it
+        authenticates and wakes as if the client had come to it directly."""
+        try:
+            r_reader, r_writer = await asyncio.open_connection(*target)
+        except OSError as exc:
+            raise ClientError("08006", f"could not reach the pgfleet node {target[0]}:{target[1]}: {exc}")
+        try:
+            r_writer.write(m.startup_message(startup.params))
+            await _pipe(reader, writer, r_reader, r_writer)
+        finally:
+            r_writer.close()
+
+    def forget_database(self, uuid: str) -> None:
+        pool = self.pools.pop(uuid, None)
+        if pool is not None:
+            pool.close()
 
 
-async def _relay(c_reader, c_writer, b_reader, b_writer) -> None:
+def _take_endpoint(options: str | None) -> tuple[str | None, str | None]:
+    """Neon-style `options=endpoint=<name>` (alone or among other words)."""
+    if not options:
+        return None, options
+    words = options.split()
+    endpoint = None
+    kept = []
+    for w in words:
+        if w.startswith("endpoint="):
+            endpoint = w.split("=", 1)[1]
+        else:
+            kept.append(w)
+    return endpoint, (" ".join(kept) if kept else None)
+
+
+def _take_buffer(reader: asyncio.StreamReader) -> bytes:
+    """Bytes the stream had already read past the handshake (pipelining clients)."""
+    buf = reader._buffer  # type: ignore[attr-defined]
+    data = bytes(buf)
+    buf.clear()
+    return data
+
+
+async def _pipe(c_reader, c_writer, b_reader, b_writer) -> None:
     async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
         while True:
-            data = await src.read(RELAY_CHUNK)
+            data = await src.read(STREAM_LIMIT)
             if not data:
                 break
             dst.write(data)
-            if dst.transport.get_write_buffer_size() > RELAY_CHUNK:
-                await dst.drain()
-        if dst.can_write_eof():
-            try:
-                dst.write_eof()
-            except OSError:
-                pass
+            await dst.drain()
 
-    up = asyncio.ensure_future(pump(c_reader, b_writer))
-    down = asyncio.ensure_future(pump(b_reader, c_writer))
+    tasks = [asyncio.ensure_future(pump(c_reader, b_writer)), asyncio.ensure_future(pump(b_reader, c_writer))]
     try:
-        done, pending = await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for t in (up, down):
-            if not t.done():
-                t.cancel()
-        await asyncio.gather(up, down, return_exceptions=True)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _send_error(writer: asyncio.StreamWriter, sqlstate: str, text: str, detail: str | None = None) -> None:

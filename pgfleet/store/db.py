@@ -38,7 +38,11 @@ CREATE TABLE IF NOT EXISTS instances (
     start_count     INTEGER NOT NULL DEFAULT 0,
     stop_reason     TEXT,
     boot_time_us    INTEGER,
-    tags            TEXT NOT NULL DEFAULT '{}'
+    tags            TEXT NOT NULL DEFAULT '{}',
+    pool_size       INTEGER NOT NULL DEFAULT 20,
+    max_pooled_clients INTEGER NOT NULL DEFAULT 200,
+    max_direct_clients INTEGER NOT NULL DEFAULT 50,
+    require_tls     INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS transitions (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -76,6 +80,10 @@ class InstanceRow:
     stop_reason: str | None = None
     boot_time_us: int | None = None
     tags: dict[str, Any] = field(default_factory=dict)
+    pool_size: int = 20
+    max_pooled_clients: int = 200
+    max_direct_clients: int = 50
+    require_tls: int = 0
 
     @classmethod
     def from_sql(cls, row: sqlite3.Row) -> "InstanceRow":
@@ -97,12 +105,21 @@ class Store:
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("PRAGMA busy_timeout=5000")
         self.db.executescript(_SCHEMA)
+        self._add_missing_columns()
         self.db.execute(
             "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
         )
 
     def close(self) -> None:
         self.db.close()
+
+    def _add_missing_columns(self) -> None:
+        """Homes made by an older pgfleet get the columns added since, with their defaults."""
+        have = {r[1] for r in self.db.execute("PRAGMA table_info(instances)")}
+        for line in _SCHEMA.split("CREATE TABLE IF NOT EXISTS instances (", 1)[1].split(");", 1)[0].splitlines():
+            words = line.strip().rstrip(",").split()
+            if len(words) >= 2 and words[0] not in have and "DEFAULT" in words:
+                self.db.execute(f"ALTER TABLE instances ADD COLUMN {' '.join(words)}")
 
     # --- instances --------------------------------------------------------------
     def insert(self, row: InstanceRow) -> None:
