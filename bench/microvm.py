@@ -90,6 +90,7 @@ class Bench:
                 self.mech.setdefault(f"{prefix}.{k}", []).append(v)
 
     async def run(self) -> dict:
+        self.load_start = os.getloadavg()
         t0 = time.perf_counter()
         await self.driver.prepare()
         prepare_s = time.perf_counter() - t0
@@ -183,7 +184,9 @@ class Bench:
                            "~100x slower than on a KVM host, mechanism costs are comparable")
             if self.driver.accel == "tcg" else "KVM",
             "host": {"cpus": os.cpu_count(), "kernel": platform.release(),
-                     "python": platform.python_version()},
+                     "python": platform.python_version(),
+                     # the machine is shared: other work inflates every latency here
+                     "loadavg_at_start": self.load_start, "loadavg_at_end": os.getloadavg()},
             "guest_memory_mb": 128,
             "image": {"name": image.name, "key": image.key, "kernel_bytes": image.kernel_bytes,
                       "rootfs_bytes": image.rootfs_bytes, "rootfs_type": image.rootfs_type,

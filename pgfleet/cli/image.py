@@ -86,3 +86,26 @@ def list_(as_json: bool = typer.Option(False, "--json", help="machine-readable o
                       time.strftime("%Y-%m-%d %H:%M", time.localtime(r["built_at"])),
                       "yes" if r["current"] else "stale")
     out.print(table)
+
+
+@image_app.command("prune")
+def prune(
+    dry_run: bool = typer.Option(False, "--dry-run", help="only show what would be removed"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+) -> None:
+    """Remove outdated images nothing uses any more, their templates and unused kernels.
+
+    An image a suspended or running database was made from is kept: its snapshot can only
+    resume on that image.
+    """
+    from pgfleet.drivers.microvm.image import prune_images
+
+    removed = prune_images(dry_run=dry_run)
+    if as_json:
+        print(json.dumps([str(p) for p in removed], indent=2))
+        return
+    verb = "would remove" if dry_run else "removed"
+    for path in removed:
+        out.print(f"{verb} {path}")
+    if not removed:
+        out.print("nothing to prune")

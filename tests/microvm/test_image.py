@@ -61,3 +61,23 @@ def test_unknown_images_are_refused_clearly():
         build_image("mysql:8")
     with pytest.raises(DriverError, match="only postgres:15"):
         build_image("postgres:9")
+
+
+def test_prune_keeps_images_in_use(image, tmp_path):
+    import json
+    import shutil
+
+    from pgfleet.drivers.microvm.image import Image, prune_images, register_user
+
+    cache = tmp_path / "cache"
+    old_dir = cache / "images" / "postgres-15-0000000000000000"
+    old_dir.mkdir(parents=True)
+    old = Image.from_json({**image.to_json(), "key": "0" * 16, "dir": str(old_dir)})
+    (old_dir / "image.json").write_text(json.dumps(old.to_json()))
+    home = tmp_path / "instance"
+    home.mkdir()
+    register_user(old, "some-uuid", home)
+    assert prune_images(cache) == [], "an image an instance still needs must be kept"
+    shutil.rmtree(home)  # the instance is gone (its reference is stale)
+    assert prune_images(cache, dry_run=True) == [old_dir] and old_dir.exists()
+    assert prune_images(cache) == [old_dir] and not old_dir.exists()

@@ -32,7 +32,7 @@ from pgfleet.pgwire.client import AdminConnection, QueryError, quote_ident, quot
 
 from . import network, vmm
 from .common import CONTROL_PORT, GUEST_ADDR, PG_PORT, QEMU, cache_dir, content_hash
-from .image import DEFAULT_IMAGE, Image, build_image
+from .image import DEFAULT_IMAGE, Image, build_image, register_user, unregister_user
 from .probe import kvm_works
 from .snapshot import (allocated_bytes, copy_sparse, drop_snapshot, mark_unsynced,
                        snapshot_usable, sync_snapshot, unlink_quiet)
@@ -120,10 +120,30 @@ class MicroVMDriver(Driver):
                             "emulation (~1% of native CPU speed)")
         await self._template(self.template_memory_mb, 1)
 
-    def _machine(self, memory_mb: int, vcpus: int) -> vmm.MachineConfig:
+    def _machine(self, memory_mb: int, vcpus: int, image: Image | None = None) -> vmm.MachineConfig:
         if self.image is None or self.accel is None:
             raise DriverError("microvm driver used before prepare()")
-        return vmm.MachineConfig(self.image, memory_mb, vcpus, self.accel)
+        return vmm.MachineConfig(image or self.image, memory_mb, vcpus, self.accel)
+
+    def _record(self, spec: InstanceSpec, image: Image) -> None:
+        """Remember the image (and accelerator) this instance's guest runs on."""
+        files = vmm.VmFiles(spec.home)
+        old = self._recorded_image(spec, any_accel=True)
+        tmp = files.meta.with_name(files.meta.name + ".tmp")
+        tmp.write_text(json.dumps({"image": image.to_json(), "accel": self.accel}))
+        os.rename(tmp, files.meta)
+        register_user(image, spec.uuid, spec.home)
+        if old is not None and old.dir != image.dir:
+            unregister_user(old.dir, spec.uuid)
+
+    def _recorded_image(self, spec: InstanceSpec, any_accel: bool = False) -> Image | None:
+        try:
+            meta = json.loads(vmm.VmFiles(spec.home).meta.read_text())
+            if meta.get("accel") != self.accel and not any_accel:
+                return None  # a TCG snapshot cannot resume under KVM, nor the reverse
+            return Image.from_json(meta["image"])
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            return None
 
     def _template_key(self, memory_mb: int, vcpus: int) -> str:
         assert self.image is not None
@@ -349,10 +369,11 @@ class MicroVMDriver(Driver):
         return token
 
     async def _restore(self, spec: InstanceSpec, files: vmm.VmFiles, timings: dict,
-                       then: list[bytes] | None = None) -> vmm.Vm:
-        """Resume from files.state; `then`: control commands sent with the reseed."""
+                       image: Image, then: list[bytes] | None = None) -> vmm.Vm:
+        """Resume from files.state on the image it was taken with; `then`: control
+        commands sent with the reseed."""
         ns = self._netns(spec)
-        vm = await self._spawn(self._machine(spec.memory_mb, spec.vcpus), files, ns,
+        vm = await self._spawn(self._machine(spec.memory_mb, spec.vcpus, image), files, ns,
                                incoming=True, timings=timings)
         self._attach(spec, vm)
         try:
@@ -382,6 +403,8 @@ class MicroVMDriver(Driver):
         ns = self._netns(spec)
         drop_snapshot(files.state)
         unlink_quiet(files.ram)  # a fresh, empty RAM file: nothing of the old run is reused
+        assert self.image is not None
+        self._record(spec, self.image)  # a cold boot may move to the current image
         vm = await self._spawn(self._machine(spec.memory_mb, spec.vcpus), files, ns,
                                incoming=False, timings=timings)
         self._attach(spec, vm)
@@ -429,8 +452,10 @@ class MicroVMDriver(Driver):
                 t1 = time.perf_counter()
                 await asyncio.to_thread(network.ensure, self._netns(spec))
                 timings["netns_ms"] = (time.perf_counter() - t1) * 1000
+                assert self.image is not None
+                self._record(spec, self.image)
                 try:
-                    await self._restore(spec, files, timings, then=[
+                    await self._restore(spec, files, timings, self.image, then=[
                         self._sql_command(personalise_sql(spec.role)), b"X"])
                 except GuestCommandError as exc:
                     if "admin session" not in str(exc):
@@ -479,9 +504,16 @@ class MicroVMDriver(Driver):
                 log.warning("%s: snapshot predates a host crash and was never synced; "
                             "cold booting from its disk", spec.name)
                 drop_snapshot(files.state)
+            image = self._recorded_image(spec)
+            if files.state.exists() and (image is None or not image.rootfs.exists()
+                                         or not image.kernel.exists()):
+                log.warning("%s: the image its snapshot needs is gone (or the accelerator "
+                            "changed); cold booting from its disk", spec.name)
+                drop_snapshot(files.state)
             if files.state.exists():
+                assert image is not None
                 try:
-                    await self._restore(spec, files, timings)
+                    await self._restore(spec, files, timings, image)
                     timings["mode"] = 0.0  # restore
                 except DriverError as exc:
                     # A snapshot that cannot be loaded must not strand the data: the disk
@@ -524,10 +556,12 @@ class MicroVMDriver(Driver):
             self._syncs.pop(spec.uuid, None)
             files = vmm.VmFiles(spec.home)
             vm = self._running(spec)
-            if vm is None and snapshot_usable(files.state):
+            image = self._recorded_image(spec)
+            if vm is None and snapshot_usable(files.state) and image is not None \
+                    and image.rootfs.exists():
                 # Standby -> stopped: resume briefly so Postgres shuts down cleanly.
                 try:
-                    vm = await self._restore(spec, files, {})
+                    vm = await self._restore(spec, files, {}, image)
                 except DriverError as exc:
                     log.warning("%s: could not resume for a clean stop (%s)", spec.name, exc)
                     vm = None
@@ -564,6 +598,9 @@ class MicroVMDriver(Driver):
         if entry is not None:
             await entry[1].kill()
         files = vmm.VmFiles(spec.home)
+        image = self._recorded_image(spec, any_accel=True)
+        if image is not None:
+            unregister_user(image.dir, spec.uuid)
         stray = await vmm.adopt(files)  # e.g. left by a previous daemon
         if stray is not None:
             await stray.kill()

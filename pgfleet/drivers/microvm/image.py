@@ -211,3 +211,76 @@ def _ensure_kernel(cache: Path, progress: Progress) -> tuple[Path, str]:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return bzimage, kernel_mod.source_version(kernel_mod.linux_source_tarball())
+
+
+# ---------------------------------------------------------------- users and pruning
+#
+# A suspended instance's snapshot holds the guest's page cache of *its* root image, so it can
+# only be resumed with that very image: images in use are recorded (one small file per
+# instance under <image>/users/) and never pruned.
+
+
+def register_user(image: Image, uuid: str, home: Path) -> None:
+    users = image.dir / "users"
+    users.mkdir(exist_ok=True)
+    (users / uuid).write_text(str(home) + "\n")
+
+
+def unregister_user(image_dir: Path, uuid: str) -> None:
+    try:
+        (image_dir / "users" / uuid).unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _live_users(image_dir: Path) -> list[str]:
+    live = []
+    for ref in (image_dir / "users").glob("*"):
+        try:
+            if Path(ref.read_text().strip()).exists():
+                live.append(ref.name)
+        except OSError:
+            continue
+    return live
+
+
+def prune_images(cache: Path | None = None, dry_run: bool = False) -> list[Path]:
+    """Remove images that are neither current nor used by an instance, templates of
+    non-current images, and kernels no remaining image uses. Returns what was (or would be)
+    removed."""
+    cache = cache or cache_dir()
+    removed: list[Path] = []
+    with _locked(cache):
+        current = {}
+        for img in list_images(cache):
+            if img.name not in current:
+                try:
+                    cur = find_image(img.name, cache)
+                except DriverError:
+                    cur = None
+                current[img.name] = cur.key if cur else None
+        keep_kernels: set[Path] = set()
+        keep_images: set[str] = set()
+        for img in list_images(cache):
+            if img.key == current.get(img.name) or _live_users(img.dir):
+                keep_kernels.add(img.kernel.parent)
+                keep_images.add(img.key)
+            else:
+                removed.append(img.dir)
+        for meta in (cache / "templates").glob("*/template.json"):
+            try:
+                info = json.loads(meta.read_text())
+            except ValueError:
+                continue
+            # Other drivers keep templates here too: only ours carry an image key and accel.
+            if not {"image", "accel", "memory_mb"} <= info.keys():
+                continue
+            if info["image"] not in current.values():
+                removed.append(meta.parent)
+        for kdir in (cache / "kernels").glob("*"):
+            if kdir.is_dir() and not kdir.name.startswith(".") and kdir not in keep_kernels:
+                removed.append(kdir)
+        if not dry_run:
+            for path in removed:
+                shutil.rmtree(path, ignore_errors=True)
+    return removed

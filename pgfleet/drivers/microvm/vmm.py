@@ -68,10 +68,14 @@ class VmFiles:
     def qemu_log(self) -> Path:  # QEMU's own stderr
         return self.home / "qemu.log"
 
+    @property
+    def meta(self) -> Path:  # which image and accelerator this instance's snapshot needs
+        return self.home / "microvm.json"
+
     def owned(self) -> list[Path]:
         return [self.ram, self.data, self.state, self.state_tmp,
                 self.state.with_name(self.state.name + ".durable"), self.qmp, self.pid,
-                self.console, self.qemu_log]
+                self.console, self.qemu_log, self.meta]
 
 
 @dataclass(frozen=True)
