@@ -11,13 +11,13 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 
-from tests.conftest import PGFLEET, REPO, SANDBOX_SKIP, Daemon, start_daemon, stop_daemon, traversable
+from tests.conftest import PGFLEET, REPO, SANDBOX_SKIP, Daemon, start_daemon, stop_daemon
 
 TESTBED = Path(os.environ.get("KUBE_TESTBED", REPO.parent / "shared" / "kube-testbed"))
 if not TESTBED.exists():
@@ -157,9 +157,25 @@ class Node:
 class Cluster:
     kube: Kube
     nodes: dict[str, Node]
-    operator: subprocess.Popen
     home: Path
-    extra: list = field(default_factory=list)
+    operator: subprocess.Popen | None = None
+
+    def start_operator(self) -> None:
+        oplog = open(self.home / "operator.log", "ab")
+        self.operator = subprocess.Popen(
+            [*PGFLEET, "k8s", "operator", "--kubeconfig", self.kube.kubeconfig, "--resync", "0.5"],
+            env=dict(os.environ), stdout=oplog, stderr=oplog, start_new_session=True,
+        )
+
+    def stop_operator(self) -> None:
+        if self.operator is not None and self.operator.poll() is None:
+            self.operator.send_signal(signal.SIGTERM)
+            try:
+                self.operator.wait(30)
+            except subprocess.TimeoutExpired:
+                self.operator.kill()
+                self.operator.wait()
+        self.operator = None
 
     def database(self, name: str, namespace: str = "default") -> dict | None:
         return self.kube.get("databases.pgfleet.io", name, namespace)
@@ -178,9 +194,14 @@ class Cluster:
 def cluster(kube, tmp_path_factory) -> Cluster:
     if SANDBOX_SKIP:
         _loud_skip(SANDBOX_SKIP)
-    base = traversable(tmp_path_factory.mktemp("fleet"))
+    # Not under pytest's basetemp: any pytest run of the same user (another checkout, another
+    # session) chmods /tmp/pytest-of-<user> back to 0700, and per-database uids must pass.
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="pgfleet-k8s-"))
+    os.chmod(base, 0o711)
     nodes: dict[str, Node] = {}
-    operator = None
+    cluster = Cluster(kube, nodes, base)
     try:
         for name in ("node-a", "node-b"):
             home = base / name
@@ -190,21 +211,12 @@ def cluster(kube, tmp_path_factory) -> Cluster:
             node = Node(name, start_daemon(home, env), kube.kubeconfig)
             nodes[name] = node
             node.start_agent()
-        oplog = open(base / "operator.log", "ab")
-        operator = subprocess.Popen(
-            [*PGFLEET, "k8s", "operator", "--kubeconfig", kube.kubeconfig, "--resync", "0.5"],
-            env=dict(os.environ), stdout=oplog, stderr=oplog, start_new_session=True,
-        )
+        cluster.start_operator()
         for name in nodes:
             wait_for(lambda: _node_ready(kube, name), 60, f"node {name} to be Ready")
-        yield Cluster(kube, nodes, operator, base)
+        yield cluster
     finally:
-        if operator is not None and operator.poll() is None:
-            operator.send_signal(signal.SIGTERM)
-            try:
-                operator.wait(20)
-            except subprocess.TimeoutExpired:
-                operator.kill()
+        cluster.stop_operator()
         for node in nodes.values():
             node.stop_agent()
             stop_daemon(node.daemon)
@@ -212,6 +224,7 @@ def cluster(kube, tmp_path_factory) -> Cluster:
             if log.exists():
                 tail = log.read_text(errors="replace").splitlines()[-15:]
                 sys.stderr.write(f"\n--- {log} (tail) ---\n" + "\n".join(tail) + "\n")
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def _node_ready(kube: Kube, name: str) -> bool:

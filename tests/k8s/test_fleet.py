@@ -216,7 +216,7 @@ def test_pods_become_databases_and_an_agent_restart_loses_nothing(cluster: Clust
     wait_for(lambda: kube.get("pod", "second") is None and node.db("second") is None, 60, "pod second to go")
 
 
-def test_a_database_survives_an_agent_and_operator_restart(cluster: Cluster):
+def test_a_database_survives_agent_and_operator_restarts(cluster: Cluster):
     kube = cluster.kube
     kube.apply(database("steady", memoryMb=128))
     node = cluster.nodes[cluster.wait_ready("steady")["status"]["node"]]
@@ -224,11 +224,34 @@ def test_a_database_survives_an_agent_and_operator_restart(cluster: Cluster):
     secret = kube.secret("steady-pgfleet")
     node.stop_agent()
     node.start_agent()
-    wait_for(lambda: any(c["type"] == "Ready" and c["status"] == "True" and c["lastHeartbeatTime"]
-                         for c in kube.get("node", node.name, None)["status"]["conditions"]), 30, "node Ready")
-    assert node.db("steady")["uuid"] == uuid
-    assert kube.secret("steady-pgfleet") == secret
+    cluster.stop_operator()
+    kube.apply(database("latecomer", memoryMb=128))  # created while no operator runs
+    cluster.start_operator()
+    cluster.wait_ready("latecomer")
+    assert cluster.wait_ready("steady")["status"]["node"] == node.name
+    assert node.db("steady")["uuid"] == uuid, "not created twice"
+    assert kube.secret("steady-pgfleet") == secret, "the password did not change"
     with connect(secret["uri"]) as conn:
         assert conn.execute("select 1").fetchone() == (1,)
-    kube.run("delete", "databases.pgfleet.io", "steady", "--wait=false")
-    wait_for(lambda: cluster.database("steady") is None and node.db("steady") is None, 60, "steady to go")
+    kube.run("delete", "databases.pgfleet.io", "steady", "latecomer", "--wait=false")
+    wait_for(lambda: all(cluster.database(n) is None and all(x.db(n) is None for x in cluster.nodes.values())
+                         for n in ("steady", "latecomer")), 60, "steady and latecomer to go")
+
+
+def test_database_names_are_unique_across_the_fleet(cluster: Cluster):
+    kube = cluster.kube
+    kube.run("create", "namespace", "team-two")
+    kube.apply(database("shared", memoryMb=128))
+    cluster.wait_ready("shared")
+    twin = database("shared", memoryMb=128)
+    twin["metadata"]["namespace"] = "team-two"
+    kube.apply(twin)
+    failed = wait_for(lambda: ((d := cluster.database("shared", "team-two")) or {}).get("status", {})
+                      .get("phase") == "Failed" and d, 30, "the twin to fail")
+    assert "already exists in namespace default" in failed["status"]["message"]
+    assert sum(n.db("shared") is not None for n in cluster.nodes.values()) == 1
+    kube.run("delete", "databases.pgfleet.io", "shared", "-n", "team-two", "--wait=false")
+    wait_for(lambda: cluster.database("shared", "team-two") is None, 30, "the twin to go")
+    assert sum(n.db("shared") is not None for n in cluster.nodes.values()) == 1, "the twin deleted nothing"
+    kube.run("delete", "databases.pgfleet.io", "shared", "--wait=false")
+    wait_for(lambda: all(n.db("shared") is None for n in cluster.nodes.values()), 60, "shared to go")
