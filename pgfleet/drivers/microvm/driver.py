@@ -99,6 +99,8 @@ class MicroVMDriver(Driver):
         self._templates: dict[tuple[int, int], Template] = {}
         self._syncs: dict[str, asyncio.Task] = {}  # uuid -> background fsync of its snapshot
         self._netns_ok: set[str] = set()
+        # uuid -> kept control connection to the guest init (see _control)
+        self._ctl: dict[str, tuple[asyncio.StreamReader, asyncio.StreamWriter]] = {}
         #: mechanism costs of the most recent create/start/suspend, in ms (for the benchmark)
         self.last_timings: dict[str, float] = {}
 
@@ -277,6 +279,8 @@ class MicroVMDriver(Driver):
         entry = self._vms.get(spec.uuid)
         if entry is not None and entry[1] is vm:
             del self._vms[spec.uuid]
+        if not vm.expected_exit:
+            self._drop_ctl(spec)
         asyncio.ensure_future(vm.close_qmp())
         if vm.expected_exit or not vm.established:
             return  # ours, or a failure the running operation reports itself
@@ -315,24 +319,65 @@ class MicroVMDriver(Driver):
         raise DriverError(f"Postgres in the guest was not ready after {timeout:.0f} s "
                           f"(last error: {last!r}); console: {vmm.tail(vm.files.console)}")
 
-    async def _control(self, ns: str, commands: list[bytes], timeout: float = 10.0) -> None:
-        """Commands to the guest init's control port on one connection (see guest/init.c)."""
-        backend = Backend(host=GUEST_ADDR, port=CONTROL_PORT, netns=ns)
+    async def _control(self, ns: str, commands: list[bytes], timeout: float = 10.0,
+                       keep_for: str | None = None) -> None:
+        """Commands to the guest init's control port on one connection (see guest/init.c).
 
-        async def exchange() -> list[bytes]:
-            reader, writer = await backend.open_connection()
+        With keep_for (an instance uuid) the connection is kept and reused next time: it
+        survives suspend/resume like any TCP session into the guest, so a wake's reseed
+        needs no handshake. A dead kept connection (e.g. after a cold boot) falls back to a
+        fresh one; only idempotent commands are ever sent on a reused connection.
+        """
+        kept = self._ctl.pop(keep_for, None) if keep_for else None
+        if kept is not None:
             try:
-                writer.write(b"".join(commands))  # pipelined: one round trip for all
-                await writer.drain()
-                return [await reader.readline() for _ in commands]
-            finally:
-                writer.close()
+                answers = await asyncio.wait_for(self._exchange(*kept, commands), timeout)
+            except (OSError, EOFError, asyncio.IncompleteReadError, asyncio.TimeoutError):
+                kept[1].close()
+            else:
+                self._ctl[keep_for] = kept  # type: ignore[index]
+                return self._check(commands, answers)
 
-        answers = await asyncio.wait_for(exchange(), timeout)
+        async def fresh() -> tuple[asyncio.StreamReader, asyncio.StreamWriter, list[bytes]]:
+            reader, writer = await Backend(host=GUEST_ADDR, port=CONTROL_PORT,
+                                           netns=ns).open_connection()
+            try:
+                return reader, writer, await self._exchange(reader, writer, commands)
+            except BaseException:
+                writer.close()
+                raise
+
+        reader, writer, answers = await asyncio.wait_for(fresh(), timeout)
+        if keep_for and all(a == b"ok\n" for a in answers):
+            self._ctl[keep_for] = (reader, writer)
+        else:
+            writer.close()
+        self._check(commands, answers)
+
+    @staticmethod
+    async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                        commands: list[bytes]) -> list[bytes]:
+        writer.write(b"".join(commands))  # pipelined: one round trip for all
+        await writer.drain()
+        answers = []
+        for _ in commands:
+            line = await reader.readline()
+            if not line:
+                raise EOFError("guest init closed the control connection")
+            answers.append(line)
+        return answers
+
+    @staticmethod
+    def _check(commands: list[bytes], answers: list[bytes]) -> None:
         for command, answer in zip(commands, answers):
             if answer != b"ok\n":
                 raise GuestCommandError(
                     f"guest init refused {command[:1]!r}: {answer.decode(errors='replace').strip()}")
+
+    def _drop_ctl(self, spec: InstanceSpec) -> None:
+        kept = self._ctl.pop(spec.uuid, None)
+        if kept is not None:
+            kept[1].close()
 
     @staticmethod
     def _reseed_command() -> bytes:
@@ -348,9 +393,6 @@ class MicroVMDriver(Driver):
     def _sql_command(sql: str) -> bytes:
         data = sql.encode()
         return b"Q" + struct.pack("<I", len(data)) + data
-
-    async def _reseed(self, ns: str) -> None:
-        await self._control(ns, [self._reseed_command()])
 
     async def _save(self, vm: vmm.Vm, files: vmm.VmFiles, timings: dict | None = None) -> str:
         """Snapshot a running VM into files.state and end QEMU."""
@@ -397,7 +439,7 @@ class MicroVMDriver(Driver):
             drop_snapshot(files.state)
             t1 = time.perf_counter()
             timings["state_load_ms"] = (t1 - t0) * 1000
-            await self._control(ns, [self._reseed_command(), *(then or [])])
+            await self._control(ns, [self._reseed_command(), *(then or [])], keep_for=spec.uuid)
             timings["reseed_ms" if not then else "reseed_personalise_ms"] = \
                 (time.perf_counter() - t1) * 1000
         except GuestCommandError:
@@ -411,6 +453,7 @@ class MicroVMDriver(Driver):
 
     async def _cold_boot(self, spec: InstanceSpec, files: vmm.VmFiles, timings: dict) -> vmm.Vm:
         ns = self._netns(spec)
+        self._drop_ctl(spec)  # its guest end died with the old guest
         drop_snapshot(files.state)
         unlink_quiet(files.ram)  # a fresh, empty RAM file: nothing of the old run is reused
         assert self.image is not None
@@ -421,7 +464,7 @@ class MicroVMDriver(Driver):
         try:
             await vmm.set_snapshot_caps(vm)
             await self._wait_ready(vm, self.backend(spec), self.boot_timeout)
-            await self._reseed(ns)
+            await self._control(ns, [self._reseed_command()], keep_for=spec.uuid)
         except BaseException:
             await vm.kill()
             raise
@@ -577,6 +620,7 @@ class MicroVMDriver(Driver):
                     vm = None
             if vm is not None:
                 vm.expected_exit = True
+                self._drop_ctl(spec)
                 try:
                     await self._control(self._netns(spec), [b"H"], timeout=60)
                 except (OSError, asyncio.TimeoutError, DriverError) as exc:
@@ -604,6 +648,7 @@ class MicroVMDriver(Driver):
 
     async def _teardown(self, spec: InstanceSpec) -> None:
         await self._cancel_sync(spec)
+        self._drop_ctl(spec)
         entry = self._vms.pop(spec.uuid, None)
         if entry is not None:
             await entry[1].kill()
@@ -675,5 +720,8 @@ class MicroVMDriver(Driver):
             except OSError as exc:
                 log.warning("syncing a snapshot failed: %s", exc)
         self._syncs.clear()
+        for _, writer in self._ctl.values():
+            writer.close()
+        self._ctl.clear()
         for _, vm in list(self._vms.values()):
             await vm.close_qmp()

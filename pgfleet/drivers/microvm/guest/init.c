@@ -30,6 +30,7 @@
 #include <linux/random.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -52,6 +53,7 @@
 #define DATA_DEV "/dev/vdb"
 #define CONTROL_PORT 7
 #define HOST_ADDR 0x0a000001 /* 10.0.0.1 */
+#define MAX_CLIENTS 8
 #define PG_SOCKET "/tmp/.s.PGSQL.5432"
 #ifndef READ_AHEAD_KB
 #define READ_AHEAD_KB "0" /* measured: 8 MB less guest memory per VM than the default 128 */
@@ -307,6 +309,20 @@ static void cmd_halt(int fd) {
     power_off("halt requested");
 }
 
+/* One command from a readable connection; nonzero means close it. */
+static int serve_one(int fd) {
+    unsigned char op;
+    if (read_full(fd, &op, 1) != 0) return -1;
+    switch (op) {
+    case 'R': cmd_reseed(fd); return 0;
+    case 'A': cmd_admin_open(fd); return 0;
+    case 'Q': cmd_admin_query(fd); return 0;
+    case 'X': admin_close(); reply(fd, "ok\n"); return 0;
+    case 'H': cmd_halt(fd); return -1;
+    default: reply(fd, "err unknown command\n"); return -1;
+    }
+}
+
 int main(void) {
     if (getpid() != 1) {
         fprintf(stderr, "pgfleet-init must run as PID 1\n");
@@ -339,47 +355,55 @@ int main(void) {
     setsockopt(srv, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
     struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons(CONTROL_PORT)};
     addr.sin_addr.s_addr = htonl(INADDR_ANY);
-    if (srv < 0 || bind(srv, (struct sockaddr *)&addr, sizeof addr) != 0 || listen(srv, 8) != 0)
+    /* SIGCHLD stays blocked except inside ppoll()/sigsuspend(), so a postmaster death can
+       never slip in between checking got_child and going to sleep. */
+    sigset_t chld, unblocked;
+    sigemptyset(&chld);
+    sigaddset(&chld, SIGCHLD);
+    sigprocmask(SIG_BLOCK, &chld, &unblocked);
+    sigdelset(&unblocked, SIGCHLD);
+    if (srv < 0 || bind(srv, (struct sockaddr *)&addr, sizeof addr) != 0 || listen(srv, 8) != 0) {
         say("pgfleet-init: control port unavailable: %s", strerror(errno));
+        for (;;) {
+            sigsuspend(&unblocked);
+            if (got_child && reap()) power_off("postgres is gone");
+            got_child = 0;
+        }
+    }
 
+    /* Connections may stay open: the host keeps one per VM across suspend/resume (its TCP
+       state lives in the snapshot), so a wake's reseed costs no handshake. */
+    struct pollfd fds[1 + MAX_CLIENTS];
+    int nclients = 0;
     for (;;) {
         if (got_child) {
             got_child = 0;
             if (reap()) power_off("postgres is gone");
         }
+        fds[0] = (struct pollfd){.fd = srv, .events = POLLIN};
+        if (ppoll(fds, 1 + nclients, NULL, &unblocked) < 0) continue; /* EINTR: SIGCHLD */
+        for (int i = 1; i <= nclients; i++) {
+            if (!(fds[i].revents & (POLLIN | POLLHUP | POLLERR))) continue;
+            if (serve_one(fds[i].fd) != 0) {
+                close(fds[i].fd);
+                fds[i--] = fds[nclients--]; /* drop it; re-check the one moved here */
+            }
+        }
+        if (!(fds[0].revents & POLLIN)) continue;
         struct sockaddr_in peer;
         socklen_t peerlen = sizeof peer;
-        int fd = srv >= 0 ? accept4(srv, (struct sockaddr *)&peer, &peerlen, SOCK_CLOEXEC) : -1;
-        if (fd < 0) {
-            if (srv < 0) pause();
-            continue; /* EINTR from SIGCHLD, or a transient error */
-        }
-        if (peer.sin_family != AF_INET || ntohl(peer.sin_addr.s_addr) != HOST_ADDR) {
+        int fd = accept4(srv, (struct sockaddr *)&peer, &peerlen, SOCK_CLOEXEC);
+        if (fd < 0) continue;
+        if (peer.sin_family != AF_INET || ntohl(peer.sin_addr.s_addr) != HOST_ADDR ||
+            nclients == MAX_CLIENTS) {
             close(fd); /* only the host may steer init */
             continue;
         }
         int one = 1;
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        /* A command's arguments follow its byte at once; never wait long for them. */
         struct timeval tv = {.tv_sec = 5};
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-        unsigned char op;
-        while (read_full(fd, &op, 1) == 0) {
-            if (op == 'R')
-                cmd_reseed(fd);
-            else if (op == 'A')
-                cmd_admin_open(fd);
-            else if (op == 'Q')
-                cmd_admin_query(fd);
-            else if (op == 'X') {
-                admin_close();
-                reply(fd, "ok\n");
-            } else if (op == 'H')
-                cmd_halt(fd);
-            else {
-                reply(fd, "err unknown command\n");
-                break;
-            }
-        }
-        close(fd);
+        fds[++nclients] = (struct pollfd){.fd = fd, .events = POLLIN};
     }
 }
