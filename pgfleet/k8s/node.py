@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import socket
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,7 @@ class NodeAgent:
         self._daemon_key: tuple[str, str] | None = None
         self._pod_locks: dict[str, asyncio.Lock] = {}
         self._pod_status: dict[str, dict] = {}
+        self._touched: dict[str, float] = {}
         self._node_conditions: dict[str, dict] = {}
         self._annotations: dict[str, str] = {}
         self._wake = asyncio.Event()
@@ -278,9 +280,15 @@ class NodeAgent:
     def _lock(self, uid: str) -> asyncio.Lock:
         return self._pod_locks.setdefault(uid, asyncio.Lock())
 
-    async def reconcile_pod(self, pod: dict, databases: dict[str, dict] | None = None) -> None:
+    async def reconcile_pod(self, pod: dict, databases: dict[str, dict] | None = None,
+                            snapshot_at: float | None = None) -> None:
+        """Create what the pod needs and report its status. `databases` is a snapshot of the
+        daemon's list taken at `snapshot_at`; without it, each database is asked for now."""
         uid = pod["metadata"]["uid"]
         async with self._lock(uid):
+            if snapshot_at is not None and self._touched.get(uid, 0.0) > snapshot_at:
+                return  # reconciled from fresher data meanwhile: do not write an older status
+            self._touched[uid] = time.monotonic()
             if pod["metadata"].get("deletionTimestamp"):
                 await self._delete_pod(pod)
                 return
@@ -387,7 +395,7 @@ class NodeAgent:
             if status_code(exc) not in (404, 409):
                 raise
         self._pod_status.pop(meta["uid"], None)
-        self._pod_locks.pop(meta["uid"], None)
+        self._touched.pop(meta["uid"], None)
 
     async def _write_pod_status(self, pod: dict, found: list[tuple[dict, str, dict | None, str | None]]) -> None:
         meta = pod["metadata"]
@@ -446,8 +454,8 @@ class NodeAgent:
                 cond("Initialized", True),
                 cond("ContainersReady", ready),
                 cond("Ready", ready),
-                cond(COND_AWAKE, awake, "Running" if awake else "Standby",
-                     awake_msg + ("" if awake else "; the next connection wakes it")),
+                cond(COND_AWAKE, awake, "Running" if awake else "Starting" if "starting" in states else "Standby",
+                     awake_msg + ("" if awake or "starting" in states else "; the next connection wakes it")),
             ],
             "hostIP": address, "podIP": address, "podIPs": [{"ip": address}], "hostIPs": [{"ip": address}],
             "startTime": started, "containerStatuses": statuses, "qosClass": "Guaranteed",
@@ -471,6 +479,7 @@ class NodeAgent:
     # --- loops --------------------------------------------------------------------
     async def sync(self) -> None:
         """One pass: node status, then every pod bound here against the daemon's databases."""
+        snapshot_at = time.monotonic()
         try:
             daemon = self._connect_daemon()
             databases = await daemon.list()
@@ -484,7 +493,10 @@ class NodeAgent:
         pods = await self._list_pods()
         for pod in pods:
             try:
-                await self.reconcile_pod(pod, None if pod["metadata"].get("deletionTimestamp") else by_name)
+                if pod["metadata"].get("deletionTimestamp"):
+                    await self.reconcile_pod(pod)
+                else:
+                    await self.reconcile_pod(pod, by_name, snapshot_at)
             except Exception as exc:
                 log.warning("pod %s/%s: %s", pod["metadata"]["namespace"], pod["metadata"]["name"], exc)
 

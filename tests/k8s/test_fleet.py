@@ -186,8 +186,9 @@ def test_pods_become_databases_and_an_agent_restart_loses_nothing(cluster: Clust
         conn.execute("create table kept (x int)")
         conn.execute("insert into kept values (7)")
     # scaled to zero: still a Running pod, not awake
-    wait_for(lambda: (c := pod_condition(kube, "pgpod", "pgfleet.io/Awake")) and c["status"] == "False", 60,
-             "the pod to say it is in standby")
+    wait_for(lambda: node.db("pgpod")["state"] == "standby", 60, "pgpod to scale to zero")
+    wait_for(lambda: (c := pod_condition(kube, "pgpod", "pgfleet.io/Awake")) and c["status"] == "False"
+             and c["reason"] == "Standby", 60, "the pod to say it is in standby")
     p = kube.get("pod", "pgpod")
     assert p["status"]["phase"] == "Running"
     assert p["status"]["containerStatuses"][0]["containerID"] == f"pgfleet://{db['uuid']}"
