@@ -49,6 +49,9 @@ class DaemonInfo:
     listen_pooled: str
     driver: str
     version: str
+    ca_file: str | None = None
+    domain: str | None = None
+    tls: bool = False
 
     @staticmethod
     def path(home: Path) -> Path:

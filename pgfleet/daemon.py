@@ -35,6 +35,12 @@ class DaemonOptions:
     driver: str = "auto"
     #: fleet routing (Kubernetes): a kubeconfig path or "in-cluster"; None on a single host
     kubeconfig: str | None = dataclasses.field(default_factory=lambda: os.environ.get("PGFLEET_KUBECONFIG") or None)
+    #: TLS: a given certificate and key, else a local CA made on first start (unless off)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls: bool = True
+    #: SNI routing: clients reach database NAME at NAME.<domain>
+    domain: str = "db.localhost"
     #: this host's Node name, so routing never hands a session back to itself
     node_name: str | None = dataclasses.field(default_factory=lambda: os.environ.get("PGFLEET_K8S_NODE") or None)
 
@@ -101,9 +107,12 @@ async def serve(opts: DaemonOptions, ready: asyncio.Future | None = None) -> Non
 
         routing = FleetRouting(opts.kubeconfig, opts.node_name)
         log.info("fleet routing through the cluster (%s) as node %s", opts.kubeconfig, opts.node_name)
-    direct = ProxyServer(fleet, proxy_host, proxy_port, remote=routing.direct if routing else None)
-    pooled = ProxyServer(fleet, pooled_host, pooled_port,  # session mode until the pooler lands
-                         remote=routing.pooled if routing else None)
+    tls_ctx, ca_file = _tls(opts, [proxy_host, pooled_host])
+    direct = ProxyServer(fleet, proxy_host, proxy_port, remote=routing.direct if routing else None,
+                         mode="session", tls=tls_ctx, domain=opts.domain)
+    pooled = ProxyServer(fleet, pooled_host, pooled_port, remote=routing.pooled if routing else None,
+                         mode="transaction", tls=tls_ctx, domain=opts.domain)
+    fleet.on_delete.append(pooled.forget_database)
     await direct.start()
     await pooled.start()
     public_host = proxy_host if proxy_host not in ("0.0.0.0", "::", "") else "127.0.0.1"
@@ -111,7 +120,7 @@ async def serve(opts: DaemonOptions, ready: asyncio.Future | None = None) -> Non
         routing.own |= {(public_host, direct.port), (public_host, pooled.port)}
     ctx = ApiContext(
         fleet=fleet, token=token, public_host=public_host, port=direct.port, pooled_port=pooled.port,
-        driver=driver.name, home=str(opts.home),
+        driver=driver.name, home=str(opts.home), ca_file=str(ca_file) if ca_file else None, domain=opts.domain,
         proxy_stats=lambda: {"direct": dataclasses.asdict(direct.stats), "pooled": dataclasses.asdict(pooled.stats)},
     )
     api = _Uvicorn(uvicorn.Config(
@@ -128,6 +137,7 @@ async def serve(opts: DaemonOptions, ready: asyncio.Future | None = None) -> Non
     info = DaemonInfo(
         pid=os.getpid(), api_url=f"http://{api_host}:{api_port}", listen=f"{public_host}:{direct.port}",
         listen_pooled=f"{public_host}:{pooled.port}", driver=driver.name, version=__version__,
+        ca_file=str(ca_file) if ca_file else None, domain=opts.domain, tls=tls_ctx is not None,
     )
     info.write(opts.home)
     log.info("serving: proxy %s, pooled %s, API %s", info.listen, info.listen_pooled, info.api_url)
@@ -148,6 +158,21 @@ async def serve(opts: DaemonOptions, ready: asyncio.Future | None = None) -> Non
         store.close()
         os.close(lock_fd)
         log.info("stopped")
+
+
+def _tls(opts: DaemonOptions, hosts: list[str]):
+    """The proxies' TLS context and the CA file clients should trust (None if user-given)."""
+    from pgfleet.proxy.tls import TlsFiles, ensure_local_ca, server_context
+
+    if opts.tls_cert or opts.tls_key:
+        if not (opts.tls_cert and opts.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together")
+        return server_context(TlsFiles(opts.tls_cert, opts.tls_key, None)), None
+    if not opts.tls:
+        return None, None
+    names = [h for h in hosts if h not in ("0.0.0.0", "::", "")]
+    files = ensure_local_ca(opts.home / "tls", opts.domain, names)
+    return server_context(files), files.ca
 
 
 def run(opts: DaemonOptions, foreground: bool = True) -> None:

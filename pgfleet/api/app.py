@@ -98,6 +98,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
         return envelope({
             "version": __version__, "driver": ctx.driver, "home": ctx.home,
             "listen": f"{ctx.public_host}:{ctx.port}", "listen_pooled": f"{ctx.public_host}:{ctx.pooled_port}",
+            "tls_ca_file": ctx.ca_file, "domain": ctx.domain,
             "databases": len(rows), "states": by_state,
             "proxy": stats() if stats else None,
         })

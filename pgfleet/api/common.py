@@ -28,6 +28,8 @@ class ApiContext:
     driver: str
     home: str
     proxy_stats: Any = None
+    ca_file: str | None = None
+    domain: str | None = None
 
 
 class ApiError(Exception):

@@ -20,8 +20,15 @@ router = APIRouter(prefix="/v1/databases", tags=["databases"])
 
 class ScaleToZero(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    policy: Literal["on", "off"] = "on"
+    policy: Literal["on", "off", "idle"] = "on"
     cooldown_ms: int = Field(DEFAULT_COOLDOWN_MS, ge=0, le=30 * 86_400_000)
+
+
+class Pooling(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    pool_size: int = Field(20, ge=1, le=90)
+    max_pooled_clients: int = Field(200, ge=1, le=100_000)
+    max_direct_clients: int = Field(50, ge=1, le=90)
 
 
 class CreateDatabase(BaseModel):
@@ -31,6 +38,8 @@ class CreateDatabase(BaseModel):
     memory_mb: int = Field(DEFAULT_MEMORY_MB, ge=64, le=16384)
     scale_to_zero: ScaleToZero = ScaleToZero()
     autostart: bool = True
+    require_tls: bool = False
+    pooling: Pooling = Pooling()
 
 
 class PatchDatabase(BaseModel):
@@ -71,6 +80,9 @@ def database_json(ctx: ApiContext, row: InstanceRow, password: str | None = None
         "stop_reason": row.stop_reason,
         "boot_time_us": row.boot_time_us,
         "clients": rt.clients if rt else 0,
+        "require_tls": bool(row.require_tls),
+        "pooling": {"pool_size": row.pool_size, "max_pooled_clients": row.max_pooled_clients,
+                    "max_direct_clients": row.max_direct_clients},
         **uris(ctx, row, password),
     }
     if backend is not None:
@@ -92,6 +104,8 @@ async def create_database(body: CreateDatabase, request: Request):
     created = await ctx.fleet.create(
         body.name, memory_mb=body.memory_mb, cooldown_ms=body.scale_to_zero.cooldown_ms,
         policy=body.scale_to_zero.policy, image=body.image, autostart=body.autostart,
+        require_tls=body.require_tls, pool_size=body.pooling.pool_size,
+        max_pooled_clients=body.pooling.max_pooled_clients, max_direct_clients=body.pooling.max_direct_clients,
     )
     return envelope(database_json(ctx, created.row, created.password), started, status=201)
 

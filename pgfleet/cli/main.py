@@ -71,6 +71,10 @@ def up(
     listen_pooled: str = typer.Option(DEFAULT_LISTEN_POOLED, help="pooled listener"),
     api: str = typer.Option(DEFAULT_API, help="REST API listener"),
     driver: str = typer.Option("auto", help="isolation driver: auto, sandbox or microvm"),
+    tls_cert: Optional[Path] = typer.Option(None, help="TLS certificate (PEM) for the proxies"),
+    tls_key: Optional[Path] = typer.Option(None, help="TLS private key (PEM)"),
+    tls: bool = typer.Option(True, help="without --tls-cert: make a local CA and certificate on first start"),
+    domain: str = typer.Option("db.localhost", help="SNI routing: database NAME answers at NAME.<domain>"),
     detach: bool = typer.Option(False, "--detach", "-d", help="run in the background; return once it serves"),
     timeout: float = typer.Option(120.0, help="with --detach: seconds to wait for the daemon"),
 ) -> None:
@@ -89,22 +93,32 @@ def up(
     running = DaemonInfo.read(h)
     if running is not None:
         raise CliError(f"a pgfleet daemon (pid {running.pid}) is already running on {h}")
+    if bool(tls_cert) != bool(tls_key):
+        raise CliError("--tls-cert and --tls-key go together")
+    for f in (tls_cert, tls_key):
+        if f is not None and not f.is_file():
+            raise CliError(f"no such file: {f}")
+    extra = [f"--domain={domain}", "--tls" if tls else "--no-tls"]
+    if tls_cert and tls_key:
+        extra += [f"--tls-cert={tls_cert.absolute()}", f"--tls-key={tls_key.absolute()}"]
     if detach:
-        _detach(h, listen, listen_pooled, api, driver, timeout)
+        _detach(h, listen, listen_pooled, api, driver, timeout, extra)
         return
     from pgfleet.daemon import AlreadyRunning, DaemonOptions, run
 
     try:
-        run(DaemonOptions(home=h, listen=listen, listen_pooled=listen_pooled, api=api, driver=driver))
+        run(DaemonOptions(home=h, listen=listen, listen_pooled=listen_pooled, api=api, driver=driver,
+                          tls_cert=tls_cert, tls_key=tls_key, tls=tls, domain=domain))
     except AlreadyRunning as exc:
         raise CliError(str(exc)) from None
 
 
-def _detach(home: Path, listen: str, listen_pooled: str, api: str, driver: str, timeout: float) -> None:
+def _detach(home: Path, listen: str, listen_pooled: str, api: str, driver: str, timeout: float,
+            extra: list[str]) -> None:
     home.mkdir(parents=True, exist_ok=True)
     logf = open(home / "daemon.out", "ab")
     cmd = [sys.executable, "-m", "pgfleet.cli.main", "up", "--home", str(home), "--listen", listen,
-           "--listen-pooled", listen_pooled, "--api", api, "--driver", driver]
+           "--listen-pooled", listen_pooled, "--api", api, "--driver", driver, *extra]
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True)
     deadline = time.monotonic() + timeout
     with err.status("starting the pgfleet daemon…"):
@@ -149,6 +163,8 @@ def status(as_json: bool = JsonOpt) -> None:
         return
     out.print(f"pgfleet {data['version']} on {data['home']} ({data['driver']} driver)")
     out.print(f"proxy {data['listen']}   pooled {data['listen_pooled']}")
+    if data.get("tls_ca_file"):
+        out.print(f"TLS CA: {data['tls_ca_file']}   (sslmode=verify-full sslrootcert=<that file>; SNI NAME.{data['domain']})")
     states = ", ".join(f"{n} {s}" for s, n in sorted(data["states"].items())) or "none"
     out.print(f"databases: {data['databases']} ({states})")
 
@@ -194,13 +210,19 @@ def db_create(
     name: str,
     cooldown_ms: int = typer.Option(300_000, help="scale to zero after this long without clients"),
     memory_mb: int = typer.Option(128, help="memory limit"),
-    policy: str = typer.Option("on", help="scale-to-zero policy: on or off"),
+    policy: str = typer.Option("on", help="scale-to-zero policy: on, idle (microvm) or off"),
+    require_tls: bool = typer.Option(False, "--require-tls", help="refuse plain-text connections"),
+    pool_size: int = typer.Option(20, help="server connections of the pooled listener"),
+    max_pooled: int = typer.Option(200, help="client connections allowed on the pooled listener"),
+    max_direct: int = typer.Option(50, help="client connections allowed on the direct listener"),
     save_password: bool = typer.Option(True, help="save the password in ~/.pgpass so `psql URI` works"),
     as_json: bool = JsonOpt,
 ) -> None:
     """Create a database; it is ready when this returns. The password is shown once."""
     d = _client().call("POST", "/v1/databases", {
         "name": name, "memory_mb": memory_mb, "scale_to_zero": {"policy": policy, "cooldown_ms": cooldown_ms},
+        "require_tls": require_tls,
+        "pooling": {"pool_size": pool_size, "max_pooled_clients": max_pooled, "max_direct_clients": max_direct},
     })
     saved = _save_password(d, d["password"]) if save_password else None
     if as_json:
@@ -301,31 +323,6 @@ def _mount_optional() -> None:
     except ImportError:
         return
     app.add_typer(image_app, name="image")
-    try:
-        from pgfleet.k8s.cli import k8s_app
-    except ImportError:
-        return
-    app.add_typer(k8s_app, name="k8s")
-    try:
-        from pgfleet.k8s.cli import k8s_app
-    except ImportError:
-        return
-    app.add_typer(k8s_app, name="k8s")
-    try:
-        from pgfleet.k8s.cli import k8s_app
-    except ImportError:
-        return
-    app.add_typer(k8s_app, name="k8s")
-    try:
-        from pgfleet.k8s.cli import k8s_app
-    except ImportError:
-        return
-    app.add_typer(k8s_app, name="k8s")
-    try:
-        from pgfleet.k8s.cli import k8s_app
-    except ImportError:
-        return
-    app.add_typer(k8s_app, name="k8s")
     try:
         from pgfleet.k8s.cli import k8s_app
     except ImportError:

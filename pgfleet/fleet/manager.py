@@ -66,6 +66,8 @@ class Fleet:
         self._closing = False
         #: optional admission control (pgfleet.fleet.quotas.Quotas): checked before a create
         self.quotas = None
+        #: called with a database's uuid once it is deleted (proxies drop their pools)
+        self.on_delete: list[Callable[[str], None]] = []
         driver.on_exit = self._on_driver_exit
 
     # --- queries -------------------------------------------------------------------
@@ -100,7 +102,8 @@ class Fleet:
     async def create(
         self, name: str, *, memory_mb: int = DEFAULT_MEMORY_MB, cooldown_ms: int = DEFAULT_COOLDOWN_MS,
         policy: str = "on", image: str = "postgres:15", password: str | None = None,
-        autostart: bool = True, tags: dict | None = None,
+        autostart: bool = True, tags: dict | None = None, require_tls: bool = False,
+        pool_size: int = 20, max_pooled_clients: int = 200, max_direct_clients: int = 50,
     ) -> Created:
         validate_name(name)
         validate_settings(memory_mb=memory_mb, cooldown_ms=cooldown_ms, policy=policy)
@@ -114,7 +117,8 @@ class Fleet:
             uuid=str(uuidlib.uuid4()), name=name, slot=self._free_slot(), state=State.STARTING,
             driver=self.driver.name, image=image, memory_mb=memory_mb, role=name,
             verifier=Verifier.from_password(password).encode(), stz_policy=policy,
-            cooldown_ms=cooldown_ms, created_at=time.time(), tags=tags or {},
+            cooldown_ms=cooldown_ms, created_at=time.time(), tags=tags or {}, require_tls=int(require_tls),
+            pool_size=pool_size, max_pooled_clients=max_pooled_clients, max_direct_clients=max_direct_clients,
         )
         try:
             self.store.insert(row)  # provisioned=0: recovery rolls it back if we crash now
@@ -172,6 +176,8 @@ class Fleet:
             await self.driver.destroy(self.spec(row))
             self.store.delete(row.uuid)
             self.rt.pop(row.uuid, None)
+        for callback in self.on_delete:
+            callback(row.uuid)
         await self._notify()
         return row
 

@@ -54,6 +54,7 @@ class ServerConn(asyncio.Protocol):
     def __init__(self, pool: "Pool") -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
+        self.writer: asyncio.StreamWriter | None = None
         self.client: "PooledClient | None" = None
         self.prepared: set[str] = set()
         self.process_id = 0
@@ -142,6 +143,7 @@ class Pool:
             except BaseException:
                 writer.close()
                 raise
+            conn.writer = writer  # a collected StreamWriter closes its transport
             conn.transport = writer.transport  # type: ignore[assignment]
             conn.transport.set_protocol(conn)
             conn.transport.resume_reading()
