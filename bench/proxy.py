@@ -1,0 +1,595 @@
+"""Benchmark: the pgfleet proxy side by side with Postgres itself and with PgBouncer.
+
+    .venv/bin/python bench/proxy.py [--duration 15] [--rounds 3] [--scale 10] [--quick]
+
+One throwaway daemon (sandbox driver), one database, pgbench's tables made once through the
+pgfleet direct listener as the database's role (so every path below reaches the same tables
+as the same role). Four ways to the SAME database, each measured with pgbench (`-j 2`):
+
+  postgres        : straight to the database's backend (its unix socket, trust, no proxy)
+  pgfleet-direct  : the pgfleet direct listener (one server session per client; SCRAM)
+  pgfleet-pooled  : the pgfleet pooled listener (transaction pooling; SCRAM)
+  pgbouncer       : PgBouncer (Debian package), started by this script with a generated ini:
+                    127.0.0.1 on a free port, pool_mode = transaction, default_pool_size = 20
+                    (the same as the pgfleet pool), max_client_conn = 500. Clients authenticate
+                    with SCRAM-SHA-256 against an auth_file holding the role's password (as they
+                    do with pgfleet); PgBouncer reaches the backend's unix socket, where Postgres
+                    trusts local connections, running as the backend socket's owner uid.
+                    It is restarted for each of its runs, so its idle server connections never
+                    count against the backend's max_connections during the other runs.
+
+Workloads: select-only (-S) and TPC-B-like at -c 16 and -c 64, and select-only with
+`-M prepared` at -c 16 (PgBouncer 1.18 in transaction mode is expected to fail that one: its
+failure is recorded as measured). Rounds are interleaved: every round runs every workload on
+every config, the config order rotating from round to round; medians over rounds.
+
+Also per run: the proxy's own CPU time (utime + stime of the pgfleet daemon process, or of
+PgBouncer, from /proc/<pid>/stat before and after) per transaction. And connection setup:
+`pgbench -C` with a `SELECT 1` script (one client: new connection + SELECT 1 each time, and
+the proxy's CPU per connection), plus a psycopg loop of new connection + SELECT 1 (latency).
+
+Writes bench/results/proxy.json and bench/results/proxy.png. The targets are reported, not
+asserted: pooled TPS >= 1.0x PgBouncer, pgfleet direct >= 0.9x Postgres, proxy CPU per
+transaction below PgBouncer's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psycopg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import machine, start_daemon, summarise, write_results  # noqa: E402
+
+CONFIGS = ("postgres", "pgfleet-direct", "pgfleet-pooled", "pgbouncer")
+PROXIES = ("pgfleet-direct", "pgfleet-pooled", "pgbouncer")
+POOL_SIZE = 20
+DBNAME = "benchproxy"
+TARGETS = {"pooled_over_pgbouncer_tps": 1.0, "direct_over_postgres_tps": 0.9, "cpu_per_tx_over_pgbouncer": 1.0}
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def workloads(clients: list[int]) -> list[dict]:
+    out = []
+    for script, args in (("select-only", ["-S"]), ("tpcb-like", ["-b", "tpcb-like"])):
+        for c in clients:
+            out.append({"id": f"{script}/c{c}", "script": script, "clients": c, "args": args, "mode": "simple"})
+    out.append({"id": f"select-only-prepared/c{min(clients)}", "script": "select-only", "clients": min(clients),
+                "args": ["-S", "-M", "prepared"], "mode": "prepared"})
+    return out
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """utime + stime of one process (all its threads), in seconds."""
+    if pid is None:
+        return None
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def loadavg() -> list[float]:
+    return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+
+
+def tool_version(*cmd: str) -> str:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.splitlines()[0].strip()
+    except Exception as exc:  # noqa: BLE001
+        return f"unknown ({exc})"
+
+
+class PgBouncer:
+    """A PgBouncer of this benchmark: transaction mode, in front of the backend's socket."""
+
+    def __init__(self, sockdir: str, backend_db: str, name: str, role: str, password: str) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="pgfleet-bench-pgbouncer-"))
+        st = os.stat(sockdir)
+        self.uid, self.gid = st.st_uid, st.st_gid  # the only uid that may enter the socket's directory
+        self.port = free_port()
+        (self.dir / "userlist.txt").write_text(f'"{role}" "{password}"\n')
+        (self.dir / "pgbouncer.ini").write_text(f"""\
+[databases]
+{name} = host={sockdir} port=5432 dbname={backend_db} user={role}
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {self.port}
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = {self.dir}/userlist.txt
+pool_mode = transaction
+default_pool_size = {POOL_SIZE}
+max_client_conn = 500
+ignore_startup_parameters = extra_float_digits,options
+logfile = {self.dir}/pgbouncer.log
+pidfile = {self.dir}/pgbouncer.pid
+log_connections = 0
+log_disconnections = 0
+""")
+        for p in [self.dir, *self.dir.iterdir()]:
+            os.chown(p, self.uid, self.gid)
+        os.chmod(self.dir, 0o700)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.port = free_port()
+        ini = self.dir / "pgbouncer.ini"
+        ini.write_text(re.sub(r"listen_port = \d+", f"listen_port = {self.port}", ini.read_text()))
+        cmd = ["pgbouncer", str(ini)]
+        if os.geteuid() == 0:  # PgBouncer refuses to run as root
+            cmd = ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups", "--", *cmd]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"pgbouncer exited: {self.proc.stderr.read().decode()} {self.log_tail()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError(f"pgbouncer did not listen on {self.port}: {self.log_tail()}")
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc and self.proc.poll() is None else None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def log_tail(self) -> str:
+        try:
+            return "\n".join((self.dir / "pgbouncer.log").read_text().splitlines()[-5:])
+        except OSError:
+            return ""
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def parse_pgbench(out: str) -> dict:
+    def num(pattern: str) -> float | None:
+        mt = re.search(pattern, out)
+        return float(mt.group(1)) if mt else None
+
+    errors = [ln.strip() for ln in out.splitlines()
+              if re.search(r"aborted|error|FATAL|could not", ln, re.I) and "number of failed" not in ln]
+    return {
+        "tps": num(r"tps = ([\d.]+) \((?:without initial connection time|including reconnection times)\)"),
+        "transactions": num(r"number of transactions actually processed: (\d+)"),
+        "failed": num(r"number of failed transactions: (\d+)"),
+        "latency_ms": num(r"latency average = ([\d.]+) ms"),
+        "connection_ms": num(r"(?:initial|average) connection time = ([\d.]+) ms"),
+        "errors": errors[:5],
+    }
+
+
+class Bench:
+    def __init__(self, args) -> None:
+        self.args = args
+        self.d = start_daemon("sandbox")
+        self.daemon_pid = int(self.d.info["pid"])
+        body = {"name": DBNAME, "memory_mb": args.memory_mb, "scale_to_zero": {"policy": "off"},
+                "pooling": {"pool_size": POOL_SIZE, "max_direct_clients": 90, "max_pooled_clients": 1000}}
+        try:
+            created = self.d.api("POST", "/v1/databases", body)
+        except RuntimeError as exc:  # an API without per-database pooling settings: its defaults
+            print(f"note: create with pooling settings refused ({exc}); using the defaults", file=sys.stderr)
+            body.pop("pooling")
+            created = self.d.api("POST", "/v1/databases", body)
+        self.password = created["password"]
+        self.db = self.d.api("GET", f"/v1/databases/{DBNAME}")
+        self.sockdir = self.db["backend"].removeprefix("unix:")
+        self.role = self.db["role"]
+        self.backend_db = "postgres"  # the sandbox cluster's database; the role owns what it creates in it
+        host, port = self.d.proxy
+        pooled_host, pooled_port = self.d.info["listen_pooled"].rsplit(":", 1)
+        self.bouncer = PgBouncer(self.sockdir, self.backend_db, DBNAME, self.role, self.password)
+        tcp = dict(PGUSER=self.role, PGDATABASE=DBNAME, PGPASSWORD=self.password, PGSSLMODE="disable")
+        self.env = {
+            "postgres": dict(PGHOST=self.sockdir, PGPORT="5432", PGUSER=self.role, PGDATABASE=self.backend_db),
+            "admin": dict(PGHOST=self.sockdir, PGPORT="5432", PGUSER=self.db.get("backend_user", "postgres"),
+                          PGDATABASE=self.backend_db),
+            "pgfleet-direct": dict(PGHOST=host, PGPORT=str(port), **tcp),
+            "pgfleet-pooled": dict(PGHOST=pooled_host, PGPORT=pooled_port, **tcp),
+            "pgbouncer": dict(PGHOST="127.0.0.1", PGPORT="0", **tcp),  # port set when it starts
+        }
+        self.select1 = Path(self.bouncer.dir.parent / f"pgfleet-bench-select1-{os.getpid()}.sql")
+        self.select1.write_text("SELECT 1;\n")
+
+    def close(self) -> None:
+        self.bouncer.cleanup()
+        self.select1.unlink(missing_ok=True)
+        self.d.stop()
+
+    # --- plumbing -------------------------------------------------------------------------
+
+    def environ(self, config: str) -> dict:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        env.update(self.env[config], PGCONNECT_TIMEOUT="30", PGAPPNAME="bench-proxy")
+        if config == "pgbouncer":
+            env["PGPORT"] = str(self.bouncer.port)
+        return env
+
+    def proxy_pid(self, config: str) -> int | None:
+        return {"postgres": None, "pgbouncer": self.bouncer.pid}.get(config, self.daemon_pid)
+
+    def psql(self, config: str, sql: str) -> str:
+        p = subprocess.run(["psql", "-X", "-At", "-v", "ON_ERROR_STOP=1", "-c", sql], env=self.environ(config),
+                           capture_output=True, text=True, timeout=600)
+        if p.returncode != 0:
+            raise RuntimeError(f"psql via {config}: {p.stderr.strip()}")
+        return p.stdout.strip()
+
+    def pgbench(self, config: str, args: list[str], timeout: float) -> dict:
+        started_bouncer = False
+        if config == "pgbouncer" and self.bouncer.pid is None:
+            self.bouncer.start()
+            started_bouncer = True
+        try:
+            pid = self.proxy_pid(config)
+            cpu0, t0 = cpu_seconds(pid), time.monotonic()
+            p = subprocess.run(["pgbench", *args], env=self.environ(config), capture_output=True, text=True,
+                               timeout=timeout)
+            wall = time.monotonic() - t0
+            cpu1 = cpu_seconds(pid)
+        finally:
+            if started_bouncer:
+                self.bouncer.stop()
+        res = parse_pgbench(p.stdout + "\n" + p.stderr)
+        res["rc"] = p.returncode
+        res["ok"] = p.returncode == 0 and res["tps"] is not None and not res["failed"]
+        res["wall_s"] = round(wall, 2)
+        if cpu0 is not None and cpu1 is not None:
+            res["proxy_cpu_s"] = round(cpu1 - cpu0, 3)
+            res["proxy_cpu_pct_of_one_core"] = round(100 * (cpu1 - cpu0) / wall, 1)
+            tx = res["transactions"]
+            res["proxy_cpu_us_per_tx"] = round(1e6 * (cpu1 - cpu0) / tx, 2) if tx else None
+        if not res["ok"] and not res["errors"]:
+            res["errors"] = (p.stderr.strip().splitlines() or ["(no output)"])[-3:]
+        return res
+
+    def connect_loop(self, config: str, n: int) -> list[float]:
+        env = self.env[config]
+        kw = dict(host=env["PGHOST"], port=int(env["PGPORT"]) if config != "pgbouncer" else self.bouncer.port,
+                  user=env["PGUSER"], dbname=env["PGDATABASE"], password=env.get("PGPASSWORD"),
+                  connect_timeout=30)
+        if config != "postgres":
+            kw["sslmode"] = "disable"
+        samples = []
+        for _ in range(n):
+            t = time.perf_counter()
+            with psycopg.connect(**kw) as conn:
+                conn.execute("SELECT 1").fetchone()
+            samples.append((time.perf_counter() - t) * 1000)
+        return samples
+
+    # --- the benchmark ------------------------------------------------------------------
+
+    def init_tables(self) -> float:
+        t = time.monotonic()
+        p = subprocess.run(["pgbench", "-i", "-s", str(self.args.scale), "-q"], env=self.environ("pgfleet-direct"),
+                           capture_output=True, text=True, timeout=1800)
+        if p.returncode != 0:
+            raise SystemExit(f"pgbench -i through the pgfleet direct listener failed: {p.stderr.strip()}")
+        return time.monotonic() - t
+
+    def reset_tpcb(self, accounts: bool) -> None:
+        """Much the same starting point for every TPC-B-like run: no history, few dead tuples,
+        no checkpoint pending (as the backend's superuser, over its socket)."""
+        self.psql("admin", "TRUNCATE pgbench_history")
+        self.psql("admin", "VACUUM pgbench_branches, pgbench_tellers" + (", pgbench_accounts" if accounts else ""))
+        self.psql("admin", "CHECKPOINT")
+
+    def run(self) -> dict:
+        a = self.args
+        wls = workloads(a.clients)
+        runs: list[dict] = []
+        connects: list[dict] = []
+        conn_samples: dict[str, list[float]] = {c: [] for c in CONFIGS}
+        total = a.rounds * (len(wls) * len(CONFIGS) + len(CONFIGS))
+        done = 0
+        for rnd in range(a.rounds):
+            order = list(CONFIGS[rnd % len(CONFIGS):] + CONFIGS[:rnd % len(CONFIGS)])
+            for wl in wls:
+                for i, config in enumerate(order):
+                    if wl["script"] == "tpcb-like":
+                        self.reset_tpcb(accounts=i == 0)
+                    args = ["-n", "-c", str(wl["clients"]), "-j", str(a.jobs), "-T", str(a.duration), *wl["args"]]
+                    res = self.pgbench(config, args, timeout=a.duration * 4 + 120)
+                    res.update(round=rnd, workload=wl["id"], config=config, load1=loadavg()[0])
+                    if config == "pgfleet-pooled":  # evidence of pooling: server connections left open by the pool
+                        res["pool_server_connections"] = int(self.psql(
+                            "admin", "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgfleet-pool'"))
+                    runs.append(res)
+                    done += 1
+                    status = f"{res['tps']:.0f} tps" if res["ok"] else f"FAILED ({'; '.join(res['errors'][:1])})"
+                    print(f"[{done}/{total}] round {rnd + 1} {wl['id']:<26} {config:<15} {status}"
+                          + (f"  proxy {res.get('proxy_cpu_us_per_tx')} us/tx" if res.get("proxy_cpu_us_per_tx")
+                             else ""), file=sys.stderr, flush=True)
+            # connection setup: new connection + SELECT 1
+            for config in order:
+                res = self.pgbench(config, ["-n", "-C", "-c", "1", "-j", "1", "-T", str(a.connect_duration),
+                                            "-f", str(self.select1)], timeout=a.connect_duration * 4 + 60)
+                res.update(round=rnd, config=config)
+                if res.get("proxy_cpu_s") is not None and res["transactions"]:
+                    res["proxy_cpu_us_per_connection"] = res.pop("proxy_cpu_us_per_tx")
+                connects.append(res)
+                if config == "pgbouncer":
+                    self.bouncer.start()
+                try:
+                    conn_samples[config] += self.connect_loop(config, a.connect_samples)
+                finally:
+                    if config == "pgbouncer":
+                        self.bouncer.stop()
+                done += 1
+                print(f"[{done}/{total}] round {rnd + 1} connect {config:<15} "
+                      f"pgbench -C {res['tps'] or 0:.0f} conn/s, psycopg p50 "
+                      f"{statistics.median(conn_samples[config]):.2f} ms", file=sys.stderr, flush=True)
+        return {"workloads": wls, "runs": runs, "connects": connects, "connect_samples_ms": conn_samples}
+
+
+def median_or_none(xs: list) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return round(statistics.median(xs), 2) if xs else None
+
+
+def summarise_runs(wls: list[dict], runs: list[dict], connects: list[dict], samples: dict) -> dict:
+    out: dict = {"tps": {}, "connect": {}}
+    for wl in wls:
+        cell = out["tps"][wl["id"]] = {}
+        for config in CONFIGS:
+            rs = [r for r in runs if r["workload"] == wl["id"] and r["config"] == config]
+            ok = [r for r in rs if r["ok"]]
+            tps = [r["tps"] for r in ok]
+            cell[config] = {
+                "median_tps": median_or_none(tps), "min_tps": min(tps) if tps else None,
+                "max_tps": max(tps) if tps else None,
+                "cv_pct": round(100 * statistics.pstdev(tps) / statistics.fmean(tps), 1) if len(tps) > 1 else None,
+                "runs": len(rs), "ok_runs": len(ok),
+                "proxy_cpu_us_per_tx": median_or_none([r.get("proxy_cpu_us_per_tx") for r in ok]),
+                "proxy_cpu_pct_of_one_core": median_or_none([r.get("proxy_cpu_pct_of_one_core") for r in ok]),
+                "latency_ms": median_or_none([r["latency_ms"] for r in ok]),
+                "pool_server_connections": median_or_none([r.get("pool_server_connections") for r in rs]),
+                "failures": [{"round": r["round"], "rc": r["rc"], "errors": r["errors"]} for r in rs if not r["ok"]],
+            }
+    for config in CONFIGS:
+        cs = [c for c in connects if c["config"] == config and c["ok"]]
+        out["connect"][config] = {
+            "pgbench_C_connections_per_s": median_or_none([c["tps"] for c in cs]),
+            "pgbench_C_ms_per_connection_and_select1": median_or_none([1000 / c["tps"] for c in cs if c["tps"]]),
+            "proxy_cpu_us_per_connection": median_or_none([c.get("proxy_cpu_us_per_connection") for c in cs]),
+            "psycopg_connect_select1_ms": summarise(samples[config]),
+            "failures": [{"round": c["round"], "errors": c["errors"]} for c in connects
+                         if c["config"] == config and not c["ok"]],
+        }
+    return out
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a and b else None
+
+
+def ratios(summary: dict) -> dict:
+    out: dict = {}
+    for wid, cell in summary["tps"].items():
+        tps = {c: cell[c]["median_tps"] for c in CONFIGS}
+        cpu = {c: cell[c]["proxy_cpu_us_per_tx"] for c in PROXIES}
+        out[wid] = {
+            "pooled_over_pgbouncer_tps": ratio(tps["pgfleet-pooled"], tps["pgbouncer"]),
+            "direct_over_postgres_tps": ratio(tps["pgfleet-direct"], tps["postgres"]),
+            "pooled_over_postgres_tps": ratio(tps["pgfleet-pooled"], tps["postgres"]),
+            "pgbouncer_over_postgres_tps": ratio(tps["pgbouncer"], tps["postgres"]),
+            "pooled_over_pgbouncer_cpu_per_tx": ratio(cpu["pgfleet-pooled"], cpu["pgbouncer"]),
+            "direct_over_pgbouncer_cpu_per_tx": ratio(cpu["pgfleet-direct"], cpu["pgbouncer"]),
+        }
+    con = summary["connect"]
+    out["connect"] = {
+        "pooled_over_pgbouncer_ms": ratio(con["pgfleet-pooled"]["psycopg_connect_select1_ms"]["p50"],
+                                          con["pgbouncer"]["psycopg_connect_select1_ms"]["p50"]),
+        "direct_over_postgres_ms": ratio(con["pgfleet-direct"]["psycopg_connect_select1_ms"]["p50"],
+                                         con["postgres"]["psycopg_connect_select1_ms"]["p50"]),
+        "pooled_over_pgbouncer_cpu_per_connection": ratio(con["pgfleet-pooled"]["proxy_cpu_us_per_connection"],
+                                                          con["pgbouncer"]["proxy_cpu_us_per_connection"]),
+    }
+    return out
+
+
+def targets(rat: dict) -> dict:
+    out = {}
+    for wid, r in rat.items():
+        if wid == "connect":
+            continue
+        checks = {
+            "pooled_over_pgbouncer_tps": (r["pooled_over_pgbouncer_tps"], ">=", TARGETS["pooled_over_pgbouncer_tps"]),
+            "direct_over_postgres_tps": (r["direct_over_postgres_tps"], ">=", TARGETS["direct_over_postgres_tps"]),
+            "pooled_cpu_per_tx_over_pgbouncer": (r["pooled_over_pgbouncer_cpu_per_tx"], "<",
+                                                 TARGETS["cpu_per_tx_over_pgbouncer"]),
+        }
+        out[wid] = {k: {"measured": m, "target": f"{op} {t}",
+                        "met": None if m is None else (m >= t if op == ">=" else m < t)}
+                    for k, (m, op, t) in checks.items()}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=int, default=15, help="seconds per pgbench run")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--scale", type=int, default=10)
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--clients", default="16,64")
+    ap.add_argument("--memory-mb", type=int, default=1024, help="of the database (shared_buffers = 1/8)")
+    ap.add_argument("--connect-duration", type=int, default=5, help="seconds of pgbench -C per config and round")
+    ap.add_argument("--connect-samples", type=int, default=100, help="psycopg connections per config and round")
+    ap.add_argument("--quick", action="store_true", help="a short run: 3 s per run, one round")
+    ap.add_argument("--out", default="proxy", help="result name under bench/results/")
+    args = ap.parse_args()
+    if args.quick:
+        args.duration, args.rounds, args.connect_duration, args.connect_samples = 3, 1, 2, 30
+    args.clients = [int(c) for c in args.clients.split(",")]
+    for tool in ("pgbench", "psql", "pgbouncer"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is not installed: run scripts/install-deps.sh (apt-packages.txt lists it)")
+
+    load_before = loadavg()
+    b = Bench(args)
+    try:
+        init_s = b.init_tables()
+        pg = {k: b.psql("postgres", f"SHOW {k}") for k in ("server_version", "max_connections", "shared_buffers")}
+        raw = b.run()
+        pooling = b.d.api("GET", f"/v1/databases/{DBNAME}").get("pooling")
+    finally:
+        b.close()
+    load_after = loadavg()
+
+    summary = summarise_runs(raw["workloads"], raw["runs"], raw["connects"], raw["connect_samples_ms"])
+    rat = ratios(summary)
+    cvs = [c["cv_pct"] for cell in summary["tps"].values() for c in cell.values() if c["cv_pct"] is not None]
+    result = {
+        "benchmark": "proxy", "machine": machine(),
+        "params": {"duration_s": args.duration, "rounds": args.rounds, "scale": args.scale, "jobs": args.jobs,
+                   "clients": args.clients, "quick": args.quick, "init_s": round(init_s, 1),
+                   "connect_duration_s": args.connect_duration, "connect_samples": args.connect_samples,
+                   "database_memory_mb": args.memory_mb, "postgres": pg, "pgfleet_pooling": pooling,
+                   "pgbouncer": {"version": tool_version("pgbouncer", "--version"), "pool_mode": "transaction",
+                                 "default_pool_size": POOL_SIZE, "max_client_conn": 500,
+                                 "auth": "scram-sha-256 (auth_file with the role's password); trust to the backend"},
+                   "pgbench": tool_version("pgbench", "--version"),
+                   "paths": {"postgres": "unix socket of the backend, trust", "pgfleet-direct": "TCP 127.0.0.1, SCRAM",
+                             "pgfleet-pooled": "TCP 127.0.0.1, SCRAM", "pgbouncer": "TCP 127.0.0.1, SCRAM"},
+                   "proxy_cpu": "utime+stime from /proc/<pid>/stat of the pgfleet daemon process (both listeners,"
+                                " API) or of pgbouncer, before/after each run"},
+        "noise": {"loadavg_before": load_before, "loadavg_after": load_after,
+                  "median_cv_pct_across_rounds": median_or_none(cvs), "max_cv_pct_across_rounds": max(cvs) if cvs else None},
+        "summary": summary, "ratios": rat, "targets": targets(rat),
+        "runs": raw["runs"], "connects": raw["connects"], "connect_samples_ms": raw["connect_samples_ms"],
+    }
+    path = write_results(args.out, result)
+    plot(result, path.with_suffix(".png"))
+    report(result)
+    print(f"wrote {path} and {path.with_suffix('.png')}")
+
+
+def report(result: dict) -> None:
+    s = result["summary"]
+    print(f"{'median tps':<28}" + "".join(f"{c:>16}" for c in CONFIGS))
+    for wid, cell in s["tps"].items():
+        row = ""
+        for c in CONFIGS:
+            v = cell[c]
+            row += f"{v['median_tps']:>16.0f}" if v["median_tps"] else f"{'FAILED':>16}"
+        print(f"{wid:<28}{row}")
+    print(f"{'proxy CPU us/tx':<28}" + "".join(f"{c:>16}" for c in PROXIES))
+    for wid, cell in s["tps"].items():
+        print(f"{wid:<28}" + "".join(f"{cell[c]['proxy_cpu_us_per_tx'] or float('nan'):>16.1f}" for c in PROXIES))
+    print(f"{'connect + SELECT 1':<28}" + "".join(f"{c:>16}" for c in CONFIGS))
+    print(f"{'  psycopg p50 ms':<28}" + "".join(
+        f"{s['connect'][c]['psycopg_connect_select1_ms']['p50']:>16.2f}" for c in CONFIGS))
+    print(f"{'  pgbench -C ms':<28}" + "".join(
+        f"{s['connect'][c]['pgbench_C_ms_per_connection_and_select1'] or float('nan'):>16.2f}" for c in CONFIGS))
+    print(f"{'  proxy CPU us/conn':<28}{'':>16}" + "".join(
+        f"{s['connect'][c]['proxy_cpu_us_per_connection'] or float('nan'):>16.1f}" for c in PROXIES))
+    for wid, checks in result["targets"].items():
+        for k, v in checks.items():
+            met = {True: "met", False: "NOT MET", None: "n/a"}[v["met"]]
+            print(f"target {wid} {k}: {v['measured']} {v['target']}: {met}")
+    n = result["noise"]
+    print(f"noise: load {n['loadavg_before']} -> {n['loadavg_after']}, round-to-round CV median "
+          f"{n['median_cv_pct_across_rounds']}% max {n['max_cv_pct_across_rounds']}%")
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = result["summary"]
+    wids = list(s["tps"])
+    colors = {"postgres": "tab:gray", "pgfleet-direct": "tab:blue", "pgfleet-pooled": "tab:green",
+              "pgbouncer": "tab:orange"}
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 5.2), gridspec_kw={"width_ratios": [3, 2, 1.4]})
+    w = 0.8 / len(CONFIGS)
+    for i, c in enumerate(CONFIGS):
+        xs, ys, lo, hi, failed = [], [], [], [], []
+        for j, wid in enumerate(wids):
+            v = s["tps"][wid][c]
+            x = j + (i - (len(CONFIGS) - 1) / 2) * w
+            if v["median_tps"]:
+                xs.append(x)
+                ys.append(v["median_tps"])
+                lo.append(max(0.0, v["median_tps"] - v["min_tps"]))
+                hi.append(max(0.0, v["max_tps"] - v["median_tps"]))
+            else:
+                failed.append(x)
+        ax1.bar(xs, ys, w, yerr=[lo, hi], capsize=2, color=colors[c], label=c)
+        for x in failed:
+            ax1.annotate("failed", (x, 0), rotation=90, ha="center", va="bottom", fontsize=7, color=colors[c])
+    ax1.set_xticks(range(len(wids)), wids, rotation=20, fontsize=8)
+    ax1.set_ylabel("transactions/s (median over rounds; bars: min-max)")
+    ax1.set_title("pgbench throughput")
+    ax1.legend(fontsize=8)
+
+    w = 0.8 / len(PROXIES)
+    for i, c in enumerate(PROXIES):
+        xs, ys = [], []
+        for j, wid in enumerate(wids):
+            v = s["tps"][wid][c]["proxy_cpu_us_per_tx"]
+            if v:
+                xs.append(j + (i - (len(PROXIES) - 1) / 2) * w)
+                ys.append(v)
+        ax2.bar(xs, ys, w, color=colors[c], label=c)
+    ax2.set_xticks(range(len(wids)), wids, rotation=20, fontsize=8)
+    ax2.set_ylabel("proxy CPU time per transaction (us)")
+    ax2.set_title("proxy CPU cost")
+    ax2.legend(fontsize=8)
+
+    con = s["connect"]
+    ys = [con[c]["psycopg_connect_select1_ms"]["p50"] for c in CONFIGS]
+    ax3.bar(range(len(CONFIGS)), ys, color=[colors[c] for c in CONFIGS])
+    for i, y in enumerate(ys):
+        ax3.annotate(f"{y:.2f}", (i, y), ha="center", va="bottom", fontsize=8)
+    ax3.set_xticks(range(len(CONFIGS)), CONFIGS, rotation=20, fontsize=8)
+    ax3.set_ylabel("new connection + SELECT 1, p50 (ms, psycopg)")
+    ax3.set_title("connection setup")
+    p = result["params"]
+    fig.suptitle(f"pgfleet proxy vs Postgres and PgBouncer (transaction mode, pool {POOL_SIZE}): scale {p['scale']}, "
+                 f"-j {p['jobs']}, {p['duration_s']} s x {p['rounds']} rounds; {result['machine']['cpus']} CPUs, "
+                 f"load {result['noise']['loadavg_before'][0]:.1f}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
