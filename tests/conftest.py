@@ -182,3 +182,17 @@ def postmasters_under(home: Path) -> list[int]:
         if comm == "postgres" and cwd.startswith(root + "/"):
             pids.append(int(entry.name))
     return pids
+
+
+async def startup_error(port: int, params: dict) -> dict[str, str]:
+    """Send a startup message to a proxy; return the fields of the ErrorResponse it answers with."""
+    import asyncio
+
+    from pgfleet.pgwire import messages as m
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(m.startup_message(params))
+    kind, body = await m.read_message(reader)
+    writer.close()
+    assert kind == b"E", f"expected an ErrorResponse, got {kind!r}"
+    return m.parse_error_fields(body)

@@ -14,6 +14,8 @@ import pytest
 from pgfleet.fleet.states import State
 from pgfleet.pgwire import messages as m
 
+from .conftest import startup_error
+
 
 async def connect(env, name, password, **kw):
     return await psycopg.AsyncConnection.connect(**env.conninfo(name, password, **kw), autocommit=True)
@@ -47,25 +49,15 @@ async def test_wrong_user_is_28P01(env):
         await psycopg.AsyncConnection.connect(**{**env.conninfo("shop", created.password), "user": "postgres"})
 
 
-async def _raw_startup(port: int, params: dict) -> dict[str, str]:
-    """Send a startup message and return the fields of the ErrorResponse we get."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(m.startup_message(params))
-    kind, body = await m.read_message(reader)
-    writer.close()
-    assert kind == b"E", f"expected an ErrorResponse, got {kind!r}"
-    return m.parse_error_fields(body)
-
-
 async def test_unknown_database_is_3D000(env):
-    fields = await _raw_startup(env.proxy.port, {"user": "x", "database": "nope"})
+    fields = await startup_error(env.proxy.port, {"user": "x", "database": "nope"})
     assert fields["C"] == "3D000" and fields["S"] == "FATAL"
 
 
 async def test_database_being_deleted_is_57P03(env):
     created = await env.fleet.create("going")
     env.fleet.store.update(created.row.uuid, deleting=1)
-    fields = await _raw_startup(env.proxy.port, {"user": "going", "database": "going"})
+    fields = await startup_error(env.proxy.port, {"user": "going", "database": "going"})
     assert fields["C"] == "57P03"
     env.fleet.store.update(created.row.uuid, deleting=0)
 
