@@ -20,8 +20,9 @@ SPEC_SCHEMA = {
         "scaleToZero": {
             "type": "object", "default": {},
             "properties": {
-                "policy": {"type": "string", "enum": ["on", "off"], "default": "on",
-                           "description": "on: standby after cooldownMs without clients; off: always running."},
+                "policy": {"type": "string", "enum": ["on", "off", "idle"], "default": "on",
+                           "description": "on: standby after cooldownMs without clients; idle: also when "
+                                          "connected clients are idle; off: always running."},
                 "cooldownMs": {"type": "integer", "minimum": 0, "maximum": 2_592_000_000, "default": 300_000},
             },
         },
@@ -29,7 +30,8 @@ SPEC_SCHEMA = {
             "type": "object", "default": {},
             "properties": {
                 "mode": {"type": "string", "enum": ["session", "transaction"], "default": "transaction"},
-                "maxClientConnections": {"type": "integer", "minimum": 1, "maximum": 100_000, "default": 100},
+                "maxClientConnections": {"type": "integer", "minimum": 1, "maximum": 100_000, "default": 100,
+                                         "description": "Clients of the pooled endpoint at once."},
             },
         },
         "deletionPolicy": {"type": "string", "enum": ["Delete", "Retain"], "default": "Delete",

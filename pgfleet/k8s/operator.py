@@ -201,8 +201,10 @@ class Operator:
                 await self.patch_status(namespace, name, {
                     "phase": "Creating", "node": ref.name, "message": f"creating on node {ref.name}"})
                 try:
+                    pooling = spec.get("pooling") or {}
                     db = await ref.api.call("POST", "/v1/databases", {
-                        "name": name, "image": f"postgres:{spec.get('postgresVersion', '15')}", **wanted})
+                        "name": name, "image": f"postgres:{spec.get('postgresVersion', '15')}", **wanted,
+                        "pooling": {"max_pooled_clients": int(pooling.get("maxClientConnections", 100))}})
                 except DaemonError as exc:
                     if exc.status in (400, 422):
                         raise kopf.PermanentError(f"node {ref.name} refused the database: {exc}")

@@ -68,7 +68,8 @@ def test_invalid_specs_are_rejected_by_the_schema(cluster: Cluster):
 
 def test_database_ready_scales_to_zero_wakes_and_delete_removes_data(cluster: Cluster):
     kube = cluster.kube
-    kube.apply(database("orders", memoryMb=128, scaleToZero={"policy": "on", "cooldownMs": 1000}))
+    kube.apply(database("orders", memoryMb=128, scaleToZero={"policy": "on", "cooldownMs": 1000},
+                        pooling={"maxClientConnections": 300}))
     d = cluster.wait_ready("orders")
     node = cluster.nodes[d["status"]["node"]]
     assert d["status"]["endpoint"] == node.daemon.info["listen"]
@@ -82,6 +83,7 @@ def test_database_ready_scales_to_zero_wakes_and_delete_removes_data(cluster: Cl
     with connect(secret["pooled_uri"]) as conn:
         assert conn.execute("select count(*) from items").fetchone() == (2,)
     assert node.db("orders")["memory_mb"] == 128
+    assert node.db("orders")["pooling"]["max_pooled_clients"] == 300
     # no clients for 1 s: standby, and the status says so
     wait_for(lambda: (cluster.database("orders")["status"]).get("state") == "standby", 60, "standby in status")
     assert cluster.database("orders")["status"]["phase"] == "Ready"
