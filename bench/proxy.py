@@ -12,8 +12,8 @@ as the same role). Four ways to the SAME database, each measured with pgbench (`
   pgbouncer       : PgBouncer (Debian package), started by this script with a generated ini:
                     127.0.0.1 on a free port, pool_mode = transaction, default_pool_size = 20
                     (the same as the pgfleet pool), max_client_conn = 500. Clients authenticate
-                    with SCRAM-SHA-256 against an auth_file holding the role's password (as they
-                    do with pgfleet); PgBouncer reaches the backend's unix socket, where Postgres
+                    with SCRAM-SHA-256 against an auth_file holding a SCRAM verifier of the role's
+                    password (as pgfleet stores it); PgBouncer reaches the backend's unix socket, where Postgres
                     trusts local connections, running as the backend socket's owner uid.
                     It is restarted for each of its runs, so its idle server connections never
                     count against the backend's max_connections during the other runs.
@@ -52,6 +52,7 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import machine, start_daemon, summarise, write_results  # noqa: E402
+from pgfleet.pgwire.scram import Verifier  # noqa: E402
 
 CONFIGS = ("postgres", "pgfleet-direct", "pgfleet-pooled", "pgbouncer")
 PROXIES = ("pgfleet-direct", "pgfleet-pooled", "pgbouncer")
@@ -108,7 +109,10 @@ class PgBouncer:
         st = os.stat(sockdir)
         self.uid, self.gid = st.st_uid, st.st_gid  # the only uid that may enter the socket's directory
         self.port = free_port()
-        (self.dir / "userlist.txt").write_text(f'"{role}" "{password}"\n')
+        # a SCRAM verifier, as pgfleet stores: a plain-text password would make PgBouncer derive
+        # the salted password (4096 PBKDF2 rounds) on every login
+        verifier = Verifier.from_password(password).encode()
+        (self.dir / "userlist.txt").write_text(f'"{role}" "{verifier}"\n')
         (self.dir / "pgbouncer.ini").write_text(f"""\
 [databases]
 {name} = host={sockdir} port=5432 dbname={backend_db} user={role}
@@ -484,7 +488,7 @@ def main() -> None:
                    "database_memory_mb": args.memory_mb, "postgres": pg, "pgfleet_pooling": pooling,
                    "pgbouncer": {"version": tool_version("pgbouncer", "--version"), "pool_mode": "transaction",
                                  "default_pool_size": POOL_SIZE, "max_client_conn": 500,
-                                 "auth": "scram-sha-256 (auth_file with the role's password); trust to the backend"},
+                                 "auth": "clients: scram-sha-256 against a SCRAM verifier in auth_file; to the backend: unix socket, trust"},
                    "pgbench": tool_version("pgbench", "--version"),
                    "paths": {"postgres": "unix socket of the backend, trust", "pgfleet-direct": "TCP 127.0.0.1, SCRAM",
                              "pgfleet-pooled": "TCP 127.0.0.1, SCRAM", "pgbouncer": "TCP 127.0.0.1, SCRAM"},
