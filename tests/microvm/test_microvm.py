@@ -255,3 +255,17 @@ async def test_concurrent_creates_and_wakes(driver, make_instance):
     await asyncio.gather(*(driver.start(spec) for spec, _ in made))
     for i, (spec, backend) in enumerate(made):
         assert await query(backend, "SELECT i FROM mine", f"c{i}") == str(i)
+
+
+async def test_freed_guest_memory_returns_to_the_host(driver, make_instance):
+    """Free page reporting: memory a query used and freed leaves the VM's RAM file."""
+    spec, backend = await make_instance()
+    ram = VmFiles(spec.home).ram
+
+    def allocated() -> int:
+        return os.stat(ram).st_blocks * 512
+
+    await query(backend, "SET work_mem = '48MB'; SELECT count(*) FROM "
+                         "(SELECT md5(g::text) FROM generate_series(1, 120000) g ORDER BY 1) s")
+    peak = allocated()
+    await until(lambda: allocated() < peak - 8 * 2**20, 20, "freed memory to be reported")
