@@ -59,6 +59,13 @@ async def test_create_gives_a_personalised_running_database(driver, make_instanc
     finally:
         await conn.close()
     assert "database system is ready" in driver.log_path(spec).read_text()
+    # QEMU gave up root after opening its files, and the tenant's files are private.
+    [pid] = qemu_pids(spec.home)
+    uids = next(l for l in Path(f"/proc/{pid}/status").read_text().splitlines()
+                if l.startswith("Uid:")).split()[1:]
+    assert set(uids) == {"65534"}, f"qemu runs with uids {uids}"
+    for f in (VmFiles(spec.home).ram, VmFiles(spec.home).data):
+        assert os.stat(f).st_mode & 0o077 == 0, f"{f} is readable by others"
 
 
 async def test_reserved_role_names_are_refused(driver, tmp_path):

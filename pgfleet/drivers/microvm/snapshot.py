@@ -24,7 +24,8 @@ def copy_sparse(src: Path, dst: Path) -> int:
     """
     tmp = dst.with_name(dst.name + ".part")
     copied = 0
-    with open(src, "rb") as fin, open(tmp, "wb") as fout:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)  # tenant data
+    with open(src, "rb") as fin, open(fd, "wb") as fout:
         size = os.fstat(fin.fileno()).st_size
         os.ftruncate(fout.fileno(), size)
         pos = 0

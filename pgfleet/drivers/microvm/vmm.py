@@ -87,7 +87,10 @@ class MachineConfig:
 
 
 def qemu_argv(cfg: MachineConfig, files: VmFiles, *, tap_fd: int, qmp_fd: int,
-              incoming: bool) -> list[str]:
+              incoming: bool, data_fds: tuple[int, int] = (-1, -1)) -> list[str]:
+    """data_fds: the data disk opened read-write and read-only by us. QEMU runs as nobody
+    and cannot open the (root-only) image itself; it reopens it read-only when a snapshot
+    completes and read-write when one is restored, so it needs both, as an fd set."""
     img = cfg.image
     mem = f"{cfg.memory_mb}M"
     accel = ["-accel", "kvm", "-cpu", "host"] if cfg.accel == "kvm" else [
@@ -103,7 +106,12 @@ def qemu_argv(cfg: MachineConfig, files: VmFiles, *, tap_fd: int, qmp_fd: int,
         "-smp", str(cfg.vcpus), "-m", mem,
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         # No exec, no privilege changes from inside QEMU, even if the guest breaks out of it.
-        "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+        # QEMU opens every file it needs (all 0600, root's) and then drops to `nobody`: a guest
+        # that escapes into QEMU is neither root nor able to open other instances' files.
+        # (elevateprivileges must allow the one setuid -runas does; after it there is no
+        # privilege left to elevate to.) The sandbox forbids exec and resource changes.
+        "-runas", "nobody",
+        "-sandbox", "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny",
         # Guest RAM in a per-instance file: a suspend leaves it there (x-ignore-shared) and a
         # restore maps it again; nothing is copied through the migration stream.
         "-object", f"memory-backend-file,id=mem,size={mem},mem-path={files.ram},share=on",
@@ -114,7 +122,8 @@ def qemu_argv(cfg: MachineConfig, files: VmFiles, *, tap_fd: int, qmp_fd: int,
         "-device", "virtio-blk-device,drive=root",
         # vdb: this instance's data. cache=none: guest writes reach the image before the
         # guest sees them complete, so image + RAM file always form a consistent pair.
-        "-drive", f"id=data,file={files.data},format=raw,if=none,cache=none,aio=threads,discard=unmap",
+        "-add-fd", f"fd={data_fds[0]},set=1", "-add-fd", f"fd={data_fds[1]},set=1",
+        "-drive", "id=data,file=/dev/fdset/1,format=raw,if=none,cache=none,aio=threads,discard=unmap",
         "-device", "virtio-blk-device,drive=data",
         "-netdev", f"tap,id=net0,fd={tap_fd}",
         "-device", f"virtio-net-device,netdev=net0,mac={GUEST_MAC}",
@@ -209,18 +218,24 @@ async def spawn(cfg: MachineConfig, files: VmFiles, tap_fd: int, *, incoming: bo
     """Start QEMU (paused for an incoming snapshot, or booting) with a connected QMP session."""
     t0 = time.perf_counter()
     listener = _bind_qmp(files.qmp)
-    argv = qemu_argv(cfg, files, tap_fd=tap_fd, qmp_fd=listener.fileno(), incoming=incoming)
+    data_fds = (os.open(files.data, os.O_RDWR | os.O_CLOEXEC),
+                os.open(files.data, os.O_RDONLY | os.O_CLOEXEC))
+    argv = qemu_argv(cfg, files, tap_fd=tap_fd, qmp_fd=listener.fileno(), incoming=incoming,
+                     data_fds=data_fds)
     log = open(files.qemu_log, "ab")
     try:
         popen = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-            pass_fds=(tap_fd, listener.fileno()), start_new_session=True,
+            pass_fds=(tap_fd, listener.fileno(), *data_fds), start_new_session=True,
+            umask=0o077,  # the RAM file and console log it creates are private
         )
     except OSError as exc:
         listener.close()
         raise DriverError(f"cannot start {QEMU}: {exc}") from exc
     finally:
         log.close()
+        for fd in data_fds:
+            os.close(fd)
     files.pid.write_text(str(popen.pid))
     # Our client connects to the listening socket right away; QEMU greets once it is up.
     client_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -311,7 +326,7 @@ async def _migration_done(vm: Vm, events: EventListener, timeout: float) -> None
                 return
             if status in ("failed", "cancelled"):
                 info = await vm.qmp.execute("query-migrate")
-                raise DriverError(f"snapshot transfer {status}: {info}")
+                raise DriverError(f"snapshot transfer {status}: {info}; qemu: {tail(vm.files.qemu_log, 3)}")
 
     exit_wait = asyncio.ensure_future(vm.exited.wait())
     done_wait = asyncio.ensure_future(wait())
