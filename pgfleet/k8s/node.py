@@ -110,6 +110,7 @@ class NodeAgent:
         self._pod_locks: dict[str, asyncio.Lock] = {}
         self._pod_status: dict[str, dict] = {}
         self._touched: dict[str, float] = {}
+        self._tasks: set[asyncio.Task] = set()
         self._node_conditions: dict[str, dict] = {}
         self._annotations: dict[str, str] = {}
         self._wake = asyncio.Event()
@@ -548,7 +549,14 @@ class NodeAgent:
                             break
                         if event.get("type") in ("ADDED", "MODIFIED"):
                             pod = event["object"]
-                            asyncio.ensure_future(self._reconcile_logged(pod))
+                            task = asyncio.ensure_future(self._reconcile_logged(pod))
+                            self._tasks.add(task)
+                            task.add_done_callback(self._tasks.discard)
+                        elif event.get("type") == "DELETED":
+                            uid = event["object"]["metadata"]["uid"]
+                            self._pod_status.pop(uid, None)
+                            self._touched.pop(uid, None)
+                            self._pod_locks.pop(uid, None)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

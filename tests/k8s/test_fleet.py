@@ -85,7 +85,8 @@ def test_database_ready_scales_to_zero_wakes_and_delete_removes_data(cluster: Cl
     assert node.db("orders")["memory_mb"] == 128
     assert node.db("orders")["pooling"]["max_pooled_clients"] == 300
     # no clients for 1 s: standby, and the status says so
-    wait_for(lambda: (cluster.database("orders")["status"]).get("state") == "standby", 60, "standby in status")
+    wait_for(lambda: node.db("orders")["state"] == "standby", 90, "orders to scale to zero on its node")
+    wait_for(lambda: (cluster.database("orders")["status"]).get("state") == "standby", 30, "standby in status")
     assert cluster.database("orders")["status"]["phase"] == "Ready"
     with connect(secret["uri"]) as conn:  # wakes it
         assert conn.execute("select what from items where id = 2").fetchone() == ("pear",)
