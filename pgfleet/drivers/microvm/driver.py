@@ -552,7 +552,7 @@ class MicroVMDriver(Driver):
             t0 = time.perf_counter()
             timings: dict[str, float] = {}
             self._syncs.pop(spec.uuid, None)  # a running fsync is harmless, and not waited for
-            await asyncio.to_thread(network.ensure, self._netns(spec))
+            await self._ensure_netns(spec)
             if files.state.exists() and not snapshot_usable(files.state):
                 log.warning("%s: snapshot predates a host crash and was never synced; "
                             "cold booting from its disk", spec.name)

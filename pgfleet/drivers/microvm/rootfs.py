@@ -15,7 +15,6 @@ import os
 import pwd
 import re
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
