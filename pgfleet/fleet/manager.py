@@ -43,6 +43,10 @@ class Runtime:
     backend: Backend | None = None
     clients: int = 0  # open client sessions (leases)
     busy: int = 0  # sessions with a query running or a transaction open
+    # settings cached from the store for the per-transaction path (refreshed on transitions)
+    policy: str | None = None
+    cooldown_ms: int = DEFAULT_COOLDOWN_MS
+    running: bool = False
     last_active: float = field(default_factory=time.monotonic)
     idle_timer: asyncio.TimerHandle | None = None
     drained: asyncio.Event = field(default_factory=asyncio.Event)
@@ -264,7 +268,8 @@ class Fleet:
         rt = self.runtime(row.uuid)
         async with rt.lock:
             row = self.get(row.uuid)
-            if only_if_idle and (self._in_use(row, rt) or row.state != State.RUNNING
+            rt.policy = row.stz_policy
+            if only_if_idle and (self._in_use(rt) or row.state != State.RUNNING
                                  or not self._idle_long_enough(row, rt)):
                 return row
             if row.state in (State.STANDBY, State.STOPPED):
@@ -287,6 +292,7 @@ class Fleet:
                                   stop_reason="stop" if target == State.STOPPED else reason)
             await self._notify()
             rt.backend = None
+            rt.running = False
             spec = self.spec(row)
             try:
                 if target == State.STOPPED:
@@ -328,10 +334,12 @@ class Fleet:
         rt.busy += 1 if busy else -1
         rt.last_active = time.monotonic()
         if busy:
-            self._cancel_idle_timer(rt)
+            if rt.idle_timer is not None:
+                self._cancel_idle_timer(rt)
         elif rt.busy <= 0:
             rt.busy = 0
-            self._arm_idle_timer(uuid)
+            if rt.policy == "idle" or rt.clients == 0:
+                self._arm_idle_timer(uuid, fresh=False)
 
     def touch(self, uuid: str) -> None:
         rt = self.rt.get(uuid)
@@ -341,22 +349,28 @@ class Fleet:
     def _idle_long_enough(self, row: InstanceRow, rt: Runtime) -> bool:
         return (time.monotonic() - rt.last_active) * 1000 >= row.cooldown_ms - 1
 
-    def _arm_idle_timer(self, uuid: str) -> None:
-        row = self.store.get(uuid)
+    def _arm_idle_timer(self, uuid: str, fresh: bool = True) -> None:
+        """(Re)start the countdown to scale-to-zero. `fresh=False` trusts the settings cached
+        in the runtime: the proxy calls this once per transaction, too often for SQLite."""
         rt = self.rt.get(uuid)
-        if row is None or rt is None or self._closing:
+        if rt is None or self._closing:
             return
+        if fresh or rt.policy is None:
+            row = self.store.get(uuid)
+            if row is None:
+                return
+            rt.policy, rt.cooldown_ms, rt.running = row.stz_policy, row.cooldown_ms, row.state == State.RUNNING
         self._cancel_idle_timer(rt)
-        if row.stz_policy == "off" or self._in_use(row, rt) or row.state != State.RUNNING:
+        if rt.policy == "off" or self._in_use(rt) or not rt.running:
             return
-        due = max(0.0, row.cooldown_ms / 1000 - (time.monotonic() - rt.last_active))
+        due = max(0.0, rt.cooldown_ms / 1000 - (time.monotonic() - rt.last_active))
         rt.idle_timer = asyncio.get_running_loop().call_later(due, self._idle_due, uuid)
 
     @staticmethod
-    def _in_use(row: InstanceRow, rt: Runtime) -> bool:
+    def _in_use(rt: Runtime) -> bool:
         """What keeps a database from scaling to zero: any client session (`on`), or
         only a session in the middle of a query or transaction (`idle`)."""
-        return rt.busy > 0 if row.stz_policy == "idle" else (rt.clients > 0 or rt.busy > 0)
+        return rt.busy > 0 if rt.policy == "idle" else (rt.clients > 0 or rt.busy > 0)
 
     @staticmethod
     def _cancel_idle_timer(rt: Runtime) -> None:
@@ -396,6 +410,7 @@ class Fleet:
             if row is None or row.state != State.RUNNING:
                 return
             rt.backend = None
+            rt.running = False
             self._cancel_idle_timer(rt)
             self.store.transition(uuid, State.RUNNING, State.STANDBY, f"crashed: {reason}",
                                   stop_reason="crashed", stopped_at=time.time())

@@ -101,11 +101,18 @@ class Pool:
         self.params: dict[str, str] = {}
         self._opening = 0
 
-    async def acquire(self) -> ServerConn:
+    def try_acquire(self) -> ServerConn | None:
+        """An idle connection at once, or None (the per-transaction fast path: no task)."""
         while self.idle:
             conn = self.idle.pop()
             if not conn.closed:
                 return conn
+        return None
+
+    async def acquire(self) -> ServerConn:
+        conn = self.try_acquire()
+        if conn is not None:
+            return conn
         if len(self.conns) + self._opening < self.size:
             return await self._open()
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
@@ -210,7 +217,7 @@ class PooledClient(asyncio.Protocol):
         self.on_busy = on_busy
         self.server: ServerConn | None = None
         self.buffer = MessageBuffer()
-        self.sbuffer = MessageBuffer()
+        self._scarry = b""  # a partial server message carried to the next read
         self.backlog: list[tuple[int, bytes]] = []
         self.acquiring: asyncio.Task | None = None
         self.queue: deque[Expect] = deque()
@@ -245,8 +252,12 @@ class PooledClient(asyncio.Protocol):
         if self.backlog[0][0] == 0x58:  # Terminate while idle: no server needed
             self.close()
             return
-        self.transport.pause_reading()  # type: ignore[union-attr]
         self.on_busy(True)
+        conn = self.pool.try_acquire()
+        if conn is not None:
+            self._attach(conn)
+            return
+        self.transport.pause_reading()  # type: ignore[union-attr]
         self.acquiring = asyncio.ensure_future(self.pool.acquire())
         self.acquiring.add_done_callback(self._acquired)
 
@@ -262,11 +273,14 @@ class PooledClient(asyncio.Protocol):
         if self.done.done():
             self.pool.release(conn)
             return
+        if self.transport is not None:
+            self.transport.resume_reading()
+        self._attach(conn)
+
+    def _attach(self, conn: ServerConn) -> None:
         conn.client = self
         self.server = conn
         backlog, self.backlog = self.backlog, []
-        if self.transport is not None:
-            self.transport.resume_reading()
         self._handle(backlog)
 
     def _handle(self, msgs: list[tuple[int, bytes]]) -> None:
@@ -358,37 +372,57 @@ class PooledClient(asyncio.Protocol):
 
     # --- server -> client ------------------------------------------------------------
     def from_server(self, data: bytes) -> None:
-        try:
-            msgs = self.sbuffer.feed(data)
-        except m.ProtocolError as exc:
-            self._fatal("08P01", f"the database broke the protocol: {exc}")
-            return
-        out: list[bytes] = []
+        """Walk the server's messages in place: runs of messages the client should see are
+        written as slices of what arrived (usually the whole read, uncopied)."""
+        if self._scarry:
+            data, self._scarry = self._scarry + data, b""
         queue = self.queue
+        out: list[bytes] = []
         release = False
-        for kind, body in msgs:
+        pos, run, end = 0, 0, len(data)
+        while end - pos >= 5:
+            kind = data[pos]
+            mend = pos + 1 + int.from_bytes(data[pos + 1 : pos + 5], "big")
+            if mend < pos + 5:
+                self._fatal("08P01", "the database broke the protocol: message length below 4")
+                return
+            if mend > end:
+                break
             if kind in _ASYNC:
-                out.append(_raw(kind, body))
+                pos = mend
                 continue
-            _emit_synth(queue, out)
+            if queue and queue[0].kind == SYNTH:
+                out.append(data[run:pos])
+                _emit_synth(queue, out)
+                run = pos
             if kind == 0x45:  # ErrorResponse: the server now skips to the next Sync
-                out.append(_raw(kind, body))
                 while queue and queue[0].kind != SYNC:
                     e = queue.popleft()
                     if e.on_error is not None:
                         e.on_error()
+                pos = mend
                 continue
             head = queue[0] if queue else None
-            if head is None or head.kind != DROP:
-                out.append(_raw(kind, body))
-            if head is not None and kind in head.ends:
-                queue.popleft()
+            if head is not None:
+                if head.kind == DROP:
+                    out.append(data[run:pos])
+                    run = mend
+                if kind in head.ends:
+                    queue.popleft()
             if kind == 0x5A:  # ReadyForQuery
-                self.in_tx = body[:1] != b"I"
-                _emit_synth(queue, out)
+                self.in_tx = data[pos + 5] != 0x49
+                if queue and queue[0].kind == SYNTH:
+                    out.append(data[run:mend])
+                    _emit_synth(queue, out)
+                    run = mend
                 release = not queue and not self.in_tx
+            pos = mend
+        if run < pos:
+            out.append(data[run:pos])
+        if pos < end:
+            self._scarry = data[pos:]
         if self.transport is not None and out:
-            self.transport.write(b"".join(out))
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
         if release:
             self._release_server()
 
