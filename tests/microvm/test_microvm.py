@@ -276,3 +276,31 @@ async def test_freed_guest_memory_returns_to_the_host(driver, make_instance):
                          "(SELECT md5(g::text) FROM generate_series(1, 120000) g ORDER BY 1) s")
     peak = allocated()
     await until(lambda: allocated() < peak - 8 * 2**20, 20, "freed memory to be reported")
+
+
+async def test_clones_come_from_the_pre_copied_pool(driver, make_instance):
+    tpl = driver._templates[(128, 1)]
+    pool = driver._pool_dir(tpl)
+    driver._refill_pool(tpl)
+
+    def ready() -> int:
+        return sum(1 for p in pool.iterdir() if p.name.startswith("ready-")) if pool.exists() else 0
+
+    await until(lambda: ready() >= driver.clone_pool, 30, "the clone pool to fill")
+    spec, backend = await make_instance()
+    assert "pool_take_ms" in driver.last_timings and "copy_ms" not in driver.last_timings
+    assert await query(backend, "SELECT current_user", "tenant") == "tenant"
+    assert not (spec.home / ".pool-claim").exists()
+
+
+async def test_start_adopts_a_vm_left_running_instead_of_starting_a_second(driver, make_instance, tmp_path):
+    spec, backend = await make_instance()
+    _, vm = driver._vms.pop(spec.uuid)  # the daemon that started it is gone...
+    vm.expected_exit = True
+    await vm.close_qmp()
+    restarted = MicroVMDriver(tmp_path / "state3")
+    await restarted.prepare()
+    await restarted.start(spec)  # ...and the new one calls start() without recover()
+    assert qemu_pids(spec.home) == [vm.pid]
+    assert await query(backend, "SELECT 1") == "1"
+    await restarted.destroy(spec)

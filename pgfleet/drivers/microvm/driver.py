@@ -53,6 +53,11 @@ class Template:
         return vmm.VmFiles(self.dir)
 
 
+def _log_failure(task: asyncio.Future) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("microvm background work failed: %s", task.exception())
+
+
 def _flock(path: Path):
     f = open(path, "w")
     fcntl.flock(f, fcntl.LOCK_EX)
@@ -85,6 +90,7 @@ class MicroVMDriver(Driver):
         accel: str | None = None,  # "kvm" | "tcg" | None = probe
         template_memory_mb: int = 128,
         boot_timeout: float = 120.0,
+        clone_pool: int = 2,  # template copies kept ready per template (0: copy on create)
     ) -> None:
         super().__init__(state_dir, on_exit)
         self.image_name = image
@@ -92,6 +98,8 @@ class MicroVMDriver(Driver):
         self.accel = accel
         self.template_memory_mb = template_memory_mb
         self.boot_timeout = boot_timeout
+        self.clone_pool = clone_pool
+        self._pool_fill: dict[str, asyncio.Future] = {}
         self.image: Image | None = None
         self._vms: dict[str, tuple[InstanceSpec, vmm.Vm]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -121,7 +129,8 @@ class MicroVMDriver(Driver):
             if self.accel == "tcg":
                 log.warning("KVM cannot run a guest on this host: microVMs run under TCG "
                             "emulation (~1% of native CPU speed)")
-        await self._template(self.template_memory_mb, 1)
+        tpl = await self._template(self.template_memory_mb, 1)
+        self._refill_pool(tpl)
 
     def _machine(self, memory_mb: int, vcpus: int, image: Image | None = None) -> vmm.MachineConfig:
         if self.image is None or self.accel is None:
@@ -282,6 +291,11 @@ class MicroVMDriver(Driver):
         if not vm.expected_exit:
             self._drop_ctl(spec)
         asyncio.ensure_future(vm.close_qmp())
+        try:
+            if int(vm.files.pid.read_text()) == vm.pid:
+                vm.files.pid.unlink()  # no stale pid for a later start() to look up
+        except (FileNotFoundError, ValueError):
+            pass
         if vm.expected_exit or not vm.established:
             return  # ours, or a failure the running operation reports itself
         reason = f"{vm.exit_reason}; console: {vmm.tail(vm.files.console, 3)}"
@@ -499,9 +513,12 @@ class MicroVMDriver(Driver):
             files = vmm.VmFiles(spec.home)
             try:
                 t1 = time.perf_counter()
-                src = tpl.files
-                await asyncio.to_thread(self._copy_template, src, files)
-                timings["copy_ms"] = (time.perf_counter() - t1) * 1000
+                if await asyncio.to_thread(self._take_pooled, tpl, files):
+                    timings["pool_take_ms"] = (time.perf_counter() - t1) * 1000
+                else:
+                    await asyncio.to_thread(self._copy_template, tpl.files, files)
+                    timings["copy_ms"] = (time.perf_counter() - t1) * 1000
+                self._refill_pool(tpl)
                 t1 = time.perf_counter()
                 await self._ensure_netns(spec)
                 timings["netns_ms"] = (time.perf_counter() - t1) * 1000
@@ -530,6 +547,69 @@ class MicroVMDriver(Driver):
             self.last_timings = timings
             return self.backend(spec)
 
+    # ----------------------------------------------------------------- clone pool
+    #
+    # Copying a template's RAM file and disk costs 30-60 ms of a clone's latency. A few
+    # copies are made ahead of time, in the background, under state_dir/clone-pool; a create
+    # claims one with a directory rename (atomic: two creates never get the same copy) and
+    # moves its files into the instance home, which is only renames when both are on one
+    # filesystem. Otherwise the pool is not used.
+
+    def _pool_dir(self, tpl: Template) -> Path:
+        return self.state_dir / "clone-pool" / tpl.dir.name
+
+    def _take_pooled(self, tpl: Template, dst: vmm.VmFiles) -> bool:
+        pool = self._pool_dir(tpl)
+        try:
+            if os.stat(pool).st_dev != os.stat(dst.home).st_dev:
+                return False
+            ready = sorted(p for p in pool.iterdir() if p.name.startswith("ready-"))
+        except FileNotFoundError:
+            return False
+        for slot in ready:
+            claimed = dst.home / ".pool-claim"
+            try:
+                os.rename(slot, claimed)
+            except OSError:
+                continue  # another create took it first
+            src = vmm.VmFiles(claimed)
+            os.rename(src.ram, dst.ram)
+            os.rename(src.data, dst.data)
+            os.rename(src.console, dst.console)
+            mark_unsynced(dst.state)
+            os.rename(src.state, dst.state)  # the state goes last: it vouches for the others
+            shutil.rmtree(claimed, ignore_errors=True)
+            return True
+        return False
+
+    def _refill_pool(self, tpl: Template) -> None:
+        """Top the pool up to CLONE_POOL copies in the background (one filler per template)."""
+        if self.clone_pool <= 0:
+            return
+        running = self._pool_fill.get(tpl.dir.name)
+        if running is not None and not running.done():
+            return
+        fill = asyncio.ensure_future(asyncio.to_thread(self._fill_pool, tpl))
+        fill.add_done_callback(_log_failure)
+        self._pool_fill[tpl.dir.name] = fill
+
+    def _fill_pool(self, tpl: Template) -> None:
+        pool = self._pool_dir(tpl)
+        pool.mkdir(parents=True, exist_ok=True)
+        os.chmod(pool, 0o700)
+        for old in pool.parent.iterdir():  # copies of templates that are no longer current
+            if old != pool and old.name not in {t.dir.name for t in self._templates.values()}:
+                shutil.rmtree(old, ignore_errors=True)
+        while sum(1 for p in pool.iterdir() if p.name.startswith("ready-")) < self.clone_pool:
+            tmp = pool / f"fill-{os.getpid()}-{os.urandom(4).hex()}"
+            tmp.mkdir()
+            try:
+                self._copy_template(tpl.files, vmm.VmFiles(tmp))
+                os.rename(tmp, pool / f"ready-{time.time_ns()}-{os.urandom(2).hex()}")
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+
     @staticmethod
     def _copy_template(src: vmm.VmFiles, dst: vmm.VmFiles) -> None:
         copy_sparse(src.ram, dst.ram)
@@ -544,7 +624,7 @@ class MicroVMDriver(Driver):
 
     async def start(self, spec: InstanceSpec) -> Backend:
         async with self._lock(spec):
-            if self._running(spec) is not None:
+            if self._running(spec) is not None or await self._adopt_or_clear(spec):
                 return self.backend(spec)
             files = vmm.VmFiles(spec.home)
             if not files.data.exists():
@@ -598,8 +678,10 @@ class MicroVMDriver(Driver):
             self._vms.pop(spec.uuid, None)
             files = vm.files
             # Durable in the background; until then the snapshot is trusted only in this boot.
-            self._syncs[spec.uuid] = asyncio.ensure_future(asyncio.to_thread(
+            sync = asyncio.ensure_future(asyncio.to_thread(
                 sync_snapshot, files.state, [files.ram, files.data], token))
+            sync.add_done_callback(_log_failure)
+            self._syncs[spec.uuid] = sync
             # The namespace stays: host sockets held into the guest live there.
             timings["total_ms"] = (time.perf_counter() - t0) * 1000
             self.last_timings = timings
@@ -671,27 +753,35 @@ class MicroVMDriver(Driver):
 
     async def recover(self, spec: InstanceSpec) -> Backend | None:
         async with self._lock(spec):
-            if self._running(spec) is not None:
+            if self._running(spec) is not None or await self._adopt_or_clear(spec):
                 return self.backend(spec)
-            files = vmm.VmFiles(spec.home)
-            vm = await vmm.adopt(files)
-            if vm is not None:
-                status = (await vm.qmp.execute("query-status"))["status"]  # type: ignore[index]
-                if status == "running" and network.exists(self._netns(spec)):
-                    vm.established = True
-                    self._attach(spec, vm)
-                    return self.backend(spec)
-                if status == "postmigrate" and files.state_tmp.exists():
-                    mig = await vm.qmp.execute("query-migrate")
-                    if mig.get("status") == "completed":  # type: ignore[union-attr]
-                        mark_unsynced(files.state)
-                        os.rename(files.state_tmp, files.state)  # the suspend had finished
-                await vm.kill()
-            # Nothing (usable) runs: clear leftovers so start() begins from a known state.
-            unlink_quiet(files.state_tmp)
-            unlink_quiet(files.qmp)
-            unlink_quiet(files.pid)
             return None
+
+    async def _adopt_or_clear(self, spec: InstanceSpec) -> bool:
+        """Take over a QEMU a previous daemon left for this instance (True if it runs and is
+        now ours); otherwise end it and clear leftovers so a start() begins from a known state.
+        Also guards start()/create() against a second QEMU on the same files."""
+        files = vmm.VmFiles(spec.home)
+        if not files.pid.exists():
+            return False
+        vm = await vmm.adopt(files)
+        if vm is not None:
+            status = (await vm.qmp.execute("query-status"))["status"]  # type: ignore[index]
+            if status == "running" and network.exists(self._netns(spec)):
+                vm.established = True
+                self._attach(spec, vm)
+                log.info("microvm %s: adopted running qemu pid %d", spec.name, vm.pid)
+                return True
+            if status == "postmigrate" and files.state_tmp.exists():
+                mig = await vm.qmp.execute("query-migrate")
+                if mig.get("status") == "completed":  # type: ignore[union-attr]
+                    mark_unsynced(files.state)
+                    os.rename(files.state_tmp, files.state)  # the suspend had finished
+            await vm.kill()
+        unlink_quiet(files.state_tmp)
+        unlink_quiet(files.qmp)
+        unlink_quiet(files.pid)
+        return False
 
     async def usage(self, spec: InstanceSpec) -> dict[str, int]:
         vm = self._running(spec)
@@ -714,6 +804,11 @@ class MicroVMDriver(Driver):
 
     async def close(self) -> None:
         """Drop QMP sessions; VMs keep running (recover() adopts them after a restart)."""
+        for fill in list(self._pool_fill.values()):
+            try:
+                await fill
+            except OSError:
+                pass  # logged by its done callback
         for task in list(self._syncs.values()):
             try:
                 await task
