@@ -25,6 +25,13 @@ def test_image_is_cached_and_small(image):
         "the cache must live outside the checkout"
 
 
+def test_kvm_probe_recognises_a_guest_that_really_ran(image):
+    from pgfleet.drivers.microvm.probe import _boot_probe
+
+    # The same probe under TCG must succeed: it proves the verdict is about KVM, not the probe.
+    assert _boot_probe(image.kernel, timeout=60, accel="tcg") is True
+
+
 def test_kvm_probe_gives_a_cached_verdict():
     first = kvm_works()
     t0 = time.monotonic()

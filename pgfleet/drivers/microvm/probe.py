@@ -23,8 +23,12 @@ _verdict: dict[str, bool] = {}
 
 
 def _probe_kernel() -> Path | None:
-    """A directly bootable guest kernel: the newest one built into the cache."""
+    """A directly bootable kernel: the newest guest kernel built into the cache, else the
+    host's own (/boot/vmlinuz-*; any x86 kernel reaches its "no root" panic on microvm)."""
     found = sorted(glob.glob(str(cache_dir() / "kernels" / "*" / "bzImage")), key=os.path.getmtime)
+    if not found:
+        found = [p for p in sorted(glob.glob("/boot/vmlinuz-*"), key=os.path.getmtime)
+                 if os.access(p, os.R_OK)]
     return Path(found[-1]) if found else None
 
 
@@ -63,11 +67,13 @@ def kvm_works(timeout: float = 15.0) -> bool:
     return works
 
 
-def _boot_probe(kernel: Path, timeout: float) -> bool:
+def _boot_probe(kernel: Path, timeout: float, accel: str = "kvm") -> bool:
     with tempfile.TemporaryDirectory(prefix="pgfleet-kvm-probe-") as tmp:
         console = Path(tmp) / "console"
         argv = [
-            QEMU, "-M", "microvm,acpi=off,x-option-roms=off", "-accel", "kvm", "-cpu", "host",
+            # ACPI on: a distribution kernel may need it to find its devices on microvm.
+            QEMU, "-M", "microvm,x-option-roms=off", "-accel", accel,
+            "-cpu", "host" if accel == "kvm" else "max",
             "-m", "64M", "-smp", "1", "-nodefaults", "-no-user-config", "-display", "none",
             "-no-reboot", "-kernel", str(kernel),
             "-append", "console=ttyS0 reboot=t panic=-1 root=/dev/nonexistent",
