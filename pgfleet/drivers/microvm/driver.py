@@ -169,8 +169,8 @@ class MicroVMDriver(Driver):
     async def _template(self, memory_mb: int, vcpus: int) -> Template:
         """The template snapshot for this machine shape, booting one VM to make it if needed."""
         have = self._templates.get((memory_mb, vcpus))
-        if have is not None:
-            return have
+        if have is not None and (have.dir / "template.json").exists():
+            return have  # (gone if someone pruned it: then it is made again)
         async with self._template_lock:
             key = self._template_key(memory_mb, vcpus)
             final = self.cache / "templates" / key

@@ -89,6 +89,7 @@ def image_key(name: str) -> str:
     guest_files = sorted(p for p in GUEST_DIR.iterdir() if p.is_file())
     return content_hash([
         IMAGE_FORMAT, name, _kernel_key_or_fallback(), rootfs_mod.postgres_version(),
+        Path(rootfs_mod.__file__).read_bytes(),  # how the root fs is made is an input too
         *[p.name.encode() + b"\0" + p.read_bytes() for p in guest_files],
     ])
 
@@ -154,9 +155,15 @@ def build_image(
     with _locked(cache):
         key = image_key(name)
         final = _image_dir(cache, name, key)
-        if (final / "image.json").exists() and not force:
-            progress("done", 1.0, f"{name} is cached ({key})")
-            return Image.from_json(json.loads((final / "image.json").read_text()))
+        if (final / "image.json").exists():
+            if not force:
+                progress("done", 1.0, f"{name} is cached ({key})")
+                return Image.from_json(json.loads((final / "image.json").read_text()))
+            users = _live_users(final)
+            if users:
+                # A suspended guest's page cache belongs to these exact image bytes.
+                raise DriverError(f"image {name} ({key}) is in use by {len(users)} instance(s); "
+                                  "it cannot be rebuilt in place")
         kernel, kernel_source = _ensure_kernel(cache, progress)
         (cache / "images").mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=cache / "images"))

@@ -126,7 +126,9 @@ def make_image(root: Path, out: Path) -> str:
     """Pack the tree read-only; returns the filesystem type (the kernel cmdline needs it)."""
     if shutil.which("mkfs.erofs"):
         run(
-            ["mkfs.erofs", "-zlz4hc,9", "--all-root", "-T0", "--quiet", str(out), str(root)],
+            # Fixed timestamps and UUID: the same inputs give the same bytes.
+            ["mkfs.erofs", "-zlz4hc,9", "--all-root", "-T0", "-U", "00000000-0000-4000-8000-00000000f1ee",
+             "--quiet", str(out), str(root)],
             "mkfs.erofs",
         )
         return "erofs"
