@@ -119,6 +119,9 @@ class MicroVMDriver(Driver):
 
         First run on a host: ~4 min kernel build + ~5 s template boot; afterwards ~0.1 s.
         """
+        if os.geteuid() != 0:
+            raise DriverUnavailable("the microvm driver needs root (network namespaces, TAP "
+                                    "devices, QEMU dropping to nobody)")
         if shutil.which(QEMU) is None:
             raise DriverUnavailable(f"{QEMU} is not installed (apt-get install qemu-system-x86)")
         if not Path("/dev/net/tun").exists():
