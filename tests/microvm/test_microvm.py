@@ -137,6 +137,13 @@ async def test_clones_are_independent(driver, make_instance):
     ra = await query(ba, "SELECT gen_random_uuid()::text")
     rb = await query(bb, "SELECT gen_random_uuid()::text")
     assert ra != rb
+    # Cancel keys come from the postmaster's own RNG, also cloned: they must differ too.
+    ca, cb = await connect(ba), await connect(bb)
+    try:
+        assert ca.secret_key != cb.secret_key
+    finally:
+        await ca.close()
+        await cb.close()
 
 
 async def test_tenants_cannot_reach_each_other(driver, make_instance):

@@ -16,6 +16,7 @@ form one consistent snapshot, or there is no snapshot and the disk alone is the 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import fcntl
 import json
 import logging
@@ -203,7 +204,8 @@ class MicroVMDriver(Driver):
         try:
             await asyncio.to_thread(copy_sparse, self.image.data, files.data)
             await asyncio.to_thread(network.ensure, ns)
-            vm = await self._spawn(self._machine(memory_mb, vcpus), files, ns, incoming=False)
+            cfg = dataclasses.replace(self._machine(memory_mb, vcpus), template=True)
+            vm = await self._spawn(cfg, files, ns, incoming=False)
             vm.watch(lambda v: None)
             await vmm.set_snapshot_caps(vm)
             backend = Backend(host=GUEST_ADDR, port=PG_PORT, netns=ns)

@@ -84,6 +84,7 @@ class MachineConfig:
     memory_mb: int
     vcpus: int
     accel: str  # "kvm" or "tcg"
+    template: bool = False  # booting a template: tells the guest init (see init.c)
 
 
 def qemu_argv(cfg: MachineConfig, files: VmFiles, *, tap_fd: int, qmp_fd: int,
@@ -116,7 +117,8 @@ def qemu_argv(cfg: MachineConfig, files: VmFiles, *, tap_fd: int, qmp_fd: int,
         # restore maps it again; nothing is copied through the migration stream.
         "-object", f"memory-backend-file,id=mem,size={mem},mem-path={files.ram},share=on",
         "-machine", "memory-backend=mem",
-        "-kernel", str(img.kernel), "-append", img.cmdline(),
+        "-kernel", str(img.kernel),
+        "-append", img.cmdline() + (" pgfleet.template" if cfg.template else ""),
         # vda: the shared read-only root; host page cache serves all VMs.
         "-drive", f"id=root,file={img.rootfs},format=raw,if=none,readonly=on",
         "-device", "virtio-blk-device,drive=root",
