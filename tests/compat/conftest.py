@@ -2,10 +2,11 @@
 pgfleet listeners, the direct one and the pooled one.
 
 One daemon per test module (it takes a few seconds to start); every test gets a `target`:
-a listener of that daemon, parametrised over LISTENERS x SSLMODES. TLS is not there yet:
-when it lands, add its modes ("require", "verify-full") to SSLMODES and every test runs
-over it too. Tests share one database per module, so each one works in tables of its own
-(named after the test and the listener), never in session state it did not create.
+a listener of that daemon, parametrised over LISTENERS x SSLMODES, so every test runs in
+plain text and over TLS ("verify-full" against the CA the daemon made on first start, its
+`ca_file` in daemon.json, by the listener's IP address). Tests share one database per
+module, so each one works in tables of its own (named after the test and the listener),
+never in session state it did not create.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import pytest
 from tests.conftest import SANDBOX_SKIP, Daemon, start_daemon, stop_daemon
 
 LISTENERS = ("direct", "pooled")
-SSLMODES = ("disable",)  # TLS cases join here when TLS lands
+SSLMODES = ("disable", "verify-full")
 DBNAME = "compat"
 
 
@@ -37,6 +38,7 @@ class Target:
     dbname: str
     user: str
     password: str
+    sslrootcert: str | None = None
 
     @property
     def id(self) -> str:
@@ -44,13 +46,33 @@ class Target:
 
     def conninfo(self, **extra) -> dict:
         """Keyword arguments for psycopg.connect (libpq)."""
-        return dict(host=self.host, port=self.port, dbname=self.dbname, user=self.user,
-                    password=self.password, sslmode=self.sslmode, connect_timeout=30, **extra)
+        kw = dict(host=self.host, port=self.port, dbname=self.dbname, user=self.user,
+                  password=self.password, sslmode=self.sslmode, connect_timeout=30, **extra)
+        if self.tls:
+            kw["sslrootcert"] = self.sslrootcert
+        return kw
+
+    @property
+    def tls(self) -> bool:
+        return self.sslmode != "disable"
+
+    def ssl_context(self):
+        """For clients that take an SSLContext (asyncpg): False in plain text."""
+        if not self.tls:
+            return False
+        import ssl
+
+        ctx = ssl.create_default_context(cafile=self.sslrootcert)
+        ctx.check_hostname = self.sslmode == "verify-full"
+        return ctx
 
     def url(self, scheme: str = "postgresql", with_sslmode: bool = True) -> str:
         cred = f"{urllib.parse.quote(self.user)}:{urllib.parse.quote(self.password)}"
         url = f"{scheme}://{cred}@{self.host}:{self.port}/{self.dbname}"
-        return url + (f"?sslmode={self.sslmode}" if with_sslmode else "")
+        if not with_sslmode:
+            return url
+        url += f"?sslmode={self.sslmode}"
+        return url + (f"&sslrootcert={urllib.parse.quote(self.sslrootcert)}" if self.tls else "")
 
     def libpq_env(self) -> dict:
         """The environment a libpq program (psql, pgbench) or node-postgres finds its server in."""
@@ -58,6 +80,8 @@ class Target:
         env.update(PGHOST=self.host, PGPORT=str(self.port), PGDATABASE=self.dbname, PGUSER=self.user,
                    PGPASSWORD=self.password, PGSSLMODE=self.sslmode, PGCONNECT_TIMEOUT="30",
                    PGAPPNAME="pgfleet-compat")
+        if self.tls:
+            env["PGSSLROOTCERT"] = self.sslrootcert
         return env
 
 
@@ -69,7 +93,10 @@ class CompatDaemon:
     def target(self, listener: str, sslmode: str) -> Target:
         addr = self.daemon.info["listen" if listener == "direct" else "listen_pooled"]
         host, port = addr.rsplit(":", 1)
-        return Target(listener, sslmode, host, int(port), DBNAME, DBNAME, self.password)
+        ca = self.daemon.info.get("ca_file")
+        if sslmode != "disable" and not ca:
+            pytest.fail(f"sslmode={sslmode}, but the daemon has no TLS CA file (daemon.json: {self.daemon.info})")
+        return Target(listener, sslmode, host, int(port), DBNAME, DBNAME, self.password, ca)
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,11 @@ import uuid
 import asyncpg
 import pytest
 
+pytestmark = pytest.mark.timeout(120)  # a hung proxy fails a test, not the suite
+
 
 async def connect(target, **kw) -> asyncpg.Connection:
-    ssl = False if target.sslmode == "disable" else target.sslmode
+    ssl = target.ssl_context()
     return await asyncpg.connect(host=target.host, port=target.port, user=target.user, password=target.password,
                                  database=target.dbname, ssl=ssl, timeout=30, **kw)
 
@@ -127,7 +129,7 @@ async def test_errors_then_recovery(target):
 
 
 async def test_pool(target):
-    ssl = False if target.sslmode == "disable" else target.sslmode
+    ssl = target.ssl_context()
     pool = await asyncpg.create_pool(host=target.host, port=target.port, user=target.user, password=target.password,
                                      database=target.dbname, ssl=ssl, min_size=2, max_size=5, timeout=30)
     try:

@@ -12,9 +12,9 @@ import pytest
 
 NODE_DIR = Path(__file__).resolve().parent / "node"
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.timeout(120), pytest.mark.skipif(
     shutil.which("node") is None or not (NODE_DIR / "node_modules" / "pg").is_dir(),
-    reason="SKIPPED LOUDLY: node or tests/compat/node/node_modules missing: run scripts/install-deps.sh")
+    reason="SKIPPED LOUDLY: node or tests/compat/node/node_modules missing: run scripts/install-deps.sh")]
 
 
 def test_node_postgres(target, table):
@@ -25,6 +25,7 @@ def test_node_postgres(target, table):
     out = json.loads(p.stdout)
     assert out["one"] == 1
     assert out["user"] == target.user
+    assert out["encrypted"] == target.tls
     assert out["sum"] == 42
     assert out["echo"] == {"t": "héllo", "j": {"a": [1, 2]}}
     assert out["prepared"] == [3 * i for i in range(10)]

@@ -9,7 +9,8 @@ import subprocess
 
 import pytest
 
-pytestmark = pytest.mark.skipif(shutil.which("pgbench") is None, reason="SKIPPED LOUDLY: pgbench is not installed")
+pytestmark = [pytest.mark.timeout(120),
+              pytest.mark.skipif(shutil.which("pgbench") is None, reason="SKIPPED LOUDLY: pgbench is not installed")]
 
 CLIENTS, TXS = 4, 50
 

@@ -7,7 +7,8 @@ import subprocess
 
 import pytest
 
-pytestmark = pytest.mark.skipif(shutil.which("psql") is None, reason="SKIPPED LOUDLY: psql is not installed")
+pytestmark = [pytest.mark.timeout(120),
+              pytest.mark.skipif(shutil.which("psql") is None, reason="SKIPPED LOUDLY: psql is not installed")]
 
 
 def psql(target, *args: str, stdin: str | None = None, env_extra: dict | None = None) -> subprocess.CompletedProcess:

@@ -8,6 +8,8 @@ from sqlalchemy import (Column, ForeignKey, Integer, MetaData, String, Table, cr
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
+pytestmark = pytest.mark.timeout(120)  # a hung proxy fails a test, not the suite
+
 
 @pytest.fixture
 def engine(target):

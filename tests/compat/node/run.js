@@ -2,12 +2,15 @@
 // libpq environment (PGHOST, PGPORT, PGDATABASE, PGUSER, PGPASSWORD, PGSSLMODE), which
 // pg reads itself. Prints one JSON object on stdout for tests/compat/test_node.py.
 'use strict';
+const fs = require('fs');
 const { Client, Pool } = require('pg');
 
 function ssl() {
   const mode = process.env.PGSSLMODE || 'disable';
   if (mode === 'disable') return false;
-  if (mode === 'verify-full' || mode === 'verify-ca') return { rejectUnauthorized: true };
+  const ca = process.env.PGSSLROOTCERT ? fs.readFileSync(process.env.PGSSLROOTCERT, 'utf8') : undefined;
+  if (mode === 'verify-full') return { ca, rejectUnauthorized: true };
+  if (mode === 'verify-ca') return { ca, rejectUnauthorized: true, checkServerIdentity: () => undefined };
   return { rejectUnauthorized: false };
 }
 
@@ -18,6 +21,7 @@ async function main() {
   try {
     out.one = (await client.query('SELECT 1 AS one')).rows[0].one;
     out.user = (await client.query('SELECT current_user AS u')).rows[0].u;
+    out.encrypted = Boolean(client.connection.stream.encrypted);
     // a parameterised query (extended protocol, unnamed statement)
     out.sum = (await client.query('SELECT $1::int + $2::int AS sum', [40, 2])).rows[0].sum;
     out.echo = (await client.query('SELECT $1::text AS t, $2::jsonb AS j', ['héllo', { a: [1, 2] }])).rows[0];
