@@ -36,6 +36,11 @@ if ((${#missing[@]})); then
         done
     done
     apt-get install -y -qq --no-install-recommends "${to_install[@]}" >/dev/null
+    # PgBouncer is only for bench/proxy.py, which runs its own: the Debian service would take
+    # 127.0.0.1:6432, pgfleet's default listener
+    if [[ " ${to_install[*]} " == *" pgbouncer "* ]] && command -v systemctl >/dev/null 2>&1; then
+        systemctl disable --now pgbouncer >/dev/null 2>&1 || true
+    fi
 fi
 
 PY="${PYTHON:-python3}"
