@@ -369,3 +369,25 @@ def hostile_env(tmp_path_factory):
     loop.run_until_complete(teardown())
     loop.close()
     shutil.rmtree(root, ignore_errors=True)
+
+
+async def test_sql_deallocate_keeps_statement_maps_true(env, servers):
+    """psycopg sends DEALLOCATE ALL after DROP/ROLLBACK; other clients' statements on the
+    same server connection must be re-prepared, not assumed."""
+    created = await env.fleet.create("dealloc", pool_size=1)
+    a = await aconnect(servers["pooled"], "dealloc", created.password, prepare_threshold=0)
+    b = await aconnect(servers["pooled"], "dealloc", created.password, prepare_threshold=0)
+    try:
+        assert await scalar(a, "SELECT %s::int * 10", (1,)) == 10
+        assert await scalar(b, "SELECT %s::int * 10", (2,)) == 20
+        for sql_text in ("DEALLOCATE ALL", "discard all", "  DEALLOCATE ALL ;"):
+            await b.execute(sql_text)
+            assert await scalar(a, "SELECT %s::int * 10", (3,)) == 30
+            assert await scalar(b, "SELECT %s::int * 10", (4,)) == 40
+        # SQL-level PREPARE/EXECUTE/DEALLOCATE by name of a client's own SQL statement
+        await a.execute("PREPARE plus(int) AS SELECT $1 + 1")
+        assert await scalar(a, "EXECUTE plus(1)") == 2
+        await a.execute("DEALLOCATE plus")
+    finally:
+        await a.close()
+        await b.close()

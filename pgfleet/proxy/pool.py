@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 import struct
 from collections import deque
 from typing import Callable
@@ -293,6 +294,8 @@ class PooledClient(asyncio.Protocol):
                 self.close()
                 return
             handler = _HANDLERS.get(kind)
+            if kind == 0x51 and body[:1] in b"dD":  # Query: DEALLOCATE / DISCARD need bookkeeping
+                body = self._sql_deallocate(server, body)
             if handler is None:
                 out.append(_raw(kind, body))  # Q, S, H, E, d, c, f, F ...: forwarded as they are
                 if kind in (0x51, 0x53, 0x46):  # Q S F answer with ReadyForQuery
@@ -363,6 +366,24 @@ class PooledClient(asyncio.Protocol):
             return
         self._out.append(_raw(0x43, body))
         self.queue.append(Expect(FWD, frozenset(b"3")))
+
+    def _sql_deallocate(self, server: ServerConn, body: bytes) -> bytes:
+        """SQL that drops prepared statements (psycopg sends DEALLOCATE ALL after a DROP or
+        ROLLBACK): keep the statement maps true, and translate a client's name to the
+        server's."""
+        m_ = _DEALLOCATE.match(body)
+        if m_ is None:
+            return body
+        target = m_.group("name")
+        if target is None or target.upper() == b"ALL":  # DISCARD ALL or DEALLOCATE ALL
+            server.prepared.clear()
+            self.statements.clear()
+            return body
+        known = self.statements.pop(target.strip(b'"').decode(errors="replace"), None)
+        if known is None:
+            return body  # not one of ours: the server answers for itself
+        server.prepared.discard(known[0])
+        return b"DEALLOCATE " + known[0].encode() + b"\0"
 
     def _synth(self, message: bytes) -> None:
         if not self.queue:
@@ -477,6 +498,12 @@ class PooledClient(asyncio.Protocol):
         if self.server is None:
             return None
         return self.server.process_id, self.server.secret_key
+
+
+_DEALLOCATE = re.compile(
+    rb"^\s*(?:DISCARD\s+ALL|DEALLOCATE\s+(?:PREPARE\s+)?(?P<name>ALL|\"[^\"]+\"|[A-Za-z_][A-Za-z0-9_$]*))\s*;?\s*\x00$",
+    re.IGNORECASE,
+)
 
 
 def _emit_synth(queue: deque[Expect], out: list[bytes]) -> None:
