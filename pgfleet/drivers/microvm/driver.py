@@ -578,6 +578,9 @@ class MicroVMDriver(Driver):
             except OSError:
                 continue  # another create took it first
             src = vmm.VmFiles(claimed)
+            if not snapshot_usable(src.state):  # copied before a host crash: maybe torn
+                shutil.rmtree(claimed, ignore_errors=True)
+                continue
             os.rename(src.ram, dst.ram)
             os.rename(src.data, dst.data)
             os.rename(src.console, dst.console)
