@@ -28,6 +28,10 @@ PgBouncer, from /proc/<pid>/stat before and after) per transaction. And connecti
 `pgbench -C` with a `SELECT 1` script (one client: new connection + SELECT 1 each time, and
 the proxy's CPU per connection), plus a psycopg loop of new connection + SELECT 1 (latency).
 
+How noisy a run was: per run, the CPU time the machine spent on anything else (its busy time
+from /proc/stat minus pgbench, the daemon, the database's processes and PgBouncer), and the
+spread of each config's TPS over rounds.
+
 Writes bench/results/proxy.json and bench/results/proxy.png. The targets are reported, not
 asserted: pooled TPS >= 1.0x PgBouncer, pgfleet direct >= 0.9x Postgres, proxy CPU per
 transaction below PgBouncer's.
@@ -82,6 +86,55 @@ def cpu_seconds(pid: int | None) -> float | None:
         return None
     fields = stat[stat.rindex(")") + 2:].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def uid_cpu_seconds(uid: int) -> float:
+    """CPU time of every process of one uid (the database's postgres processes and our PgBouncer),
+    including children they reaped (backends that came and went during a run)."""
+    total = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            if entry.stat().st_uid != uid:
+                continue
+            stat = Path(f"/proc/{entry.name}/stat").read_text()
+        except OSError:
+            continue
+        f = stat[stat.rindex(")") + 2:].split()
+        total += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
+    return total / CLK_TCK
+
+
+def machine_busy_seconds() -> float:
+    """CPU time the whole machine spent busy (all CPUs), from /proc/stat."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (f + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
+class CpuWitness:
+    """How much of the machine's CPU went to work that is not this benchmark's during a run:
+    busy time of the whole machine minus pgbench (our children), the pgfleet daemon, and the
+    database's processes and PgBouncer (one uid)."""
+
+    def __init__(self, daemon_pid: int, uid: int) -> None:
+        self.daemon_pid, self.uid = daemon_pid, uid
+
+    def sample(self) -> tuple[float, float, float]:
+        import resource
+
+        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+        ours = ru.ru_utime + ru.ru_stime + (cpu_seconds(self.daemon_pid) or 0) + uid_cpu_seconds(self.uid)
+        return time.monotonic(), machine_busy_seconds(), ours
+
+    @staticmethod
+    def report(before: tuple, after: tuple) -> dict:
+        wall = after[0] - before[0]
+        cpus = os.cpu_count() or 1
+        busy, ours = after[1] - before[1], after[2] - before[2]
+        return {"machine_busy_pct": round(100 * busy / (wall * cpus), 1),
+                "other_work_pct": round(max(0.0, 100 * (busy - ours) / (wall * cpus)), 1)}
 
 
 def free_port() -> int:
@@ -219,6 +272,7 @@ class Bench:
         host, port = self.d.proxy
         pooled_host, pooled_port = self.d.info["listen_pooled"].rsplit(":", 1)
         self.bouncer = PgBouncer(self.sockdir, self.backend_db, DBNAME, self.role, self.password)
+        self.witness = CpuWitness(self.daemon_pid, self.bouncer.uid)
         tcp = dict(PGUSER=self.role, PGDATABASE=DBNAME, PGPASSWORD=self.password, PGSSLMODE="disable")
         self.env = {
             "postgres": dict(PGHOST=self.sockdir, PGPORT="5432", PGUSER=self.role, PGDATABASE=self.backend_db),
@@ -262,11 +316,13 @@ class Bench:
             started_bouncer = True
         try:
             pid = self.proxy_pid(config)
+            w0 = self.witness.sample()
             cpu0, t0 = cpu_seconds(pid), time.monotonic()
             p = subprocess.run(["pgbench", *args], env=self.environ(config), capture_output=True, text=True,
                                timeout=timeout)
             wall = time.monotonic() - t0
             cpu1 = cpu_seconds(pid)
+            noise = CpuWitness.report(w0, self.witness.sample())
         finally:
             if started_bouncer:
                 self.bouncer.stop()
@@ -274,6 +330,7 @@ class Bench:
         res["rc"] = p.returncode
         res["ok"] = p.returncode == 0 and res["tps"] is not None and not res["failed"]
         res["wall_s"] = round(wall, 2)
+        res.update(noise)
         if cpu0 is not None and cpu1 is not None:
             res["proxy_cpu_s"] = round(cpu1 - cpu0, 3)
             res["proxy_cpu_pct_of_one_core"] = round(100 * (cpu1 - cpu0) / wall, 1)
@@ -338,6 +395,7 @@ class Bench:
                     runs.append(res)
                     done += 1
                     status = f"{res['tps']:.0f} tps" if res["ok"] else f"FAILED ({'; '.join(res['errors'][:1])})"
+                    status += f"  [other work {res['other_work_pct']}% of the machine]"
                     print(f"[{done}/{total}] round {rnd + 1} {wl['id']:<26} {config:<15} {status}"
                           + (f"  proxy {res.get('proxy_cpu_us_per_tx')} us/tx" if res.get("proxy_cpu_us_per_tx")
                              else ""), file=sys.stderr, flush=True)
@@ -495,6 +553,10 @@ def main() -> None:
                    "proxy_cpu": "utime+stime from /proc/<pid>/stat of the pgfleet daemon process (both listeners,"
                                 " API) or of pgbouncer, before/after each run"},
         "noise": {"loadavg_before": load_before, "loadavg_after": load_after,
+                  "other_work_pct_of_machine": summarise([r["other_work_pct"] for r in raw["runs"]]),
+                  "other_work": "per run: the machine's busy CPU time minus pgbench, the pgfleet daemon, the "
+                                "database's processes and PgBouncer, as a % of all CPUs (kernel threads doing our own I/O, "
+                                "e.g. TPC-B's WAL flushes, count as other work)",
                   "median_cv_pct_across_rounds": median_or_none(cvs), "max_cv_pct_across_rounds": max(cvs) if cvs else None},
         "summary": summary, "ratios": rat, "targets": targets(rat),
         "runs": raw["runs"], "connects": raw["connects"], "connect_samples_ms": raw["connect_samples_ms"],
@@ -530,7 +592,8 @@ def report(result: dict) -> None:
             print(f"target {wid} {k}: {v['measured']} {v['target']}: {met}")
     n = result["noise"]
     print(f"noise: load {n['loadavg_before']} -> {n['loadavg_after']}, round-to-round CV median "
-          f"{n['median_cv_pct_across_rounds']}% max {n['max_cv_pct_across_rounds']}%")
+          f"{n['median_cv_pct_across_rounds']}% max {n['max_cv_pct_across_rounds']}%; other work on the machine "
+          f"during runs: p50 {n['other_work_pct_of_machine']['p50']}% max {n['other_work_pct_of_machine']['max']}%")
 
 
 def plot(result: dict, path: Path) -> None:
@@ -590,7 +653,8 @@ def plot(result: dict, path: Path) -> None:
     p = result["params"]
     fig.suptitle(f"pgfleet proxy vs Postgres and PgBouncer (transaction mode, pool {POOL_SIZE}): scale {p['scale']}, "
                  f"-j {p['jobs']}, {p['duration_s']} s x {p['rounds']} rounds; {result['machine']['cpus']} CPUs, "
-                 f"load {result['noise']['loadavg_before'][0]:.1f}", fontsize=10)
+                 f"other work during runs p50 {result['noise']['other_work_pct_of_machine']['p50']:.0f}% of the machine",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
