@@ -255,6 +255,13 @@ class Bench:
     def __init__(self, args) -> None:
         self.args = args
         self.d = start_daemon("sandbox")
+        try:
+            self._setup(args)
+        except BaseException:
+            self.d.stop()
+            raise
+
+    def _setup(self, args) -> None:
         self.daemon_pid = int(self.d.info["pid"])
         body = {"name": DBNAME, "memory_mb": args.memory_mb, "scale_to_zero": {"policy": "off"},
                 "pooling": {"pool_size": POOL_SIZE, "max_direct_clients": 90, "max_pooled_clients": 1000}}
