@@ -328,16 +328,6 @@ def _mount_optional() -> None:
     except ImportError:
         return
     app.add_typer(k8s_app, name="k8s")
-    try:
-        from pgfleet.k8s.cli import k8s_app
-    except ImportError:
-        return
-    app.add_typer(k8s_app, name="k8s")
-    try:
-        from pgfleet.k8s.cli import k8s_app
-    except ImportError:
-        return
-    app.add_typer(k8s_app, name="k8s")
 
 
 _mount_optional()
