@@ -318,16 +318,15 @@ def db_password(name: str, as_json: bool = JsonOpt,
 
 
 def _mount_optional() -> None:
-    try:
-        from .image import image_app
-    except ImportError:
-        return
-    app.add_typer(image_app, name="image")
-    try:
-        from pgfleet.k8s.cli import k8s_app
-    except ImportError:
-        return
-    app.add_typer(k8s_app, name="k8s")
+    """Sub-commands whose packages may be left out of a build: each mounts on its own."""
+    import importlib
+
+    for module, attr, name in (("pgfleet.cli.image", "image_app", "image"), ("pgfleet.k8s.cli", "k8s_app", "k8s")):
+        try:
+            sub = getattr(importlib.import_module(module), attr)
+        except ImportError:
+            continue
+        app.add_typer(sub, name=name)
 
 
 _mount_optional()
