@@ -178,9 +178,17 @@ def _tls(opts: DaemonOptions, hosts: list[str]):
 def run(opts: DaemonOptions, foreground: bool = True) -> None:
     opts.home.mkdir(parents=True, exist_ok=True)
     setup_logging(opts.home, foreground)
+    if opts.driver == "auto":
+        from pgfleet.drivers import resolve_auto
+
+        opts.driver = resolve_auto()
     try:
         import uvloop
     except ImportError:
+        uvloop = None
+    # qemu.qmp hands file descriptors to QEMU over its socket (SCM_RIGHTS), which uvloop's
+    # transports do not expose: the microvm driver runs on the standard event loop.
+    if uvloop is None or opts.driver == "microvm":
         asyncio.run(serve(opts))
     else:
         uvloop.run(serve(opts))
