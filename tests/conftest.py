@@ -120,14 +120,14 @@ class Daemon:
         return int(self.info["listen"].rsplit(":", 1)[1])
 
 
-def start_daemon(home: Path, env: dict, like: "Daemon | None" = None) -> Daemon:
+def start_daemon(home: Path, env: dict, like: "Daemon | None" = None, driver: str = "sandbox") -> Daemon:
     """Start a daemon on free ports, or on the same ports as `like` (a restart)."""
     listen, pooled, api = "127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0"
     if like is not None:
         listen, pooled = like.info["listen"], like.info["listen_pooled"]
         api = like.info["api_url"].removeprefix("http://")
     proc = subprocess.run(
-        [*PGFLEET, "up", "--detach", "--home", str(home), "--driver", "sandbox",
+        [*PGFLEET, "up", "--detach", "--home", str(home), "--driver", driver,
          "--listen", listen, "--listen-pooled", pooled, "--api", api],
         env=env, capture_output=True, text=True, timeout=180,
     )
