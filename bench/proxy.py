@@ -55,7 +55,7 @@ from pathlib import Path
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import machine, start_daemon, summarise, write_results  # noqa: E402
+from bench.common import RESULTS, machine, start_daemon, summarise, write_results  # noqa: E402
 from pgfleet.pgwire.scram import Verifier  # noqa: E402
 
 CONFIGS = ("postgres", "pgfleet-direct", "pgfleet-pooled", "pgbouncer")
@@ -328,6 +328,7 @@ class Bench:
             p = subprocess.run(["pgbench", *args], env=self.environ(config), capture_output=True, text=True,
                                timeout=timeout)
             wall = time.monotonic() - t0
+            time.sleep(0.3)  # backends and proxy sessions wind down and are reaped: their CPU time counts
             cpu1 = cpu_seconds(pid)
             noise = CpuWitness.report(w0, self.witness.sample())
         finally:
@@ -523,7 +524,16 @@ def main() -> None:
     ap.add_argument("--connect-samples", type=int, default=100, help="psycopg connections per config and round")
     ap.add_argument("--quick", action="store_true", help="a short run: 3 s per run, one round")
     ap.add_argument("--out", default="proxy", help="result name under bench/results/")
+    ap.add_argument("--replot", action="store_true", help="only redraw the PNG (and report) from the JSON")
     args = ap.parse_args()
+    if args.replot:
+        import json
+
+        path = RESULTS / f"{args.out}.json"
+        result = json.loads(path.read_text())
+        plot(result, path.with_suffix(".png"))
+        report(result)
+        return
     if args.quick:
         args.duration, args.rounds, args.connect_duration, args.connect_samples = 3, 1, 2, 30
     args.clients = [int(c) for c in args.clients.split(",")]
@@ -616,23 +626,28 @@ def plot(result: dict, path: Path) -> None:
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 5.2), gridspec_kw={"width_ratios": [3, 2, 1.4]})
     w = 0.8 / len(CONFIGS)
     for i, c in enumerate(CONFIGS):
-        xs, ys, lo, hi, failed = [], [], [], [], []
+        xs, ys, lo, hi, failed, labels = [], [], [], [], [], []
         for j, wid in enumerate(wids):
-            v = s["tps"][wid][c]
+            v, base = s["tps"][wid][c], s["tps"][wid]["postgres"]["median_tps"]
             x = j + (i - (len(CONFIGS) - 1) / 2) * w
-            if v["median_tps"]:
+            if v["median_tps"] and base:
                 xs.append(x)
-                ys.append(v["median_tps"])
-                lo.append(max(0.0, v["median_tps"] - v["min_tps"]))
-                hi.append(max(0.0, v["max_tps"] - v["median_tps"]))
+                ys.append(v["median_tps"] / base)
+                lo.append(max(0.0, (v["median_tps"] - v["min_tps"]) / base))
+                hi.append(max(0.0, (v["max_tps"] - v["median_tps"]) / base))
+                labels.append(f"{v['median_tps'] / 1000:.1f}k")
             else:
                 failed.append(x)
         ax1.bar(xs, ys, w, yerr=[lo, hi], capsize=2, color=colors[c], label=c)
+        for x, y, t in zip(xs, ys, labels):
+            ax1.annotate(t, (x, 0.02), rotation=90, ha="center", va="bottom", fontsize=6, color="white")
         for x in failed:
-            ax1.annotate("failed", (x, 0), rotation=90, ha="center", va="bottom", fontsize=7, color=colors[c])
+            ax1.annotate("failed", (x, 0.02), rotation=90, ha="center", va="bottom", fontsize=7, color=colors[c])
+    ax1.axhline(TARGETS["direct_over_postgres_tps"], color="tab:blue", linestyle=":", linewidth=1,
+                label="direct target (0.9x Postgres)")
     ax1.set_xticks(range(len(wids)), wids, rotation=20, fontsize=8)
-    ax1.set_ylabel("transactions/s (median over rounds; bars: min-max)")
-    ax1.set_title("pgbench throughput")
+    ax1.set_ylabel("TPS relative to Postgres (whiskers: min-max)")
+    ax1.set_title("pgbench throughput, relative to Postgres (labels: median TPS)")
     ax1.legend(fontsize=8)
 
     w = 0.8 / len(PROXIES)
