@@ -236,6 +236,14 @@ class PooledClient(asyncio.Protocol):
 
     # --- client -> server ------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
+        if self.server is None and not self.backlog and self.acquiring is None and data[:1] != b"X":
+            conn = self.pool.try_acquire()
+            if conn is not None:
+                self.on_busy(True)
+                conn.client = self
+                self.server = conn
+        if self.server is not None and not self.backlog and not len(self.buffer) and self._forward_whole(data):
+            return
         try:
             msgs = self.buffer.feed(data)
         except m.ProtocolError as exc:
@@ -246,6 +254,28 @@ class PooledClient(asyncio.Protocol):
             self._need_server()
             return
         self._handle(msgs)
+
+    def _forward_whole(self, data: bytes) -> bool:
+        """The common case, taken without copying: whole messages that need no rewriting
+        (simple queries, Execute/Sync of unnamed statements, COPY data) go out as they came."""
+        exps: list[Expect] = []
+        pos, end = 0, len(data)
+        while pos < end:
+            if end - pos < 5:
+                return False
+            kind = data[pos]
+            mend = pos + 1 + int.from_bytes(data[pos + 1 : pos + 5], "big")
+            if mend > end or mend < pos + 5:
+                return False
+            exp = _PASS_THROUGH.get(kind, _NOT_FAST)
+            if exp is _NOT_FAST or (kind == 0x51 and data[pos + 5] in b"dD"):
+                return False
+            if exp is not None:
+                exps.append(exp)
+            pos = mend
+        self.queue.extend(exps)
+        self.server.transport.write(data)  # type: ignore[union-attr]
+        return True
 
     def _need_server(self) -> None:
         if self.acquiring is not None or not self.backlog:
@@ -298,10 +328,9 @@ class PooledClient(asyncio.Protocol):
                 body = self._sql_deallocate(server, body)
             if handler is None:
                 out.append(_raw(kind, body))  # Q, S, H, E, d, c, f, F ...: forwarded as they are
-                if kind in (0x51, 0x53, 0x46):  # Q S F answer with ReadyForQuery
-                    self.queue.append(Expect(SYNC, frozenset(b"Z")))
-                elif kind == 0x45:  # Execute
-                    self.queue.append(Expect(FWD, _EXEC_END))
+                exp = _PASS_THROUGH.get(kind)
+                if exp is not None and exp is not _NOT_FAST:
+                    self.queue.append(exp)
             else:
                 handler(self, server, body)
         self._flush()
@@ -499,6 +528,16 @@ class PooledClient(asyncio.Protocol):
             return None
         return self.server.process_id, self.server.secret_key
 
+
+# Answers expected for messages forwarded unchanged (shared: expectations are read-only).
+_NOT_FAST = Expect(FWD)
+_PASS_THROUGH: dict[int, Expect | None] = {
+    0x51: Expect(SYNC, frozenset(b"Z")),  # Query
+    0x53: Expect(SYNC, frozenset(b"Z")),  # Sync
+    0x46: Expect(SYNC, frozenset(b"Z")),  # FunctionCall
+    0x45: Expect(FWD, _EXEC_END),  # Execute
+    0x48: None, 0x64: None, 0x63: None, 0x66: None,  # Flush, CopyData, CopyDone, CopyFail
+}
 
 _DEALLOCATE = re.compile(
     rb"^\s*(?:DISCARD\s+ALL|DEALLOCATE\s+(?:PREPARE\s+)?(?P<name>ALL|\"[^\"]+\"|[A-Za-z_][A-Za-z0-9_$]*))\s*;?\s*\x00$",
