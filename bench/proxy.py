@@ -134,7 +134,7 @@ class CpuWitness:
         cpus = os.cpu_count() or 1
         busy, ours = after[1] - before[1], after[2] - before[2]
         return {"machine_busy_pct": round(100 * busy / (wall * cpus), 1),
-                "other_work_pct": round(max(0.0, 100 * (busy - ours) / (wall * cpus)), 1)}
+                "other_work_pct": round(min(100.0, max(0.0, 100 * (busy - ours) / (wall * cpus))), 1)}
 
 
 def free_port() -> int:
@@ -573,7 +573,8 @@ def main() -> None:
                   "other_work_pct_of_machine": summarise([r["other_work_pct"] for r in raw["runs"]]),
                   "other_work": "per run: the machine's busy CPU time minus pgbench, the pgfleet daemon, the "
                                 "database's processes and PgBouncer, as a % of all CPUs (kernel threads doing our own I/O, "
-                                "e.g. TPC-B's WAL flushes, count as other work)",
+                                "e.g. TPC-B's WAL flushes, count as other work); approximate: runs with many short-lived "
+                                "processes (connect runs, aborted clients) can be off, read the median",
                   "median_cv_pct_across_rounds": median_or_none(cvs), "max_cv_pct_across_rounds": max(cvs) if cvs else None},
         "summary": summary, "ratios": rat, "targets": targets(rat),
         "runs": raw["runs"], "connects": raw["connects"], "connect_samples_ms": raw["connect_samples_ms"],
