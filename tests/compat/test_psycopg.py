@@ -122,12 +122,7 @@ def test_explicit_prepare_execute(target):
             conn.execute("DEALLOCATE add2")
 
 
-def test_pipeline_mode(request, target, table):
-    if target.listener == "pooled":
-        request.applymarker(pytest.mark.xfail(strict=False, reason=(
-            "pooler bug: after an earlier client ran this test (an error inside a pipeline, then prepared "
-            "statements in a pipeline), the next one gets 'prepared statement \"pgf_...\" does not exist' "
-            "for `SELECT $1::int * 10`, or hangs")))
+def test_pipeline_mode(target, table):
     ident = sql.Identifier(table)
     with connect(target, autocommit=True) as conn:
         conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(ident))
