@@ -296,6 +296,7 @@ class Bench:
         self.bouncer.cleanup()
         self.select1.unlink(missing_ok=True)
         self.d.stop()
+        shutil.rmtree(self.d.home, ignore_errors=True)  # a throwaway daemon: its databases go with it
 
     # --- plumbing -------------------------------------------------------------------------
 
