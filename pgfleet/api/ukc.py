@@ -289,10 +289,10 @@ async def create_instance(request: Request, body: CreateInstance):
         policy, cooldown, stateful = "off", UKC_DEFAULT_COOLDOWN_MS, False
         if stz is not None:
             policy, cooldown, stateful = stz.policy, stz.cooldown_time_ms, stz.stateful
-            if policy == "idle":
+            if policy == "idle" and not ctx.fleet.driver.keeps_sessions_across_suspend:
                 policy = "on"
-                out.warnings.append("scale_to_zero policy 'idle' runs as 'on': a database with an open session is "
-                                    "never scaled to zero")
+                out.warnings.append(f"scale_to_zero policy 'idle' runs as 'on' on the {ctx.fleet.driver.name} driver: "
+                                    "a database with an open session is never scaled to zero")
         if body.service_group is not None:
             out.warnings.append("service_group is ignored: every database is published on the pgfleet proxy")
         name = body.name
@@ -468,7 +468,8 @@ async def _patch_one(ctx: ApiContext, row: InstanceRow, item: dict) -> dict:
         except Exception as exc:
             raise InvalidRequest(f"invalid scale_to_zero: {exc}") from None
         meta["stateful"] = stz.stateful
-        await ctx.fleet.update(row.uuid, policy="on" if stz.policy == "idle" else stz.policy,
+        idle_ok = ctx.fleet.driver.keeps_sessions_across_suspend
+        await ctx.fleet.update(row.uuid, policy="on" if stz.policy == "idle" and not idle_ok else stz.policy,
                                cooldown_ms=stz.cooldown_time_ms)
         ctx.fleet.store.update(row.uuid, tags={**row.tags, "ukc": meta})
     elif prop == "tags":
