@@ -55,7 +55,34 @@ class Operator:
         self.core = client.CoreV1Api(self.kube)
         self.custom = client.CustomObjectsApi(self.kube)
 
+    async def resync_loop(self) -> None:
+        """Keep every Database's status current (running/standby...). Not a kopf timer: a
+        timer's status patch racing a deletion can make kopf's finalizer removal wait for an
+        event that never comes; our patches arrive as ordinary events instead."""
+        log = logging.getLogger("pgfleet.k8s.operator")
+        while True:
+            await asyncio.sleep(self.resync_s)
+            try:
+                listed = await self.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL)
+            except Exception as exc:
+                log.warning("resync: cannot list Databases: %s", exc)
+                continue
+            for body in listed.get("items", []):
+                meta = body.get("metadata", {})
+                if meta.get("deletionTimestamp"):
+                    continue
+                status = dict(body.get("status") or {})
+                try:
+                    new = await self.refresh(body, status)
+                    if new and any(status.get(k) != v for k, v in new.items()):
+                        await self.patch_status(meta["namespace"], meta["name"], new)
+                except Exception as exc:
+                    log.warning("resync of %s failed: %s", meta.get("name"), exc)
+
     async def stop(self) -> None:
+        task = getattr(self, "resync_task", None)
+        if task is not None:
+            task.cancel()
         for api in self._apis.values():
             await api.close()
         if self.kube is not None:
@@ -321,6 +348,7 @@ def build_registry(op: Operator) -> kopf.OperatorRegistry:
         settings.batching.idle_timeout = 0.5
         settings.batching.batch_window = 0.05
         await op.start()
+        op.resync_task = asyncio.create_task(op.resync_loop())
 
     @kopf.on.login(registry=registry)
     async def login(logger, **kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -360,12 +388,6 @@ def build_registry(op: Operator) -> kopf.OperatorRegistry:
         except (DaemonUnavailable, DaemonError) as exc:
             raise kopf.TemporaryError(str(exc), delay=3)
         patch.status.update(new)
-
-    @kopf.timer(**resource, interval=op.resync_s, initial_delay=op.resync_s, registry=registry)
-    async def resync(body, status, patch, **_: Any) -> None:
-        new = await op.refresh(body, dict(status))
-        if new and any(status.get(k) != v for k, v in new.items()):
-            patch.status.update(new)
 
     @kopf.on.delete(**resource, registry=registry)
     async def delete(body, spec, status, logger, **_: Any) -> None:
