@@ -17,6 +17,8 @@ test: deps
 
 bench: deps
 	$(VENV)/bin/python bench/wake.py
+	$(VENV)/bin/python bench/proxy.py
+	$(VENV)/bin/python bench/microvm.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
