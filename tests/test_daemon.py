@@ -44,6 +44,16 @@ def test_create_show_and_psql_through_the_uri(daemon):
     assert "shop" in human and "running" in human
 
 
+def test_logs_show_the_servers_log(daemon):
+    daemon.cli("db", "create", "chatty")
+    out = daemon.cli("db", "logs", "chatty").stdout
+    assert "database system is ready to accept connections" in out
+    shown = daemon.json("db", "logs", "chatty", "--bytes", "10")
+    assert len(shown["log"]) <= 10 and shown["size"] > 10
+    proc = daemon.cli("db", "logs", "nope", check=False)
+    assert proc.returncode == 1 and "does not exist" in proc.stderr
+
+
 def test_status_and_token(daemon):
     status = daemon.json("status")
     assert status["driver"] == "sandbox" and status["databases"] == 0

@@ -6,7 +6,7 @@ import time
 from typing import Literal
 from urllib.parse import quote
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from pgfleet.fleet.manager import DEFAULT_COOLDOWN_MS, DEFAULT_MEMORY_MB
@@ -188,3 +188,19 @@ async def history(ref: str, request: Request):
         for e in ctx.fleet.store.history(row.uuid)
     ]
     return envelope({"events": events}, started)
+
+
+@router.get("/{ref}/logs")
+async def database_logs(ref: str, request: Request, tail_bytes: int = Query(65536, ge=0, le=16 << 20)):
+    """The end of the database's server (sandbox) or console (microvm) log, as text."""
+    started = time.perf_counter()
+    ctx = _ctx(request)
+    row = ctx.fleet.get(ref)
+    path = ctx.fleet.driver.log_path(ctx.fleet.spec(row))
+    text, size = "", 0
+    if path is not None and path.exists():
+        with open(path, "rb") as f:
+            size = f.seek(0, 2)
+            f.seek(max(0, size - tail_bytes))
+            text = f.read().decode("utf-8", "replace")
+    return envelope({"name": row.name, "path": str(path) if path else None, "size": size, "log": text}, started)

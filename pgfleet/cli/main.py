@@ -304,6 +304,19 @@ def db_delete(name: str, as_json: bool = JsonOpt,
         err.print(f"{name}: deleted")
 
 
+@db_app.command("logs")
+def db_logs(name: str, tail_bytes: int = typer.Option(65536, "--bytes", help="how much of the end of the log"),
+            as_json: bool = JsonOpt) -> None:
+    """Show the end of a database's log (Postgres' own, or the microVM console)."""
+    d = _client().call("GET", f"/v1/databases/{name}/logs?tail_bytes={tail_bytes}")
+    if as_json:
+        _print_json(d)
+    elif d["log"]:
+        sys.stdout.write(d["log"] if d["log"].endswith("\n") else d["log"] + "\n")
+    else:
+        err.print(f"{name}: the log is empty")
+
+
 @db_app.command("password")
 def db_password(name: str, as_json: bool = JsonOpt,
                 save_password: bool = typer.Option(True, help="update ~/.pgpass")) -> None:

@@ -42,6 +42,7 @@ def test_create_query_suspend_and_wake_through_the_proxy(vm_daemon):
     created = d.json("db", "create", "vm1", "--cooldown-ms", "600000")
     assert created["driver"] == "microvm" and created["state"] == "running"
     assert d.json("db", "show", "vm1")["backend"].startswith("netns:pgf-")
+    assert d.json("db", "logs", "vm1")["size"] > 0, "the VM's console is captured"
     for uri in (created["uri"], created["pooled_uri"]):
         with psycopg.connect(uri, autocommit=True, connect_timeout=120) as conn:
             conn.execute("CREATE TABLE IF NOT EXISTS t(x int)")
