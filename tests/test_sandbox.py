@@ -26,6 +26,7 @@ async def driver(tmp_path):
     yield d
     for spec in specs:
         await d.destroy(spec)
+    await d.close()
 
 
 def _spec(driver, tmp_path: Path, name: str, slot: int, memory_mb: int = 128) -> InstanceSpec:
@@ -131,3 +132,4 @@ async def test_recover_adopts_a_live_postmaster_and_never_doubles_it(driver, tmp
     await fresh.suspend(spec)
     assert find_postmaster(fresh.data_dir(spec)) is None
     driver._running.clear()  # the first driver's watcher belongs to the "dead" daemon
+    await fresh.close()

@@ -271,6 +271,17 @@ class SandboxDriver(Driver):
         current = self._cgroup(spec).memory_current()
         return {"rss_bytes": current} if current is not None else {}
 
+    async def close(self) -> None:
+        """Remove this home's empty per-host directories (socket root, cgroup parents) so
+        that homes that come and go leave nothing behind."""
+        sockets = SOCKET_ROOT / self.home_tag
+        slots = [d for d in sockets.iterdir() if d.is_dir()] if sockets.is_dir() else []
+        for d in [*slots, sockets, *cgroups.Cgroup(CGROUP_PARENT, self.home_tag).dirs.values()]:
+            try:
+                d.rmdir()
+            except OSError:
+                pass  # still in use (instances left running on purpose), or already gone
+
     def is_running(self, spec: InstanceSpec) -> bool:
         return spec.uuid in self._running
 
