@@ -68,3 +68,19 @@ def test_names_are_unique(tmp_path):
     store.insert(_row("a", 1))
     with pytest.raises(sqlite3.IntegrityError):
         store.insert(_row("a", 2))
+
+
+def test_the_fleet_refuses_an_illegal_transition_and_writes_nothing(tmp_path):
+    """The graph is enforced where transitions are made, not only described."""
+    from pgfleet.drivers.sandbox.driver import SandboxDriver
+    from pgfleet.fleet.manager import Fleet
+
+    store = Store(tmp_path / "s.db")
+    row = _row()
+    store.insert(row)
+    store.transition(row.uuid, State.STARTING, State.STANDBY, "test")
+    fleet = Fleet(store, SandboxDriver.__new__(SandboxDriver), tmp_path)
+    with pytest.raises(states.IllegalTransition):
+        fleet._move(row.uuid, State.STANDBY, State.RUNNING, "skipping starting")
+    assert store.get(row.uuid).state == State.STANDBY
+    assert [h["to_state"] for h in store.history(row.uuid)] == ["standby", "starting"]

@@ -137,7 +137,7 @@ class Fleet:
                 await self._rollback_create(row, exc)
                 raise
             boot_us = int((time.monotonic() - started) * 1e6)
-            self.store.transition(
+            self._move(
                 row.uuid, State.STARTING, State.RUNNING, "created", provisioned=1,
                 started_at=time.time(), start_count=1, boot_time_us=boot_us,
             )
@@ -229,18 +229,18 @@ class Fleet:
             return rt.backend
         if row.state not in (State.STANDBY, State.STOPPED):
             raise Unavailable(f"database {row.name!r} is {row.state}")
-        self.store.transition(row.uuid, row.state, State.STARTING, reason)
+        self._move(row.uuid, row.state, State.STARTING, reason)
         started = time.monotonic()
         try:
             backend = await self.driver.start(self.spec(row))
         except BaseException as exc:
-            self.store.transition(row.uuid, State.STARTING, State.STANDBY, f"start failed: {exc}",
+            self._move(row.uuid, State.STARTING, State.STANDBY, f"start failed: {exc}",
                                   stop_reason="start failed", stopped_at=time.time())
             await self._notify()
             if isinstance(exc, DriverError):
                 raise Unavailable(f"database {row.name!r} failed to start: {exc}") from exc
             raise
-        self.store.transition(
+        self._move(
             row.uuid, State.STARTING, State.RUNNING, reason, started_at=time.time(),
             start_count=row.start_count + 1, boot_time_us=int((time.monotonic() - started) * 1e6),
             stop_reason=None,
@@ -274,13 +274,13 @@ class Fleet:
                 return row
             if row.state in (State.STANDBY, State.STOPPED):
                 if row.state != target:
-                    self.store.transition(row.uuid, row.state, target, reason)
+                    self._move(row.uuid, row.state, target, reason)
                     await self._notify()
                 return self.get(row.uuid)
             if row.state != State.RUNNING:
                 raise Unavailable(f"database {row.name!r} is {row.state}")
             self._cancel_idle_timer(rt)
-            self.store.transition(row.uuid, State.RUNNING, State.DRAINING, reason)
+            self._move(row.uuid, State.RUNNING, State.DRAINING, reason)
             await self._notify()
             if rt.clients > 0 and drain_timeout_s > 0 and not (row.stz_policy == "idle" and reason == "idle"):
                 rt.drained.clear()
@@ -288,7 +288,7 @@ class Fleet:
                     await asyncio.wait_for(rt.drained.wait(), drain_timeout_s)
                 except asyncio.TimeoutError:
                     log.info("%s: %d clients still connected after draining; closing them", row.name, rt.clients)
-            self.store.transition(row.uuid, State.DRAINING, State.STOPPING, reason,
+            self._move(row.uuid, State.DRAINING, State.STOPPING, reason,
                                   stop_reason="stop" if target == State.STOPPED else reason)
             await self._notify()
             rt.backend = None
@@ -303,7 +303,7 @@ class Fleet:
                 log.exception("%s: driver failed to %s", row.name, reason)
                 raise
             finally:
-                self.store.transition(row.uuid, State.STOPPING, target, reason, stopped_at=time.time())
+                self._move(row.uuid, State.STOPPING, target, reason, stopped_at=time.time())
                 await self._notify()
         return self.get(row.uuid)
 
@@ -325,6 +325,11 @@ class Fleet:
                 rt.drained.set()
                 self._arm_idle_timer(uuid)
 
+    def _move(self, uuid: str, from_state: str, to_state: State, reason: str | None = None, **changes) -> None:
+        """Every lifecycle transition: legal in the state machine, committed before acting."""
+        states.check(State(from_state), to_state)
+        self.store.transition(uuid, from_state, to_state, reason, **changes)
+
     def session_busy(self, uuid: str, busy: bool) -> None:
         """A session started (True) or finished (False) a query or transaction. With the
         `idle` policy only busy sessions keep a database awake."""
@@ -340,11 +345,6 @@ class Fleet:
             rt.busy = 0
             if rt.policy == "idle" or rt.clients == 0:
                 self._arm_idle_timer(uuid, fresh=False)
-
-    def touch(self, uuid: str) -> None:
-        rt = self.rt.get(uuid)
-        if rt is not None:
-            rt.last_active = time.monotonic()
 
     def _idle_long_enough(self, row: InstanceRow, rt: Runtime) -> bool:
         return (time.monotonic() - rt.last_active) * 1000 >= row.cooldown_ms - 1
@@ -412,7 +412,7 @@ class Fleet:
             rt.backend = None
             rt.running = False
             self._cancel_idle_timer(rt)
-            self.store.transition(uuid, State.RUNNING, State.STANDBY, f"crashed: {reason}",
+            self._move(uuid, State.RUNNING, State.STANDBY, f"crashed: {reason}",
                                   stop_reason="crashed", stopped_at=time.time())
             await self._notify()
             if row.stz_policy == "off" and not self._closing:
@@ -460,7 +460,7 @@ class Fleet:
             state = State(row.state)
             if backend is not None and state in (State.RUNNING, State.STARTING, State.DRAINING):
                 if state != State.RUNNING:
-                    self.store.transition(row.uuid, state, State.RUNNING, "recovered")
+                    self._move(row.uuid, state, State.RUNNING, "recovered")
                 rt.backend = backend
                 rt.last_active = time.monotonic()
                 self._arm_idle_timer(row.uuid)
@@ -476,6 +476,8 @@ class Fleet:
         await self._notify()
 
     def _force_state(self, row: InstanceRow, target: State, reason: str) -> None:
+        """Recovery only: after a crash the stored state (say `draining`) may name a step
+        that no process is taking any more; this records what is true, outside the graph."""
         self.store.transition(row.uuid, row.state, target, reason, stopped_at=time.time())
 
     async def shutdown(self) -> None:
