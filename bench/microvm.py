@@ -1,12 +1,18 @@
 """Benchmark of the microvm driver: boot, clone, suspend, wake, memory, disk.
 
-    .venv/bin/python bench/microvm.py [--cycles 60] [--clones 20] [--vms 8]
+    .venv/bin/python bench/microvm.py [--cycles 60] [--clones 20] [--vms 8] [--tb-sweep 16,32]
 
 Writes bench/results/microvm.json and bench/results/microvm.png. Every latency is measured
 from the host's point of view with a real Postgres round trip at the end; mechanism costs
 (QEMU start, device-state load, file copies, ...) come from the driver's own timings and are
 reported separately. The accelerator (KVM or TCG) is part of the output: under TCG the
 guest's CPU runs at ~1% of native speed, so guest-side work dominates what KVM hosts see.
+
+Memory: PSS of each running VM's QEMU process, split into guest RAM (its RAM file mapping),
+the TCG translation cache (absent under KVM) and QEMU's own memory; measured right after a
+query and again once the VMs idled `--settle` seconds (free page reporting hands memory the
+guest freed back ~2 s after it was freed). `--tb-sweep` measures wake latency and TCG cache
+size for other PGFLEET_TCG_TB_MB values (each needs its own template).
 """
 
 from __future__ import annotations
@@ -162,11 +168,9 @@ class Bench:
             b = await self.driver.create(s)
             await first_query(b)
             running.append((s, b))
-        pss, rss = [], []
-        for s, b in running:
-            u = await self.driver.usage(s)
-            pss.append(u["pss_bytes"] / 2**20)
-            rss.append(u["rss_bytes"] / 2**20)
+        memory = {"after_query": await self.memory(running)}
+        await asyncio.sleep(self.args.settle)  # a measuring point, not synchronisation
+        memory["settled"] = await self.memory(running)
         for s, b in running:
             await self.driver.suspend(s)
         standby_disk = [sum(allocated_bytes(p) for p in (VmFiles(s.home).ram, VmFiles(s.home).data,
@@ -179,9 +183,10 @@ class Bench:
             await self.driver.destroy(s)
 
         summary = {k: pct(v) for k, v in self.samples.items()}
-        summary["running_pss_mib"] = pct(pss)
-        summary["running_rss_mib"] = pct(rss)
+        summary["running_pss_mib"] = memory["settled"]["pss"]
+        summary["running_rss_mib"] = memory["settled"]["rss"]
         summary["standby_disk_mib"] = pct(standby_disk)
+        template_ram = allocated_bytes(self.driver._templates[(128, 1)].files.ram) / 2**20
         result = {
             "driver": "microvm",
             "accel": self.driver.accel,
@@ -199,6 +204,16 @@ class Bench:
             "prepare_s": round(prepare_s, 3),
             "clone_pool_hits": f"{self.pool_hits}/{self.args.clones} clones took a pre-copied "
                                "template copy (mechanism: pool_take vs copy)",
+            "tcg_tb_mb": int(os.environ.get("PGFLEET_TCG_TB_MB", "32")),
+            "template_ram_file_mib": round(template_ram, 1),
+            "memory": {
+                "vms": self.args.vms, "settle_s": self.args.settle,
+                "note": ("PSS per running VM (MiB) split into guest_ram (pages of its RAM file "
+                         "mapped), tcg_code_cache (TCG translation buffer; none under KVM) and "
+                         "qemu_own (heap, stacks, binary and libraries, shared pages divided "
+                         "among the VMs); without_tcg = guest_ram + qemu_own"),
+                **memory,
+            },
             "results": summary,
             "mechanism_ms": {k: pct(v) for k, v in sorted(self.mech.items())},
             "targets": TARGETS,
@@ -206,6 +221,56 @@ class Bench:
             "raw": self.samples,
         }
         return result
+
+    async def memory(self, running: list) -> dict[str, dict[str, float]]:
+        use = [await self.driver.usage(s) for s, _ in running]
+
+        def mib(key: str) -> dict[str, float]:
+            return pct([u[key] / 2**20 for u in use])
+        return {"pss": mib("pss_bytes"), "rss": mib("rss_bytes"),
+                "guest_ram": mib("pss_guest_ram_bytes"), "tcg_code_cache": mib("pss_tcg_bytes"),
+                "qemu_own": mib("pss_qemu_bytes"),
+                "without_tcg": pct([(u["pss_bytes"] - u["pss_tcg_bytes"]) / 2**20 for u in use])}
+
+    async def tb_sweep(self, sizes: list[int]) -> list[dict]:
+        """Wake latency and TCG cache PSS for other translation cache sizes: one template,
+        one VM and --sweep-cycles held-connection wakes per size."""
+        out = []
+        default = os.environ.get("PGFLEET_TCG_TB_MB")
+        for mb in sizes:
+            os.environ["PGFLEET_TCG_TB_MB"] = str(mb)
+            driver = MicroVMDriver(self.root / f"sweep-{mb}", clone_pool=0)
+            s = self.spec()
+            try:
+                await driver.prepare()
+                backend = await driver.create(s)
+                held = await connect(backend)
+                await held.query("SELECT 1")
+                wakes = []
+                for _ in range(self.args.sweep_cycles):
+                    await driver.suspend(s)
+                    t = time.perf_counter()
+                    await driver.start(s)
+                    await held.query("SELECT 1")
+                    wakes.append((time.perf_counter() - t) * 1000)
+                use = await driver.usage(s)
+                await held.close()
+                out.append({"tb_mb": mb, "wake_held_first_query_ms": pct(wakes),
+                            "tcg_code_cache_mib": use["pss_tcg_bytes"] / 2**20,
+                            "pss_mib": use["pss_bytes"] / 2**20})
+                print(f"tb-size {mb} MiB: wake p50 {out[-1]['wake_held_first_query_ms']['p50']:.0f} ms, "
+                      f"TCG cache {out[-1]['tcg_code_cache_mib']:.1f} MiB", flush=True)
+            finally:
+                await driver.destroy(s)
+                tpl = driver._templates.get((128, 1))
+                await driver.close()
+                if tpl is not None and str(mb) != (default or "32"):
+                    shutil.rmtree(tpl.dir, ignore_errors=True)  # only this sweep needed it
+        if default is None:
+            os.environ.pop("PGFLEET_TCG_TB_MB", None)
+        else:
+            os.environ["PGFLEET_TCG_TB_MB"] = default
+        return out
 
     @staticmethod
     def verdict(summary: dict, image) -> dict[str, str]:
@@ -217,7 +282,8 @@ class Bench:
             "clone_first_query_ms p50": check(summary["clone_first_query_ms"]["p50"],
                                               TARGETS["clone_first_query_ms"]),
             "suspend_ms p50": check(summary["suspend_ms"]["p50"], TARGETS["suspend_ms"]),
-            "running_pss_mib p50": check(summary["running_pss_mib"]["p50"], TARGETS["running_pss_mib"]),
+            "running_pss_mib p50 (settled)": check(summary["running_pss_mib"]["p50"],
+                                                   TARGETS["running_pss_mib"]),
             "rootfs_mb": check(image.rootfs_bytes / 1e6, TARGETS["rootfs_mb"]),
             "kernel_mb": check(image.kernel_bytes / 2**20, TARGETS["kernel_mb"]),
         }
@@ -238,7 +304,8 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     raw = result["raw"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(18, 5),
+                                        gridspec_kw={"width_ratios": [4, 4, 2]})
     for key in ("suspend_ms", "wake_held_first_query_ms", "wake_new_conn_first_query_ms",
                 "clone_first_query_ms"):
         v = sorted(raw.get(key, []))
@@ -257,6 +324,20 @@ def plot(result: dict, path: Path) -> None:
     ax2.set_xlabel("p50 ms")
     ax2.set_title("mechanism costs (p50)")
     ax2.grid(True, axis="x", alpha=0.3)
+    mem = result.get("memory")
+    if mem:
+        phases = [p for p in ("after_query", "settled") if p in mem]
+        bottom = [0.0] * len(phases)
+        for part, color in (("guest_ram", "tab:blue"), ("qemu_own", "tab:gray"),
+                            ("tcg_code_cache", "tab:orange")):
+            vals = [mem[p][part]["p50"] for p in phases]
+            ax3.bar(phases, vals, bottom=bottom, color=color, label=part)
+            bottom = [b + v for b, v in zip(bottom, vals)]
+        target = result["targets"]["running_pss_mib"]
+        ax3.axhline(target, color="red", linestyle="--", label=f"target {target} MiB")
+        ax3.set_ylabel("PSS per running VM, p50 (MiB)")
+        ax3.set_title(f"memory ({mem['vms']} VMs, {result['guest_memory_mb']} MiB guests)")
+        ax3.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -267,17 +348,27 @@ async def main() -> None:
     ap.add_argument("--clones", type=int, default=20)
     ap.add_argument("--boots", type=int, default=5)
     ap.add_argument("--vms", type=int, default=8, help="clones running at once for the memory figure")
+    ap.add_argument("--settle", type=float, default=5.0,
+                    help="seconds the running VMs idle before the settled memory figure")
+    ap.add_argument("--tb-sweep", default="",
+                    help="comma-separated PGFLEET_TCG_TB_MB values to compare (e.g. 16,32)")
+    ap.add_argument("--sweep-cycles", type=int, default=12)
     ap.add_argument("--out", type=Path, default=RESULTS / "microvm.json")
     args = ap.parse_args()
     bench = Bench(args)
     try:
         result = await bench.run()
+        if args.tb_sweep:
+            result["tcg_tb_sweep"] = await bench.tb_sweep(
+                [int(x) for x in args.tb_sweep.split(",") if x])
     finally:
         await bench.cleanup()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     plot(result, args.out.with_suffix(".png"))
     print(json.dumps({"accel": result["accel"], "verdict": result["verdict"],
+                      "memory_settled_p50_mib": {k: round(v["p50"], 1) for k, v in
+                                                 result["memory"]["settled"].items()},
                       "results": {k: {kk: round(vv, 1) for kk, vv in v.items()}
                                   for k, v in result["results"].items()}}, indent=2))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")

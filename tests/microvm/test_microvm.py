@@ -122,6 +122,12 @@ async def test_running_vm_reports_usage(driver, make_instance):
     use = await driver.usage(spec)
     assert use["pss_bytes"] > 0 and use["rss_bytes"] >= use["pss_bytes"]
     assert use["disk_bytes"] < 256 * 2**20
+    # The PSS breakdown adds up, and each part is really there: the guest ran, so its RAM
+    # file is mapped; under TCG the translation cache holds code; QEMU has its own heap.
+    parts = [use["pss_guest_ram_bytes"], use["pss_tcg_bytes"], use["pss_qemu_bytes"]]
+    assert sum(parts) == use["pss_bytes"]
+    assert use["pss_guest_ram_bytes"] > 4 * 2**20 and use["pss_qemu_bytes"] > 2**20
+    assert (use["pss_tcg_bytes"] > 2**20) == (driver.accel == "tcg")
 
 
 # ------------------------------------------------------------------ clones
