@@ -277,11 +277,32 @@ async def test_never_scaled_to_zero_mid_transaction(env, servers, listener):
         row = await env.fleet.wait_for("midtx", lambda r: r.state != State.RUNNING, timeout_s=1.0)
         assert row.state == State.RUNNING
         await c.execute("COMMIT")
-        assert rt.busy == 0
+        # pooled: busy only within a transaction; direct on a driver that cannot keep sessions
+        # across a suspend: the open session alone keeps the database up (no per-read tracking)
+        assert rt.busy == (1 if listener == "direct" else 0)
     finally:
         await c.close()
     row = await env.fleet.wait_for("midtx", lambda r: r.state == State.STANDBY, timeout_s=30)
     assert row.state == State.STANDBY
+
+
+async def test_direct_sessions_are_tracked_per_transaction_where_sessions_survive_suspend(env, servers, monkeypatch):
+    """Where a driver keeps sessions across a suspend (microVM), the direct relay reads the
+    transaction state: busy inside a transaction only. The sandbox is told it keeps them so
+    the scanning relay runs against a real Postgres here."""
+    monkeypatch.setattr(env.fleet.driver, "keeps_sessions_across_suspend", True)
+    created = await env.fleet.create("tracked")
+    c = await aconnect(servers["direct"], "tracked", created.password)
+    try:
+        rt = env.fleet.rt[created.row.uuid]
+        assert rt.busy == 0
+        await c.execute("BEGIN")
+        assert rt.busy == 1
+        assert await scalar(c, "SELECT count(*) FROM generate_series(1, 1000)") == 1000
+        await c.execute("COMMIT")
+        assert rt.busy == 0
+    finally:
+        await c.close()
 
 
 async def test_idle_policy_needs_a_driver_that_keeps_sessions(env):

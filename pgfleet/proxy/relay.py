@@ -1,8 +1,11 @@
 """Session-mode relay: one client connection bound to one server connection for its life.
 
-Bytes are forwarded as they arrive (asyncio Protocols, no per-message copies); headers are
-scanned on the way to know whether the session is busy (a query or a transaction open),
-which the fleet uses so that a database is never scaled to zero mid-transaction.
+Bytes are forwarded as they arrive (asyncio Protocols, no per-message copies). Where the
+driver keeps sessions across a suspend (microVM), headers are scanned on the way to know
+whether the session is busy (a query or a transaction open), so that an `idle`-policy
+database is never scaled to zero mid-transaction and a suspended one wakes on the next
+packet. Elsewhere an open session alone keeps its database up, so the relay does nothing
+per read but forward (`track=False`): the session counts as busy for its whole life.
 """
 
 from __future__ import annotations
@@ -60,12 +63,23 @@ class _ServerSide(_Side):
         self.relay.from_server(data)
 
 
+class _PlainSide(_Side):
+    """Forwards without looking: the cheapest path a relay in Python can take."""
+
+    __slots__ = ()
+
+    def data_received(self, data: bytes) -> None:
+        self.peer.transport.write(data)  # type: ignore[union-attr]
+
+
 class Relay:
     """Wires a client transport to a server transport. `done` resolves when either ends."""
 
-    def __init__(self, client: asyncio.Transport, server: asyncio.Transport, activity: SessionActivity) -> None:
-        self.client_side = _ClientSide(self)
-        self.server_side = _ServerSide(self)
+    def __init__(self, client: asyncio.Transport, server: asyncio.Transport, activity: SessionActivity,
+                 track: bool = True) -> None:
+        self.track = track
+        self.client_side: _Side = _ClientSide(self) if track else _PlainSide(self)
+        self.server_side: _Side = _ServerSide(self) if track else _PlainSide(self)
         self.client_side.transport, self.server_side.transport = client, server
         self.client_side.peer, self.server_side.peer = self.server_side, self.client_side
         self.cscan = ClientScanner()
@@ -81,6 +95,16 @@ class Relay:
             side.transport.set_write_buffer_limits(high=HIGH_WATER)  # type: ignore[union-attr]
 
     def start(self, client_leftover: bytes = b"", server_leftover: bytes = b"") -> None:
+        if not self.track:
+            self.busy = True
+            self.activity.on_busy(True)
+            if server_leftover:
+                self.client_side.transport.write(server_leftover)  # type: ignore[union-attr]
+            if client_leftover:
+                self.server_side.transport.write(client_leftover)  # type: ignore[union-attr]
+            for side in (self.client_side, self.server_side):
+                side.transport.resume_reading()  # type: ignore[union-attr]
+            return
         if server_leftover:
             self.from_server(server_leftover)
         if client_leftover:

@@ -264,7 +264,8 @@ class ProxyServer:
         try:
             b_writer.write(m.startup_message(params))
             await self._forward_until_ready(b_reader, writer, backend, key)
-            relay = Relay(writer.transport, b_writer.transport, self._activity(row.uuid))  # type: ignore[arg-type]
+            relay = Relay(writer.transport, b_writer.transport, self._activity(row.uuid),  # type: ignore[arg-type]
+                          track=self.fleet.driver.keeps_sessions_across_suspend)
             relay.start(_take_buffer(reader), _take_buffer(b_reader))
             await relay.done
         finally:
