@@ -4,7 +4,7 @@
 
 One throwaway daemon (sandbox driver), one database, pgbench's tables made once through the
 pgfleet direct listener as the database's role (so every path below reaches the same tables
-as the same role). Four ways to the SAME database, each measured with pgbench (`-j 2`):
+as the same role). Five ways to the SAME database, each measured with pgbench (`-j 2`):
 
   postgres        : straight to the database's backend (its unix socket, trust, no proxy)
   pgfleet-direct  : the pgfleet direct listener (one server session per client; SCRAM)
@@ -17,6 +17,8 @@ as the same role). Four ways to the SAME database, each measured with pgbench (`
                     trusts local connections, running as the backend socket's owner uid.
                     It is restarted for each of its runs, so its idle server connections never
                     count against the backend's max_connections during the other runs.
+  pgbouncer-session: the same PgBouncer in session mode: a relay written in C, the reference
+                    for what any userspace relay (pgfleet direct) costs on this machine.
 
 Workloads: select-only (-S) and TPC-B-like at -c 16 and -c 64, and select-only with
 `-M prepared` at -c 16 (PgBouncer 1.18 in transaction mode is expected to fail that one: its
@@ -24,7 +26,8 @@ failure is recorded as measured). Rounds are interleaved: every round runs every
 every config, the config order rotating from round to round; medians over rounds.
 
 Also per run: the proxy's own CPU time (utime + stime of the pgfleet daemon process, or of
-PgBouncer, from /proc/<pid>/stat before and after) per transaction. And connection setup:
+PgBouncer, from /proc/<pid>/stat before and after) per transaction, split into user time
+(the proxy's own code) and kernel time (its socket syscalls, wakeups, context switches). And connection setup:
 `pgbench -C` with a `SELECT 1` script (one client: new connection + SELECT 1 each time, and
 the proxy's CPU per connection), plus a psycopg loop of new connection + SELECT 1 (latency).
 
@@ -40,6 +43,7 @@ transaction below PgBouncer's.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -58,8 +62,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import RESULTS, machine, start_daemon, summarise, write_results  # noqa: E402
 from pgfleet.pgwire.scram import Verifier  # noqa: E402
 
-CONFIGS = ("postgres", "pgfleet-direct", "pgfleet-pooled", "pgbouncer")
-PROXIES = ("pgfleet-direct", "pgfleet-pooled", "pgbouncer")
+CONFIGS = ("postgres", "pgfleet-direct", "pgfleet-pooled", "pgbouncer", "pgbouncer-session")
+PROXIES = ("pgfleet-direct", "pgfleet-pooled", "pgbouncer", "pgbouncer-session")
+BOUNCERS = {"pgbouncer": "transaction", "pgbouncer-session": "session"}
 POOL_SIZE = 20
 DBNAME = "benchproxy"
 TARGETS = {"pooled_over_pgbouncer_tps": 1.0, "direct_over_postgres_tps": 0.9, "cpu_per_tx_over_pgbouncer": 1.0}
@@ -76,8 +81,8 @@ def workloads(clients: list[int]) -> list[dict]:
     return out
 
 
-def cpu_seconds(pid: int | None) -> float | None:
-    """utime + stime of one process (all its threads), in seconds."""
+def cpu_split(pid: int | None) -> tuple[float, float] | None:
+    """(utime, stime) of one process (all its threads), in seconds."""
     if pid is None:
         return None
     try:
@@ -85,7 +90,13 @@ def cpu_seconds(pid: int | None) -> float | None:
     except OSError:
         return None
     fields = stat[stat.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """utime + stime of one process (all its threads), in seconds."""
+    split = cpu_split(pid)
+    return None if split is None else split[0] + split[1]
 
 
 def uid_cpu_seconds(uid: int) -> float:
@@ -155,10 +166,11 @@ def tool_version(*cmd: str) -> str:
 
 
 class PgBouncer:
-    """A PgBouncer of this benchmark: transaction mode, in front of the backend's socket."""
+    """A PgBouncer of this benchmark in front of the backend's socket (transaction or session mode)."""
 
-    def __init__(self, sockdir: str, backend_db: str, name: str, role: str, password: str) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="pgfleet-bench-pgbouncer-"))
+    def __init__(self, sockdir: str, backend_db: str, name: str, role: str, password: str,
+                 mode: str = "transaction") -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix=f"pgfleet-bench-pgbouncer-{mode}-"))
         st = os.stat(sockdir)
         self.uid, self.gid = st.st_uid, st.st_gid  # the only uid that may enter the socket's directory
         self.port = free_port()
@@ -176,8 +188,8 @@ listen_port = {self.port}
 unix_socket_dir =
 auth_type = scram-sha-256
 auth_file = {self.dir}/userlist.txt
-pool_mode = transaction
-default_pool_size = {POOL_SIZE}
+pool_mode = {mode}
+default_pool_size = {POOL_SIZE if mode == "transaction" else 90}
 max_client_conn = 500
 ignore_startup_parameters = extra_float_digits,options
 logfile = {self.dir}/pgbouncer.log
@@ -278,8 +290,9 @@ class Bench:
         self.backend_db = "postgres"  # the sandbox cluster's database; the role owns what it creates in it
         host, port = self.d.proxy
         pooled_host, pooled_port = self.d.info["listen_pooled"].rsplit(":", 1)
-        self.bouncer = PgBouncer(self.sockdir, self.backend_db, DBNAME, self.role, self.password)
-        self.witness = CpuWitness(self.daemon_pid, self.bouncer.uid)
+        self.bouncers = {config: PgBouncer(self.sockdir, self.backend_db, DBNAME, self.role, self.password, mode)
+                         for config, mode in BOUNCERS.items()}
+        self.witness = CpuWitness(self.daemon_pid, self.bouncers["pgbouncer"].uid)
         tcp = dict(PGUSER=self.role, PGDATABASE=DBNAME, PGPASSWORD=self.password, PGSSLMODE="disable")
         self.env = {
             "postgres": dict(PGHOST=self.sockdir, PGPORT="5432", PGUSER=self.role, PGDATABASE=self.backend_db),
@@ -288,12 +301,14 @@ class Bench:
             "pgfleet-direct": dict(PGHOST=host, PGPORT=str(port), **tcp),
             "pgfleet-pooled": dict(PGHOST=pooled_host, PGPORT=pooled_port, **tcp),
             "pgbouncer": dict(PGHOST="127.0.0.1", PGPORT="0", **tcp),  # port set when it starts
+            "pgbouncer-session": dict(PGHOST="127.0.0.1", PGPORT="0", **tcp),
         }
-        self.select1 = Path(self.bouncer.dir.parent / f"pgfleet-bench-select1-{os.getpid()}.sql")
+        self.select1 = Path(self.bouncers["pgbouncer"].dir.parent / f"pgfleet-bench-select1-{os.getpid()}.sql")
         self.select1.write_text("SELECT 1;\n")
 
     def close(self) -> None:
-        self.bouncer.cleanup()
+        for bouncer in self.bouncers.values():
+            bouncer.cleanup()
         self.select1.unlink(missing_ok=True)
         self.d.stop()
         shutil.rmtree(self.d.home, ignore_errors=True)  # a throwaway daemon: its databases go with it
@@ -303,12 +318,14 @@ class Bench:
     def environ(self, config: str) -> dict:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
         env.update(self.env[config], PGCONNECT_TIMEOUT="30", PGAPPNAME="bench-proxy")
-        if config == "pgbouncer":
-            env["PGPORT"] = str(self.bouncer.port)
+        if config in self.bouncers:
+            env["PGPORT"] = str(self.bouncers[config].port)
         return env
 
     def proxy_pid(self, config: str) -> int | None:
-        return {"postgres": None, "pgbouncer": self.bouncer.pid}.get(config, self.daemon_pid)
+        if config in self.bouncers:
+            return self.bouncers[config].pid
+        return None if config == "postgres" else self.daemon_pid
 
     def psql(self, config: str, sql: str) -> str:
         p = subprocess.run(["psql", "-X", "-At", "-v", "ON_ERROR_STOP=1", "-c", sql], env=self.environ(config),
@@ -318,51 +335,55 @@ class Bench:
         return p.stdout.strip()
 
     def pgbench(self, config: str, args: list[str], timeout: float) -> dict:
+        bouncer = self.bouncers.get(config)
         started_bouncer = False
-        if config == "pgbouncer" and self.bouncer.pid is None:
-            self.bouncer.start()
+        if bouncer is not None and bouncer.pid is None:
+            bouncer.start()
             started_bouncer = True
         try:
             pid = self.proxy_pid(config)
             w0 = self.witness.sample()
-            cpu0, t0 = cpu_seconds(pid), time.monotonic()
-            p = subprocess.run(["pgbench", *args], env=self.environ(config), capture_output=True, text=True,
-                               timeout=timeout)
+            cpu0, t0 = cpu_split(pid), time.monotonic()
+            p = subprocess.run(["pgbench", *args], env=self.environ(config),
+                               capture_output=True, text=True, timeout=timeout)
             wall = time.monotonic() - t0
             time.sleep(0.3)  # backends and proxy sessions wind down and are reaped: their CPU time counts
-            cpu1 = cpu_seconds(pid)
+            cpu1 = cpu_split(pid)
             noise = CpuWitness.report(w0, self.witness.sample())
         finally:
             if started_bouncer:
-                self.bouncer.stop()
+                bouncer.stop()
         res = parse_pgbench(p.stdout + "\n" + p.stderr)
         res["rc"] = p.returncode
         res["ok"] = p.returncode == 0 and res["tps"] is not None and not res["failed"]
         res["wall_s"] = round(wall, 2)
         res.update(noise)
         if cpu0 is not None and cpu1 is not None:
-            res["proxy_cpu_s"] = round(cpu1 - cpu0, 3)
-            res["proxy_cpu_pct_of_one_core"] = round(100 * (cpu1 - cpu0) / wall, 1)
+            user, kernel = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
+            res["proxy_cpu_s"] = round(user + kernel, 3)
+            res["proxy_cpu_pct_of_one_core"] = round(100 * (user + kernel) / wall, 1)
             tx = res["transactions"]
-            res["proxy_cpu_us_per_tx"] = round(1e6 * (cpu1 - cpu0) / tx, 2) if tx else None
+            res["proxy_cpu_us_per_tx"] = round(1e6 * (user + kernel) / tx, 2) if tx else None
+            res["proxy_user_us_per_tx"] = round(1e6 * user / tx, 2) if tx else None
+            res["proxy_kernel_us_per_tx"] = round(1e6 * kernel / tx, 2) if tx else None
         if not res["ok"] and not res["errors"]:
             res["errors"] = (p.stderr.strip().splitlines() or ["(no output)"])[-3:]
         return res
 
     def connect_loop(self, config: str, n: int) -> list[float]:
+        """psycopg: new connection + SELECT 1, n times (ms each), in a child process (as
+        pgbench is: its CPU time counts as the client's, not as this process's)."""
         env = self.env[config]
-        kw = dict(host=env["PGHOST"], port=int(env["PGPORT"]) if config != "pgbouncer" else self.bouncer.port,
+        kw = dict(host=env["PGHOST"], port=self.bouncers[config].port if config in self.bouncers else int(env["PGPORT"]),
                   user=env["PGUSER"], dbname=env["PGDATABASE"], password=env.get("PGPASSWORD"),
                   connect_timeout=30)
         if config != "postgres":
             kw["sslmode"] = "disable"
-        samples = []
-        for _ in range(n):
-            t = time.perf_counter()
-            with psycopg.connect(**kw) as conn:
-                conn.execute("SELECT 1").fetchone()
-            samples.append((time.perf_counter() - t) * 1000)
-        return samples
+        p = subprocess.run([sys.executable, __file__, "--connect-loop", json.dumps(kw), str(n)],
+                           capture_output=True, text=True, timeout=600)
+        if p.returncode != 0:
+            raise RuntimeError(f"connect loop via {config}: {p.stderr.strip()[-500:]}")
+        return json.loads(p.stdout)
 
     # --- the benchmark ------------------------------------------------------------------
 
@@ -416,18 +437,29 @@ class Bench:
                 if res.get("proxy_cpu_s") is not None and res["transactions"]:
                     res["proxy_cpu_us_per_connection"] = res.pop("proxy_cpu_us_per_tx")
                 connects.append(res)
-                if config == "pgbouncer":
-                    self.bouncer.start()
+                bouncer = self.bouncers.get(config)
+                if bouncer is not None:
+                    bouncer.start()
                 try:
                     conn_samples[config] += self.connect_loop(config, a.connect_samples)
                 finally:
-                    if config == "pgbouncer":
-                        self.bouncer.stop()
+                    if bouncer is not None:
+                        bouncer.stop()
                 done += 1
                 print(f"[{done}/{total}] round {rnd + 1} connect {config:<15} "
                       f"pgbench -C {res['tps'] or 0:.0f} conn/s, psycopg p50 "
                       f"{statistics.median(conn_samples[config]):.2f} ms", file=sys.stderr, flush=True)
         return {"workloads": wls, "runs": runs, "connects": connects, "connect_samples_ms": conn_samples}
+
+
+def connect_loop_child(kw: dict, n: int) -> None:
+    samples = []
+    for _ in range(n):
+        t = time.perf_counter()
+        with psycopg.connect(**kw) as conn:
+            conn.execute("SELECT 1").fetchone()
+        samples.append((time.perf_counter() - t) * 1000)
+    print(json.dumps(samples))
 
 
 def median_or_none(xs: list) -> float | None:
@@ -449,6 +481,8 @@ def summarise_runs(wls: list[dict], runs: list[dict], connects: list[dict], samp
                 "cv_pct": round(100 * statistics.pstdev(tps) / statistics.fmean(tps), 1) if len(tps) > 1 else None,
                 "runs": len(rs), "ok_runs": len(ok),
                 "proxy_cpu_us_per_tx": median_or_none([r.get("proxy_cpu_us_per_tx") for r in ok]),
+                "proxy_user_us_per_tx": median_or_none([r.get("proxy_user_us_per_tx") for r in ok]),
+                "proxy_kernel_us_per_tx": median_or_none([r.get("proxy_kernel_us_per_tx") for r in ok]),
                 "proxy_cpu_pct_of_one_core": median_or_none([r.get("proxy_cpu_pct_of_one_core") for r in ok]),
                 "latency_ms": median_or_none([r["latency_ms"] for r in ok]),
                 "pool_server_connections": median_or_none([r.get("pool_server_connections") for r in rs]),
@@ -479,10 +513,13 @@ def ratios(summary: dict) -> dict:
         out[wid] = {
             "pooled_over_pgbouncer_tps": ratio(tps["pgfleet-pooled"], tps["pgbouncer"]),
             "direct_over_postgres_tps": ratio(tps["pgfleet-direct"], tps["postgres"]),
+            "direct_over_pgbouncer_session_tps": ratio(tps["pgfleet-direct"], tps["pgbouncer-session"]),
+            "pgbouncer_session_over_postgres_tps": ratio(tps["pgbouncer-session"], tps["postgres"]),
             "pooled_over_postgres_tps": ratio(tps["pgfleet-pooled"], tps["postgres"]),
             "pgbouncer_over_postgres_tps": ratio(tps["pgbouncer"], tps["postgres"]),
             "pooled_over_pgbouncer_cpu_per_tx": ratio(cpu["pgfleet-pooled"], cpu["pgbouncer"]),
             "direct_over_pgbouncer_cpu_per_tx": ratio(cpu["pgfleet-direct"], cpu["pgbouncer"]),
+            "direct_over_pgbouncer_session_cpu_per_tx": ratio(cpu["pgfleet-direct"], cpu["pgbouncer-session"]),
         }
     con = summary["connect"]
     out["connect"] = {
@@ -526,10 +563,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a short run: 3 s per run, one round")
     ap.add_argument("--out", default="proxy", help="result name under bench/results/")
     ap.add_argument("--replot", action="store_true", help="only redraw the PNG (and report) from the JSON")
+    ap.add_argument("--connect-loop", nargs=2, metavar=("KW", "N"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.connect_loop:
+        connect_loop_child(json.loads(args.connect_loop[0]), int(args.connect_loop[1]))
+        return
     if args.replot:
-        import json
-
         path = RESULTS / f"{args.out}.json"
         result = json.loads(path.read_text())
         plot(result, path.with_suffix(".png"))
@@ -566,10 +605,12 @@ def main() -> None:
                                  "default_pool_size": POOL_SIZE, "max_client_conn": 500,
                                  "auth": "clients: scram-sha-256 against a SCRAM verifier in auth_file; to the backend: unix socket, trust"},
                    "pgbench": tool_version("pgbench", "--version"),
-                   "paths": {"postgres": "unix socket of the backend, trust", "pgfleet-direct": "TCP 127.0.0.1, SCRAM",
-                             "pgfleet-pooled": "TCP 127.0.0.1, SCRAM", "pgbouncer": "TCP 127.0.0.1, SCRAM"},
+                   "paths": {"postgres": "unix socket of the backend, trust",
+                             "pgfleet-direct": "TCP 127.0.0.1, SCRAM", "pgfleet-pooled": "TCP 127.0.0.1, SCRAM",
+                             "pgbouncer": "TCP 127.0.0.1, SCRAM", "pgbouncer-session": "TCP 127.0.0.1, SCRAM"},
                    "proxy_cpu": "utime+stime from /proc/<pid>/stat of the pgfleet daemon process (both listeners,"
-                                " API) or of pgbouncer, before/after each run"},
+                                " API) or of pgbouncer, before/after each run; user = the proxy's own code, kernel ="
+                                " its syscalls, wakeups and context switches"},
         "noise": {"loadavg_before": load_before, "loadavg_after": load_after,
                   "other_work_pct_of_machine": summarise([r["other_work_pct"] for r in raw["runs"]]),
                   "other_work": "per run: the machine's busy CPU time minus pgbench, the pgfleet daemon, the "
@@ -595,9 +636,11 @@ def report(result: dict) -> None:
             v = cell[c]
             row += f"{v['median_tps']:>16.0f}" if v["median_tps"] else f"{'FAILED':>16}"
         print(f"{wid:<28}{row}")
-    print(f"{'proxy CPU us/tx':<28}" + "".join(f"{c:>16}" for c in PROXIES))
+    print(f"{'proxy CPU us/tx (user+kern)':<28}" + "".join(f"{c:>20}" for c in PROXIES))
     for wid, cell in s["tps"].items():
-        print(f"{wid:<28}" + "".join(f"{cell[c]['proxy_cpu_us_per_tx'] or float('nan'):>16.1f}" for c in PROXIES))
+        print(f"{wid:<28}" + "".join(
+            f"{cell[c]['proxy_cpu_us_per_tx'] or float('nan'):>8.1f} ({cell[c].get('proxy_user_us_per_tx') or float('nan'):.1f}+"
+            f"{cell[c].get('proxy_kernel_us_per_tx') or float('nan'):.1f})".rjust(20) for c in PROXIES))
     print(f"{'connect + SELECT 1':<28}" + "".join(f"{c:>16}" for c in CONFIGS))
     print(f"{'  psycopg p50 ms':<28}" + "".join(
         f"{s['connect'][c]['psycopg_connect_select1_ms']['p50']:>16.2f}" for c in CONFIGS))
@@ -623,8 +666,8 @@ def plot(result: dict, path: Path) -> None:
 
     s = result["summary"]
     wids = list(s["tps"])
-    colors = {"postgres": "tab:gray", "pgfleet-direct": "tab:blue", "pgfleet-pooled": "tab:green",
-              "pgbouncer": "tab:orange"}
+    colors = {"postgres": "tab:gray", "pgfleet-direct": "tab:blue",
+              "pgfleet-pooled": "tab:green", "pgbouncer": "tab:orange", "pgbouncer-session": "tab:red"}
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 5.2), gridspec_kw={"width_ratios": [3, 2, 1.4]})
     w = 0.8 / len(CONFIGS)
     for i, c in enumerate(CONFIGS):
@@ -654,15 +697,20 @@ def plot(result: dict, path: Path) -> None:
 
     w = 0.8 / len(PROXIES)
     for i, c in enumerate(PROXIES):
-        xs, ys = [], []
+        xs, kern, user = [], [], []
         for j, wid in enumerate(wids):
-            v = s["tps"][wid][c]["proxy_cpu_us_per_tx"]
-            if v:
+            v = s["tps"][wid][c]
+            if v["proxy_cpu_us_per_tx"]:
                 xs.append(j + (i - (len(PROXIES) - 1) / 2) * w)
-                ys.append(v)
-        ax2.bar(xs, ys, w, color=colors[c], label=c)
+                k, u = v.get("proxy_kernel_us_per_tx"), v.get("proxy_user_us_per_tx")
+                if k is None or u is None:  # results from before the split: all of it as one bar
+                    k, u = v["proxy_cpu_us_per_tx"], 0.0
+                kern.append(k)
+                user.append(u)
+        ax2.bar(xs, kern, w, color=colors[c], label=c)
+        ax2.bar(xs, user, w, bottom=kern, color=colors[c], hatch="///", edgecolor="white", linewidth=0)
     ax2.set_xticks(range(len(wids)), wids, rotation=20, fontsize=8)
-    ax2.set_ylabel("proxy CPU time per transaction (us)")
+    ax2.set_ylabel("proxy CPU per transaction (us): kernel, user hatched")
     ax2.set_title("proxy CPU cost")
     ax2.legend(fontsize=8)
 
