@@ -88,3 +88,83 @@ def test_prune_keeps_images_in_use(image, tmp_path):
     shutil.rmtree(home)  # the instance is gone (its reference is stale)
     assert prune_images(cache, dry_run=True) == [old_dir] and old_dir.exists()
     assert prune_images(cache) == [old_dir] and not old_dir.exists()
+
+
+def _memory_image(elf: bytes) -> tuple[int, bytearray]:
+    """What a loader puts in guest memory: PT_LOAD bytes at p_paddr, zeros up to p_memsz."""
+    import struct
+
+    phoff, = struct.unpack_from("<Q", elf, 32)
+    phnum, = struct.unpack_from("<H", elf, 56)
+    segs = []
+    for i in range(phnum):
+        p_type, _f, off, _va, pa, filesz, memsz, _al = struct.unpack_from("<IIQQQQQQ", elf, phoff + 56 * i)
+        if p_type == 1:
+            segs.append((pa, elf[off:off + filesz], memsz))
+    lo = min(pa for pa, _, _ in segs)
+    mem = bytearray(max(pa + memsz for pa, _, memsz in segs) - lo)
+    for pa, body, _ in segs:
+        mem[pa - lo:pa - lo + len(body)] = body
+    return lo, mem
+
+
+def _elf(segments: list[tuple[int, int, bytes, int]], note: bytes) -> bytes:
+    """A little ELF64: (p_type, flags, bytes, memsz) segments, loaded from 16 MiB up."""
+    import struct
+
+    n = len(segments) + 1
+    offset, addr = 64 + 56 * n, 0x1000000
+    phdrs, blobs = b"", b""
+    for p_type, flags, body, memsz in segments:
+        phdrs += struct.pack("<IIQQQQQQ", p_type, flags, offset, 0xffffffff80000000 + addr, addr,
+                             len(body), memsz, 0x200000)
+        blobs += body
+        offset += len(body)
+        addr += memsz
+    phdrs += struct.pack("<IIQQQQQQ", 4, 4, offset, 0, 0, len(note), len(note), 4)
+    blobs += note
+    ehdr = struct.pack("<16sHHIQQQIHHHHHH", b"\x7fELF\x02\x01\x01" + bytes(9), 2, 62, 1,
+                       0x1000000, 64, 0, 0, 64, 56, n, 64, 0, 0)
+    return ehdr + phdrs + blobs
+
+
+def test_packing_the_pvh_kernel_keeps_its_memory_image():
+    import os
+    import struct
+
+    from pgfleet.drivers.base import DriverError
+    from pgfleet.drivers.microvm.kernel import pack_pvh_elf
+
+    pvh_note = struct.pack("<III", 4, 4, 18) + b"Xen\0" + struct.pack("<I", 0x1000000)
+    page = 4096
+    text = (os.urandom(3 * page + 100) + b"\xcc" * (page - 100) + b"\xcc" * 64 * page  # int3 pad
+            + os.urandom(page) + bytes(32 * page) + os.urandom(10))  # a zero run: also padding
+    data = os.urandom(2 * page) + bytes(100 * page) + os.urandom(page) + bytes(3 * page)
+    elf = _elf([(1, 5, text, len(text) + 8 * page), (1, 6, data, len(data) + 50 * page)], pvh_note)
+    packed = pack_pvh_elf(elf)
+    assert len(packed) < len(elf) - 190 * page, "padding runs stay out of the file"
+    lo, want = _memory_image(elf)
+    got_lo, got = _memory_image(packed)
+    assert (got_lo, len(got)) == (lo, len(want))
+    pad = slice(4 * page, 68 * page)  # the int3 run (from the first whole page) reads as zeros
+    assert want[pad] == b"\xcc" * (64 * page) and got[pad] == bytes(64 * page)
+    want[pad] = bytes(64 * page)
+    assert got == want, "apart from int3 padding, guest memory is byte for byte the same"
+    assert struct.unpack_from("<Q", packed, 24)[0] == 0x1000000  # the entry point stays
+    with pytest.raises(DriverError, match="PVH"):
+        pack_pvh_elf(_elf([(1, 5, text, len(text))], struct.pack("<III", 4, 4, 1) + b"GNU\0" + bytes(4)))
+
+
+def test_the_guest_kernel_is_a_packed_pvh_elf(image):
+    import struct
+
+    from pgfleet.drivers.microvm.kernel import _has_pvh_note
+
+    elf = image.kernel.read_bytes()
+    if image.kernel.name != "vmlinux":
+        pytest.skip(f"PGFLEET_GUEST_KERNEL={image.kernel} is not a packed PVH vmlinux")
+    assert elf[:4] == b"\x7fELF" and len(elf) == image.kernel_bytes <= 4 * 2**20
+    phoff, = struct.unpack_from("<Q", elf, 32)
+    phnum, = struct.unpack_from("<H", elf, 56)
+    notes = [struct.unpack_from("<IIQQQQQQ", elf, phoff + 56 * i) for i in range(phnum)]
+    assert any(_has_pvh_note(elf[off:off + size]) for t, _, off, _, _, size, _, _ in notes if t == 4)

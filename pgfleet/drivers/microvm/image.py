@@ -1,7 +1,7 @@
 """Guest images: kernel + read-only root filesystem + template data disk, cached by content.
 
 Cache layout (default /var/cache/pgfleet, env PGFLEET_CACHE; never inside a checkout):
-    kernels/<kernel-key>/bzImage           shared by every image built from the same kernel inputs
+    kernels/<kernel-key>/vmlinux           PVH ELF, shared by every image built from the same kernel inputs
     images/<name>-<image-key>/             rootfs.img, data.img, image.json
 An image is rebuilt only when one of its inputs changes: the kernel config fragment, the
 linux-source package version, the postgres version, the guest init and guest configs.
@@ -206,8 +206,8 @@ def _ensure_kernel(cache: Path, progress: Progress) -> tuple[Path, str]:
         return Path(override), f"override {override}"
     key = kernel_mod.kernel_key()
     kdir = cache / "kernels" / key
-    bzimage = kdir / "bzImage"
-    if bzimage.exists():
+    kernel = kdir / "vmlinux"
+    if kernel.exists():
         progress("kernel", 0.85, f"kernel {key} is cached")
     else:
         (cache / "kernels").mkdir(parents=True, exist_ok=True)
@@ -220,7 +220,7 @@ def _ensure_kernel(cache: Path, progress: Progress) -> tuple[Path, str]:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    return bzimage, kernel_mod.source_version(kernel_mod.linux_source_tarball())
+    return kernel, kernel_mod.source_version(kernel_mod.linux_source_tarball())
 
 
 # ---------------------------------------------------------------- users and pruning

@@ -25,7 +25,9 @@ _verdict: dict[str, bool] = {}
 def _probe_kernel() -> Path | None:
     """A directly bootable kernel: the newest guest kernel built into the cache, else the
     host's own (/boot/vmlinuz-*; any x86 kernel reaches its "no root" panic on microvm)."""
-    found = sorted(glob.glob(str(cache_dir() / "kernels" / "*" / "bzImage")), key=os.path.getmtime)
+    found = sorted((p for name in ("vmlinux", "bzImage")
+                    for p in glob.glob(str(cache_dir() / "kernels" / "*" / name))),
+                   key=os.path.getmtime)
     if not found:
         found = [p for p in sorted(glob.glob("/boot/vmlinuz-*"), key=os.path.getmtime)
                  if os.access(p, os.R_OK)]
