@@ -71,6 +71,10 @@ class Image:
             "rcupdate.rcu_expedited=1", "mitigations=off",
             *os.environ.get("PGFLEET_GUEST_CMDLINE_EXTRA", "").split(),
             f"root=/dev/vda", f"rootfstype={self.rootfs_type}", "ro", "init=/sbin/init",
+            # EROFS would also cache the compressed blocks it reads, next to the decompressed
+            # pages: ~7 MB more guest memory per VM, measured. The host's page cache of the
+            # (shared) root image serves a re-read.
+            *(["rootflags=cache_strategy=disabled"] if self.rootfs_type == "erofs" else []),
             "ip=10.0.0.2::10.0.0.1:255.255.255.252:pgfleet:eth0:off",
         ])
 
