@@ -9,9 +9,13 @@ directly (`-kernel`, no firmware, no decompression in the guest), packed to ~3.8
   drops runs of padding of 64 KiB or more: each load segment is split there, and the loader
   zero-fills the gap (p_memsz > p_filesz). The guest memory image is byte for byte the
   linker's, except that the two int3 runs (2 MB alignment before and after the entry text,
-  never executed) hold zeros. Measured (TCG): no slower to boot than the XZ bzImage it
-  replaces (no decompression), and QEMU keeps no heap copy of the kernel per VM (~1.5 MiB
-  less PSS each: an ELF's segments are loaded from a mapping of the file).
+  never executed) hold zeros.
+
+Measured against the XZ bzImage it replaces (TCG, same host and hour): cold boot to a first
+query 2.4 s instead of 3.1 s (no decompression in the guest). QEMU reads an ELF kernel through
+a mapping of the file instead of copying it into its heap: a restored VM (every clone and
+wake) never touches it (QEMU's own PSS 17.3 instead of 18.9 MiB per VM, 8 clones); a cold-
+booted one holds it as clean file pages, shared between VMs and reclaimable.
 """
 
 from __future__ import annotations
