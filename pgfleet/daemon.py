@@ -7,6 +7,7 @@ import dataclasses
 import fcntl
 import logging
 import os
+import resource
 import signal
 import sys
 from dataclasses import dataclass
@@ -175,9 +176,24 @@ def _tls(opts: DaemonOptions, hosts: list[str]):
     return server_context(files), files.ca
 
 
+def raise_open_files_limit() -> int:
+    """Every client connection is a file descriptor (two on the direct listener): lift the
+    soft limit (often 1,024 under systemd) to the hard one. Returns the limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open files limit from %d: %s", soft, exc)
+    return soft
+
+
 def run(opts: DaemonOptions, foreground: bool = True) -> None:
     opts.home.mkdir(parents=True, exist_ok=True)
     setup_logging(opts.home, foreground)
+    log.info("open files limit: %d", raise_open_files_limit())
     if opts.driver == "auto":
         from pgfleet.drivers import resolve_auto
 
