@@ -118,8 +118,8 @@ class ClientScanner:
 
 
 class MessageBuffer:
-    """Splits a byte stream into whole (type, body) messages, for the pooled mode, which
-    must read and rewrite client messages."""
+    """Splits a byte stream into whole (type, body) messages: the answers to the pooled
+    mode's own queries on a server connection (small; client traffic streams, pool.py)."""
 
     __slots__ = ("_buf", "max_length")
 

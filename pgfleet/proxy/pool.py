@@ -6,6 +6,11 @@ connection remembers which statements it has prepared, under names derived from 
 text, and a statement is (re)prepared on whichever server connection a client lands on.
 Responses the client did not ask for are dropped, and responses for work the proxy
 skipped (a Parse the server already had, a Close it keeps) are synthesised in order.
+
+Messages stream through in both directions: the proxy reads only headers and the few
+messages it rewrites or must understand (Parse/Bind/Describe/Close with statement names,
+DEALLOCATE/DISCARD, ReadyForQuery); every other message is forwarded as its bytes arrive,
+however large it is.
 """
 
 from __future__ import annotations
@@ -21,8 +26,6 @@ from typing import Callable
 from pgfleet.drivers.base import Backend
 from pgfleet.pgwire import messages as m
 
-from .frames import MessageBuffer
-
 log = logging.getLogger(__name__)
 
 # expectation kinds: how the proxy treats the server's answer to one request
@@ -31,6 +34,14 @@ _ASYNC = frozenset(b"NSA")  # NoticeResponse, ParameterStatus, NotificationRespo
 _EXEC_END = frozenset(b"CIs")  # CommandComplete, EmptyQueryResponse, PortalSuspended
 PARSE_COMPLETE = m.message(b"1")
 CLOSE_COMPLETE = m.message(b"3")
+#: how much of a message's body the proxy reads to decide how to pass it on
+PEEK = 256
+#: DEALLOCATE / DISCARD statements longer than this are not looked at
+SMALL_SQL = 4096
+#: messages the proxy reads whole (Describe, Close, Bind with names longer than PEEK) may not
+#: be longer (named Parse may: the proxy keeps the statement's text to prepare it elsewhere)
+MAX_READ_WHOLE = 1 << 20
+MAX_MESSAGE_LENGTH = m.MAX_MESSAGE_LENGTH
 
 
 class Expect:
@@ -216,16 +227,30 @@ class PooledClient(asyncio.Protocol):
         self.pool = pool
         self.transport: asyncio.Transport | None = transport
         self.on_busy = on_busy
+        self.busy = False
         self.server: ServerConn | None = None
-        self.buffer = MessageBuffer()
-        self._scarry = b""  # a partial server message carried to the next read
-        self.backlog: list[tuple[int, bytes]] = []
         self.acquiring: asyncio.Task | None = None
         self.queue: deque[Expect] = deque()
         self.statements: dict[str, tuple[str, bytes]] = {}  # client name -> (server name, Parse rest)
         self.in_tx = False
         self.done: asyncio.Future = asyncio.get_running_loop().create_future()
         self._out: list[bytes] = []  # to the server, flushed once per read
+        # client -> server framing
+        self._backlog = bytearray()  # what arrived while no server connection was bound
+        self._chead = b""  # the start of a message, until enough of it is here to decide
+        self._cskip = 0  # bytes of the current message still to stream to the server
+        # extended-protocol messages were sent since the last Sync: until the next one the
+        # server may hold an implicit transaction or skip everything after an error
+        self._unsynced = False
+        self._cwhole: bytearray | None = None  # a message read whole, being gathered
+        self._cwhole_len = 0
+        # server -> client framing
+        self._shead = b""  # a partial header
+        self._sskip = 0  # bytes of the current message still to pass (or drop: _sdrop)
+        self._sdrop = False
+        self._swhole: bytearray | None = None  # a message to inspect, being gathered
+        self._swhole_len = 0
+        self._ready = False  # a ReadyForQuery was handled in this read
         transport.set_protocol(self)
 
     def start(self, leftover: bytes = b"") -> None:
@@ -234,60 +259,36 @@ class PooledClient(asyncio.Protocol):
         if self.transport is not None:
             self.transport.resume_reading()
 
+    def _busy(self, busy: bool) -> None:
+        if busy != self.busy:
+            self.busy = busy
+            self.on_busy(busy)
+
     # --- client -> server ------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
-        if self.server is None and not self.backlog and self.acquiring is None and data[:1] != b"X":
-            conn = self.pool.try_acquire()
-            if conn is not None:
-                self.on_busy(True)
-                conn.client = self
-                self.server = conn
-        if self.server is not None and not self.backlog and not len(self.buffer) and self._forward_whole(data):
+        if self.server is not None:
+            self._from_client(data)
             return
-        try:
-            msgs = self.buffer.feed(data)
-        except m.ProtocolError as exc:
-            self._fatal("08P01", f"protocol violation: {exc}")
+        if self.acquiring is not None or self._backlog:
+            self._backlog += data
             return
-        if self.server is None or self.backlog:
-            self.backlog.extend(msgs)
-            self._need_server()
-            return
-        self._handle(msgs)
-
-    def _forward_whole(self, data: bytes) -> bool:
-        """The common case, taken without copying: whole messages that need no rewriting
-        (simple queries, Execute/Sync of unnamed statements, COPY data) go out as they came."""
-        exps: list[Expect] = []
-        pos, end = 0, len(data)
-        while pos < end:
-            if end - pos < 5:
-                return False
-            kind = data[pos]
-            mend = pos + 1 + int.from_bytes(data[pos + 1 : pos + 5], "big")
-            if mend > end or mend < pos + 5:
-                return False
-            exp = _PASS_THROUGH.get(kind, _NOT_FAST)
-            if exp is _NOT_FAST or (kind == 0x51 and data[pos + 5] in b"dD"):
-                return False
-            if exp is not None:
-                exps.append(exp)
-            pos = mend
-        self.queue.extend(exps)
-        self.server.transport.write(data)  # type: ignore[union-attr]
-        return True
-
-    def _need_server(self) -> None:
-        if self.acquiring is not None or not self.backlog:
-            return
-        if self.backlog[0][0] == 0x58:  # Terminate while idle: no server needed
+        if data[:1] == b"X" and not self._chead and self._cwhole is None:  # Terminate while idle
             self.close()
             return
-        self.on_busy(True)
+        if not self.busy:
+            self.busy = True
+            self.on_busy(True)
         conn = self.pool.try_acquire()
-        if conn is not None:
-            self._attach(conn)
+        if conn is not None:  # the per-transaction fast path: an idle connection, no task
+            conn.client = self
+            self.server = conn
+            if self._chead or self._cwhole is not None:
+                self._from_client(data)
+            else:
+                self._walk_client(data)
+                self._flush()
             return
+        self._backlog += data
         self.transport.pause_reading()  # type: ignore[union-attr]
         self.acquiring = asyncio.ensure_future(self.pool.acquire())
         self.acquiring.add_done_callback(self._acquired)
@@ -297,7 +298,7 @@ class PooledClient(asyncio.Protocol):
         if task.cancelled():
             return
         if task.exception() is not None:
-            self.on_busy(False)
+            self._busy(False)
             self._fatal("08006", f"could not get a server connection: {task.exception()}")
             return
         conn = task.result()
@@ -307,48 +308,163 @@ class PooledClient(asyncio.Protocol):
         if self.transport is not None:
             self.transport.resume_reading()
         self._attach(conn)
+        data = bytes(self._backlog)
+        self._backlog.clear()
+        self._from_client(data)
 
     def _attach(self, conn: ServerConn) -> None:
         conn.client = self
         self.server = conn
-        backlog, self.backlog = self.backlog, []
-        self._handle(backlog)
 
-    def _handle(self, msgs: list[tuple[int, bytes]]) -> None:
-        out = self._out
-        server = self.server
-        assert server is not None
-        for i, (kind, body) in enumerate(msgs):
-            if kind == 0x58:  # 'X' Terminate
-                self._flush()
-                self.close()
+    def _from_client(self, data: bytes) -> None:
+        if self._cskip:  # the rest of a message streaming through
+            n = self._cskip
+            if n >= len(data):
+                self._cskip = n - len(data)
+                self.server.transport.write(data)  # type: ignore[union-attr]
                 return
-            handler = _HANDLERS.get(kind)
-            if kind == 0x51 and body[:1] in b"dD":  # Query: DEALLOCATE / DISCARD need bookkeeping
-                body = self._sql_deallocate(server, body)
-            if handler is None:
-                out.append(_raw(kind, body))  # Q, S, H, E, d, c, f, F ...: forwarded as they are
-                exp = _PASS_THROUGH.get(kind)
-                if exp is not None and exp is not _NOT_FAST:
-                    self.queue.append(exp)
-            else:
-                handler(self, server, body)
+            self._cskip = 0
+            self._out.append(data[:n])
+            data = data[n:]
+        elif self._cwhole is not None:  # a message the proxy reads whole
+            buf = self._cwhole
+            need = self._cwhole_len - len(buf)
+            if need > len(data):
+                buf += data
+                return
+            buf += data[:need]
+            self._cwhole = None
+            data = data[need:]
+            if not self._client_message(buf[0], bytes(memoryview(buf)[5:])):
+                return
+        elif self._chead:
+            data = self._chead + data
+            self._chead = b""
+        self._walk_client(data)
         self._flush()
 
+    def _walk_client(self, data: bytes) -> None:
+        """Walk the client's messages in place: runs of messages that go out as they came
+        are written as slices of what arrived (usually the whole read, uncopied); a message
+        that does not end in this read streams on in the next."""
+        out = self._out
+        queue = self.queue
+        pos, run, end = 0, 0, len(data)
+        while end - pos >= 5:
+            kind = data[pos]
+            length = int.from_bytes(data[pos + 1 : pos + 5], "big")
+            if length < 4 or length > MAX_MESSAGE_LENGTH:
+                out.append(data[run:pos])
+                self._flush()
+                self._fatal("08P01", f"protocol violation: invalid message length {length}")
+                return
+            mend = pos + 1 + length
+            whole = False
+            exp = _PASS_THROUGH.get(kind)
+            if kind in _LOOK:  # decided by the start of the body
+                if kind == 0x51:  # Query
+                    if length == 4 or (end > pos + 5 and data[pos + 5] not in _SQL_FIRST):
+                        pass  # the common case (not DEALLOCATE/DISCARD): nothing to look at
+                    elif (look := pos + 5 + min(length - 4, PEEK)) > end:
+                        break
+                    elif _DEALLOCATE_START.match(data, pos + 5, look) and length <= SMALL_SQL:
+                        whole = True
+                elif (look := pos + 5 + min(length - 4, PEEK)) > end:
+                    break
+                elif kind == 0x50:  # Parse: an unnamed statement passes as it is
+                    if length > 4 and data[pos + 5] == 0:
+                        exp = _EXP_PARSE
+                    else:
+                        whole = True
+                else:  # Bind: the statement name may be rewritten, the rest streams
+                    p_end = data.find(b"\0", pos + 5, look)
+                    s_end = data.find(b"\0", p_end + 1, look) if p_end >= 0 else -1
+                    if s_end < 0:
+                        whole = True
+                    else:
+                        exp = _EXP_BIND
+                        if s_end > p_end + 1:  # a named statement
+                            out.append(data[run:pos])
+                            run = pos
+                            cname = data[p_end + 1 : s_end]
+                            sname = self._server_name(self.server, cname)  # type: ignore[arg-type]
+                            if sname != cname:
+                                out.append(bytes((kind,)) + (length + len(sname) - len(cname)).to_bytes(4, "big")
+                                           + data[pos + 5 : p_end + 1] + sname)
+                                run = s_end
+            elif exp is _NOT_FAST:  # Describe, Close, Terminate: read whole
+                whole = True
+            if whole:
+                out.append(data[run:pos])
+                if length > MAX_READ_WHOLE and kind != 0x50:  # only a named statement's text may be that long
+                    self._flush()
+                    self._fatal("08P01", f"protocol violation: {chr(kind)!r} message of {length} bytes")
+                    return
+                if mend > end:
+                    self._cwhole = bytearray(data[pos:])
+                    self._cwhole_len = 1 + length
+                    return
+                if not self._client_message(kind, data[pos + 5 : mend]):
+                    return
+                pos = run = mend
+                continue
+            if exp is not None:
+                queue.append(exp)
+            if kind not in _CLEAN:
+                self._unsynced = kind != 0x53  # Sync
+            if mend > end:
+                self._cskip = mend - end
+                pos = end
+                break
+            pos = mend
+        if run < pos:
+            out.append(data[run:pos])
+        if pos < end:
+            self._chead = data[pos:]
+
+    def _client_message(self, kind: int, body: bytes) -> bool:
+        """One whole message the proxy reads; False when the session ended."""
+        server = self.server
+        assert server is not None
+        if kind == 0x58:  # 'X' Terminate
+            self._flush()
+            self.close()
+            return False
+        if kind != 0x51:
+            self._unsynced = True
+        handler = _HANDLERS.get(kind)
+        if handler is not None:
+            try:
+                handler(self, server, body)
+            except ValueError:
+                self._flush()
+                self._fatal("08P01", f"protocol violation: malformed {chr(kind)!r} message")
+                return False
+            return True
+        if kind == 0x51:  # DEALLOCATE / DISCARD need bookkeeping
+            body = self._sql_deallocate(server, body)
+        self._out.append(_raw(kind, body))
+        exp = _PASS_THROUGH.get(kind)
+        if exp is not None and exp is not _NOT_FAST:
+            self.queue.append(exp)
+        return True
+
     def _flush(self) -> None:
-        if self._out and self.server is not None and self.server.transport is not None:
-            self.server.transport.write(b"".join(self._out))
-        self._out.clear()
+        out = self._out
+        if out:
+            if self.server is not None and self.server.transport is not None:
+                self.server.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
 
     def _parse(self, server: ServerConn, body: bytes) -> None:
         end = body.index(b"\0")
         name, rest = body[:end], body[end + 1 :]
         if not name:
             self._out.append(_raw(0x50, body))
-            self.queue.append(Expect(FWD, frozenset(b"1")))
+            self.queue.append(_EXP_PARSE)
             return
         sname = server_statement_name(rest)
-        self.statements[name.decode()] = (sname, rest)
+        self.statements[name.decode(errors="replace")] = (sname, rest)
         if sname in server.prepared:
             self._synth(PARSE_COMPLETE)
         else:
@@ -376,16 +492,16 @@ class PooledClient(asyncio.Protocol):
         s_end = body.index(b"\0", p_end + 1)
         sname = self._server_name(server, body[p_end + 1 : s_end])
         self._out.append(_raw(0x42, body[: p_end + 1] + sname + body[s_end:]))
-        self.queue.append(Expect(FWD, frozenset(b"2")))
+        self.queue.append(_EXP_BIND)
 
     def _describe(self, server: ServerConn, body: bytes) -> None:
         if body[:1] == b"S":
             sname = self._server_name(server, body[1:-1])
             self._out.append(_raw(0x44, b"S" + sname + b"\0"))
-            self.queue.append(Expect(FWD, frozenset(b"t")))  # ParameterDescription, then
+            self.queue.append(_EXP_PARAMS)  # ParameterDescription, then
         else:
             self._out.append(_raw(0x44, body))
-        self.queue.append(Expect(FWD, frozenset(b"Tn")))  # RowDescription or NoData
+        self.queue.append(_EXP_ROWS)  # RowDescription or NoData
 
     def _close(self, server: ServerConn, body: bytes) -> None:
         if body[:1] == b"S" and body[1:-1]:
@@ -394,7 +510,7 @@ class PooledClient(asyncio.Protocol):
             self._synth(CLOSE_COMPLETE)
             return
         self._out.append(_raw(0x43, body))
-        self.queue.append(Expect(FWD, frozenset(b"3")))
+        self.queue.append(_EXP_CLOSE)
 
     def _sql_deallocate(self, server: ServerConn, body: bytes) -> bytes:
         """SQL that drops prepared statements (psycopg sends DEALLOCATE ALL after a DROP or
@@ -422,67 +538,115 @@ class PooledClient(asyncio.Protocol):
 
     # --- server -> client ------------------------------------------------------------
     def from_server(self, data: bytes) -> None:
-        """Walk the server's messages in place: runs of messages the client should see are
-        written as slices of what arrived (usually the whole read, uncopied)."""
-        if self._scarry:
-            data, self._scarry = self._scarry + data, b""
-        queue = self.queue
         out: list[bytes] = []
-        release = False
+        if self._sskip:  # the rest of a message passing (or dropped) as it arrives
+            n = self._sskip
+            if n >= len(data):
+                self._sskip = n - len(data)
+                if not self._sdrop and self.transport is not None:
+                    self.transport.write(data)
+                return
+            self._sskip = 0
+            if not self._sdrop:
+                out.append(data[:n])
+            data = data[n:]
+        elif self._swhole is not None:  # a message the proxy reads whole
+            buf = self._swhole
+            need = self._swhole_len - len(buf)
+            if need > len(data):
+                buf += data
+                return
+            buf += data[:need]
+            self._swhole = None
+            data = data[need:]
+            if not self._walk_server(bytes(buf), out):
+                return
+        elif self._shead:
+            data = self._shead + data
+            self._shead = b""
+        if data and not self._walk_server(data, out):
+            return
+        if self.transport is not None and out:
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+        if self._ready:
+            self._ready = False
+            if (not self.queue and not self.in_tx and not self._cskip and not self._unsynced
+                    and self.server is not None):
+                self._release_server()
+
+    def _walk_server(self, data: bytes, out: list[bytes]) -> bool:
+        """Walk the server's messages in place: runs of messages the client should see are
+        written as slices of what arrived (usually the whole read, uncopied); a message that
+        does not end in this read streams on in the next, unless the proxy must read it.
+        False when the session ended."""
+        queue = self.queue
         pos, run, end = 0, 0, len(data)
         while end - pos >= 5:
             kind = data[pos]
             mend = pos + 1 + int.from_bytes(data[pos + 1 : pos + 5], "big")
             if mend < pos + 5:
-                self._fatal("08P01", "the database broke the protocol: message length below 4")
-                return
-            if mend > end:
-                break
-            if kind in _ASYNC:
-                pos = mend
-                continue
-            if queue and queue[0].kind == SYNTH:
                 out.append(data[run:pos])
-                _emit_synth(queue, out)
-                run = pos
-            if kind == 0x45:  # ErrorResponse: the server now skips to the next Sync
-                while queue and queue[0].kind != SYNC:
-                    e = queue.popleft()
-                    if e.on_error is not None:
-                        e.on_error()
-                pos = mend
-                continue
-            head = queue[0] if queue else None
-            if head is not None:
-                if head.kind == DROP:
+                self._write(out)
+                self._fatal("08P01", "the database broke the protocol: message length below 4")
+                return False
+            if queue:
+                head = queue[0]
+                hk = head.kind
+            else:
+                head, hk = None, -1
+            if mend > end and kind == 0x5A:  # read whole: gather it
+                out.append(data[run:pos])
+                self._swhole = bytearray(data[pos:])
+                self._swhole_len = mend - pos
+                return True
+            if kind not in _ASYNC:
+                if hk == SYNTH:
                     out.append(data[run:pos])
-                    run = mend
-                if kind in head.ends:
-                    queue.popleft()
-            if kind == 0x5A:  # ReadyForQuery
-                self.in_tx = data[pos + 5] != 0x49
-                if queue and queue[0].kind == SYNTH:
-                    out.append(data[run:mend])
                     _emit_synth(queue, out)
-                    run = mend
-                release = not queue and not self.in_tx
+                    run = pos
+                    head = queue[0] if queue else None
+                    hk = head.kind if head is not None else -1
+                if kind == 0x45:  # ErrorResponse: the server now skips to the next Sync
+                    while queue and queue[0].kind != SYNC:
+                        e = queue.popleft()
+                        if e.on_error is not None:
+                            e.on_error()
+                elif head is not None:
+                    if hk == DROP:
+                        out.append(data[run:pos])
+                        run = mend
+                    if kind in head.ends:
+                        queue.popleft()
+                if kind == 0x5A:  # ReadyForQuery
+                    self.in_tx = data[pos + 5] != 0x49
+                    self._ready = True
+                    if queue and queue[0].kind == SYNTH:
+                        out.append(data[run:mend])
+                        _emit_synth(queue, out)
+                        run = mend
+            if mend > end:  # the rest streams on in the next reads
+                self._sskip = mend - end
+                self._sdrop = run > pos
+                pos = end
+                break
             pos = mend
         if run < pos:
             out.append(data[run:pos])
         if pos < end:
-            self._scarry = data[pos:]
+            self._shead = data[pos:]
+        return True
+
+    def _write(self, out: list[bytes]) -> None:
         if self.transport is not None and out:
-            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
-        if release:
-            self._release_server()
+            self.transport.write(b"".join(out))
+        out.clear()
 
     def _release_server(self) -> None:
         server, self.server = self.server, None
-        if server is not None:
-            self.pool.release(server)
-        self.on_busy(False)
-        if self.backlog:
-            self._need_server()
+        self.pool.release(server)  # type: ignore[arg-type]
+        if self.busy:
+            self.busy = False
+            self.on_busy(False)
 
     def server_lost(self) -> None:
         self.server = None
@@ -513,14 +677,15 @@ class PooledClient(asyncio.Protocol):
             self.acquiring.cancel()
         server, self.server = self.server, None
         if server is not None:
-            # mid-transaction or with answers pending, its state is unknown: do not reuse it
-            if self.queue or self.in_tx:
+            # mid-transaction, with answers pending or mid-message: its state is unknown, not reused
+            if self.queue or self.in_tx or self._cskip or self._unsynced:
                 self.pool.discard(server)
             else:
                 self.pool.release(server)
-            self.on_busy(False)
+        self._busy(False)
         if self.transport is not None:
             self.transport.close()
+            self.transport = None
         self.done.set_result(None)
 
     def cancel_target(self) -> tuple[int, int] | None:
@@ -537,7 +702,21 @@ _PASS_THROUGH: dict[int, Expect | None] = {
     0x46: Expect(SYNC, frozenset(b"Z")),  # FunctionCall
     0x45: Expect(FWD, _EXEC_END),  # Execute
     0x48: None, 0x64: None, 0x63: None, 0x66: None,  # Flush, CopyData, CopyDone, CopyFail
+    0x50: _NOT_FAST, 0x42: _NOT_FAST, 0x44: _NOT_FAST, 0x43: _NOT_FAST, 0x58: _NOT_FAST,  # read by the proxy
 }
+_EXP_PARSE = Expect(FWD, frozenset(b"1"))
+_EXP_BIND = Expect(FWD, frozenset(b"2"))
+_EXP_PARAMS = Expect(FWD, frozenset(b"t"))
+_EXP_ROWS = Expect(FWD, frozenset(b"Tn"))
+_EXP_CLOSE = Expect(FWD, frozenset(b"3"))
+#: messages that leave the server's extended-protocol state as it was: Query, FunctionCall
+#: (which answer with ReadyForQuery) and COPY data (which a COPY consumes, or the server ignores)
+_CLEAN = frozenset(b"QFdcf")
+#: messages decided by the start of their body: Query, Parse, Bind
+_LOOK = frozenset(b"QPB")
+#: first bytes of a Query that may need a look (DEALLOCATE, DISCARD, whitespace)
+_SQL_FIRST = frozenset(b"dD \t\r\n")
+_DEALLOCATE_START = re.compile(rb"\s*(?:deallocate|discard)\b", re.IGNORECASE)
 
 _DEALLOCATE = re.compile(
     rb"^\s*(?:DISCARD\s+ALL|DEALLOCATE\s+(?:PREPARE\s+)?(?P<name>ALL|\"[^\"]+\"|[A-Za-z_][A-Za-z0-9_$]*))\s*;?\s*\x00$",
