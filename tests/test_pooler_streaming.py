@@ -206,12 +206,15 @@ def _bind(stmt: str, *values: bytes) -> bytes:
 _DESCRIBE_PORTAL, _EXECUTE, _SYNC = m.message(b"D", b"P\0"), m.message(b"E", b"\0\0\0\0\0"), m.message(b"S")
 
 #: every path of the pooler's framing: named statements (re-prepared, rewritten Binds, a
-#: large parameter), unnamed ones, an error in a pipeline, big rows and a big query both
-#: ways, COPY in, DEALLOCATE
+#: large parameter), unnamed ones, an error in a pipeline, SETs reported and not (asked for
+#: after the transaction), big rows and a big query both ways, COPY in, DEALLOCATE
 SCRIPT = b"".join([
     _parse("s1", "SELECT $1::text || 'x'"), _bind("s1", b"a"), _DESCRIBE_PORTAL, _EXECUTE, _SYNC,
     _parse("", "SELECT repeat('z', 300000)"), _bind(""), _EXECUTE, _SYNC,
     _bind("nosuch"), _EXECUTE, _SYNC,
+    _q("SET application_name = 'split'"),
+    _q("SET extra_float_digits = 2"),
+    _q("SELECT current_setting('extra_float_digits'), current_setting('application_name')"),
     _q("SELECT length('" + "q" * 200_000 + "')"),
     _bind("s1", b"b" * 100_000), _EXECUTE, _SYNC,
     _q("COPY c FROM STDIN"), m.message(b"d", b"line one\n"), m.message(b"d", b"w" * 150_000 + b"\n"), m.message(b"c"),
@@ -219,7 +222,7 @@ SCRIPT = b"".join([
     _bind("s1", b"c"), _EXECUTE, m.message(b"C", b"Ss1\0"), _SYNC,
     _q("SELECT 'end'"),
 ])
-READIES = 9
+READIES = 12
 
 
 async def _replies(c: RawClient, readies: int) -> bytes:
@@ -265,6 +268,7 @@ def split_env():
         await c.close()
         # what the script does, whole: the reference is right
         for expected in (b"SELECT 1\0", b"axC", b"\0\x04\x93\xe0" + b"z" * 16, b"prepared statement \"nosuch\"",
+                         b"S\0\0\0\x1bapplication_name\0split\0", b"\0\0\0\x012\0\0\0\x05split",
                          b"\0\0\0\x06200000", b"\0\x01\x86\xa1" + b"b" * 16, b"COPY 2\0", b"DEALLOCATE ALL\0",
                          b'prepared statement "s1" does not exist', b"\0\0\0\x03end"):
             assert expected in reference, expected

@@ -7,10 +7,13 @@ text, and a statement is (re)prepared on whichever server connection a client la
 Responses the client did not ask for are dropped, and responses for work the proxy
 skipped (a Parse the server already had, a Close it keeps) are synthesised in order.
 
+Session parameters follow each client (params.py): a server connection whose values differ
+from the client's gets one simple Query of SETs ahead of the client's messages.
+
 Messages stream through in both directions: the proxy reads only headers and the few
 messages it rewrites or must understand (Parse/Bind/Describe/Close with statement names,
-DEALLOCATE/DISCARD, ReadyForQuery); every other message is forwarded as its bytes arrive,
-however large it is.
+DEALLOCATE/DISCARD, ReadyForQuery, ParameterStatus, ErrorResponse, its own queries'
+answers); every other message is forwarded as its bytes arrive, however large it is.
 """
 
 from __future__ import annotations
@@ -26,10 +29,15 @@ from typing import Callable
 from pgfleet.drivers.base import Backend
 from pgfleet.pgwire import messages as m
 
+from . import params as pm
+from .frames import MessageBuffer
+from .params import ParamRegistry, ParamSet
+
 log = logging.getLogger(__name__)
 
 # expectation kinds: how the proxy treats the server's answer to one request
 FWD, DROP, SYNTH, SYNC = 0, 1, 2, 3
+PSYNC, PROBE = 4, 5  # the proxy's own queries: everything up to their ReadyForQuery is dropped
 _ASYNC = frozenset(b"NSA")  # NoticeResponse, ParameterStatus, NotificationResponse
 _EXEC_END = frozenset(b"CIs")  # CommandComplete, EmptyQueryResponse, PortalSuspended
 PARSE_COMPLETE = m.message(b"1")
@@ -47,7 +55,7 @@ MAX_MESSAGE_LENGTH = m.MAX_MESSAGE_LENGTH
 class Expect:
     __slots__ = ("kind", "ends", "payload", "on_error")
 
-    def __init__(self, kind: int, ends: frozenset[int] = frozenset(), payload: bytes = b"",
+    def __init__(self, kind: int, ends: frozenset[int] = frozenset(), payload=b"",
                  on_error: Callable[[], None] | None = None) -> None:
         self.kind = kind
         self.ends = ends
@@ -60,6 +68,14 @@ def server_statement_name(parse_rest: bytes) -> str:
     return "pgf_" + hashlib.blake2b(parse_rest, digest_size=10).hexdigest()
 
 
+class ServerRefused(Exception):
+    """The server answered a request of the proxy's with an ErrorResponse."""
+
+    def __init__(self, fields: dict[str, str]) -> None:
+        super().__init__(fields.get("M", "the server refused"))
+        self.fields = fields
+
+
 class ServerConn(asyncio.Protocol):
     """One pooled connection to a database's Postgres."""
 
@@ -69,19 +85,53 @@ class ServerConn(asyncio.Protocol):
         self.writer: asyncio.StreamWriter | None = None
         self.client: "PooledClient | None" = None
         self.prepared: set[str] = set()
+        self.pset: ParamSet = pool.registry.base  # its current session parameters
         self.process_id = 0
         self.secret_key = 0
         self.closed = False
+        self._exchange: tuple[MessageBuffer, list, list, asyncio.Future] | None = None
 
     def data_received(self, data: bytes) -> None:
         if self.client is not None:
             self.client.from_server(data)
+        elif self._exchange is not None:
+            self._exchange_data(data)
         else:  # an idle connection should say nothing but notices; anything else is suspect
             log.debug("idle pooled server connection sent %d bytes", len(data))
+
+    async def exchange(self, payload: bytes, readies: int) -> list[tuple[int, bytes]]:
+        """Send the proxy's own queries on an idle connection no client holds; their
+        answers up to the `readies`-th ReadyForQuery."""
+        fut = asyncio.get_running_loop().create_future()
+        self._exchange = (MessageBuffer(), [], [readies], fut)
+        try:
+            self.transport.write(payload)  # type: ignore[union-attr]
+            return await fut
+        finally:
+            self._exchange = None
+
+    def _exchange_data(self, data: bytes) -> None:
+        buf, got, left, fut = self._exchange  # type: ignore[misc]
+        if fut.done():
+            return
+        try:
+            msgs = buf.feed(data)
+        except m.ProtocolError as exc:
+            fut.set_exception(exc)
+            return
+        for kind, body in msgs:
+            got.append((kind, body))
+            if kind == 0x5A:
+                left[0] -= 1
+                if not left[0]:
+                    fut.set_result(got)
+                    return
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.pool.forget(self)
+        if self._exchange is not None and not self._exchange[3].done():
+            self._exchange[3].set_exception(ConnectionError("the database connection was lost"))
         if self.client is not None:
             self.client.server_lost()
 
@@ -110,7 +160,9 @@ class Pool:
         self.idle: deque[ServerConn] = deque()
         self.conns: set[ServerConn] = set()
         self.waiters: deque[asyncio.Future] = deque()
-        self.params: dict[str, str] = {}
+        self.params: dict[str, str] = {}  # every parameter the server reports, as it reported them
+        self.registry = ParamRegistry()
+        self.syncs = 0  # parameter Queries sent ahead of a client's messages (stats, tests)
         self._opening = 0
 
     def try_acquire(self) -> ServerConn | None:
@@ -144,15 +196,14 @@ class Pool:
             backend = await self.backend_fn()
             reader, writer = await backend.open_connection()
             try:
-                writer.write(m.startup_message({
-                    "user": self.role, "database": backend.database, "application_name": "pgfleet-pool",
-                }))
+                writer.write(m.startup_message({"user": self.role, "database": backend.database}))
                 conn = ServerConn(self)
+                status: dict[str, str] = {}
                 while True:
                     kind, body = await m.read_message(reader)
                     if kind == b"S":
                         name, value, _ = body.split(b"\0", 2)
-                        self.params[name.decode()] = value.decode()
+                        status[name.decode()] = value.decode("utf-8", "surrogateescape")
                     elif kind == b"K":
                         conn.process_id, conn.secret_key = struct.unpack("!ii", body[:8])
                     elif kind == b"E":
@@ -162,6 +213,8 @@ class Pool:
             except BaseException:
                 writer.close()
                 raise
+            self.params.update(status)
+            conn.pset = self.registry.learn(status)
             conn.writer = writer  # a collected StreamWriter closes its transport
             conn.transport = writer.transport  # type: ignore[assignment]
             conn.transport.set_protocol(conn)
@@ -170,6 +223,57 @@ class Pool:
             return conn
         finally:
             self._opening -= 1
+
+    async def client_params(self, requested: dict[str, str]) -> ParamSet:
+        """What a new client with these startup parameters (canonical names) wants. New
+        combinations are set on a server connection, which validates them (ServerRefused)
+        and canonicalises their values; known ones cost nothing."""
+        reg = self.registry
+        if not requested:
+            return reg.base
+        key = frozenset(requested.items())
+        pset = reg.validated(key)
+        if pset is not None:
+            return pset
+        conn = await self.acquire()
+        payload, readies = pm.validation_queries(requested, conn.pset.values.get("client_encoding"))
+        try:
+            replies = await conn.exchange(payload, readies)
+        except BaseException:
+            self.discard(conn)
+            raise
+        error: dict[str, str] | None = None
+        values: list[str | None] | None = None
+        for kind, body in replies:
+            if kind == 0x45 and error is None:
+                error = m.parse_error_fields(body)
+            elif kind == 0x44:  # the last one: the first of two queries only switched the encoding
+                try:
+                    values = pm.decode_hex_row(body)
+                except ValueError:
+                    values = None
+        if readies > 1:  # its client_encoding was switched: not worth restoring
+            self.discard(conn)
+        if error is not None:
+            if readies == 1:  # the failed query changed nothing
+                self.release(conn)
+            raise ServerRefused(error)
+        if values is None or len(values) != len(requested) or None in values:
+            if readies == 1:
+                self.discard(conn)
+            raise ConnectionError("unexpected answer to the session parameters")
+        canonical: dict[str, str | None] = dict(zip(requested, values))
+        if readies == 1:
+            conn.pset = reg.with_values(conn.pset, canonical)
+            self.release(conn)
+        pset = reg.with_values(reg.base, canonical)
+        reg.remember(key, pset)
+        return pset
+
+    def startup_status(self, pset: ParamSet) -> dict[str, str]:
+        """The ParameterStatus a client gets at startup: the server's, with its own values."""
+        reg = self.registry
+        return {**self.params, **{k: v for k, v in pset.values.items() if reg.is_reported(k)}}
 
     def release(self, conn: ServerConn) -> None:
         conn.client = None
@@ -223,15 +327,18 @@ def _resolve(fut: asyncio.Future, task: asyncio.Task) -> None:
 class PooledClient(asyncio.Protocol):
     """One client of the pooled listener, after authentication."""
 
-    def __init__(self, pool: Pool, transport: asyncio.Transport, on_busy: Callable[[bool], None]) -> None:
+    def __init__(self, pool: Pool, transport: asyncio.Transport, on_busy: Callable[[bool], None],
+                 pset: ParamSet | None = None) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = transport
         self.on_busy = on_busy
         self.busy = False
         self.server: ServerConn | None = None
+        self.pset = pset if pset is not None else pool.registry.base  # the session parameters it wants
         self.acquiring: asyncio.Task | None = None
         self.queue: deque[Expect] = deque()
-        self.statements: dict[str, tuple[str, bytes]] = {}  # client name -> (server name, Parse rest)
+        # client statement name -> (server name, Parse rest, the parameters it SETs)
+        self.statements: dict[str, tuple[str, bytes, tuple | str | None]] = {}
         self.in_tx = False
         self.done: asyncio.Future = asyncio.get_running_loop().create_future()
         self._out: list[bytes] = []  # to the server, flushed once per read
@@ -251,6 +358,11 @@ class PooledClient(asyncio.Protocol):
         self._swhole: bytearray | None = None  # a message to inspect, being gathered
         self._swhole_len = 0
         self._ready = False  # a ReadyForQuery was handled in this read
+        # session parameters the server does not report, which this client may have changed
+        self._dirty: set[str] | None = None
+        self._proxy_error: bytes | None = None
+        self._unsure = False
+        self._closing = False  # the client is gone; the proxy's own queries are still answered
         transport.set_protocol(self)
 
     def start(self, leftover: bytes = b"") -> None:
@@ -282,6 +394,8 @@ class PooledClient(asyncio.Protocol):
         if conn is not None:  # the per-transaction fast path: an idle connection, no task
             conn.client = self
             self.server = conn
+            if conn.pset is not self.pset:  # the only per-transaction cost of session parameters
+                self._sync_params(conn)
             if self._chead or self._cwhole is not None:
                 self._from_client(data)
             else:
@@ -315,6 +429,19 @@ class PooledClient(asyncio.Protocol):
     def _attach(self, conn: ServerConn) -> None:
         conn.client = self
         self.server = conn
+        if conn.pset is not self.pset:  # the only per-transaction cost of session parameters
+            self._sync_params(conn)
+
+    def _sync_params(self, conn: ServerConn) -> None:
+        """Pipelined ahead of the client's messages: one Query whose answers are dropped.
+        The connection is taken to have the values at once; if the Query fails, the client
+        is told and the connection is not reused."""
+        payload, readies = self.pset.sync_from(conn.pset)
+        conn.pset = self.pset
+        self.pool.syncs += 1
+        conn.transport.write(payload)  # type: ignore[union-attr]
+        for _ in range(readies):
+            self.queue.append(_PSYNC)
 
     def _from_client(self, data: bytes) -> None:
         if self._cskip:  # the rest of a message streaming through
@@ -363,16 +490,19 @@ class PooledClient(asyncio.Protocol):
             exp = _PASS_THROUGH.get(kind)
             if kind in _LOOK:  # decided by the start of the body
                 if kind == 0x51:  # Query
-                    if length == 4 or (end > pos + 5 and data[pos + 5] not in _SQL_FIRST):
-                        pass  # the common case (not DEALLOCATE/DISCARD): nothing to look at
+                    if length == 4 or (end > pos + 7 and (data[pos + 5] not in _SQL_FIRST or data[pos + 7] in b"lL")):
+                        pass  # the common case (not SET/RESET/DEALLOCATE/DISCARD; SELECT): nothing to look at
                     elif (look := pos + 5 + min(length - 4, PEEK)) > end:
                         break
                     elif _DEALLOCATE_START.match(data, pos + 5, look) and length <= SMALL_SQL:
                         whole = True
+                    else:
+                        self._note_sql(data, pos + 5, look)
                 elif (look := pos + 5 + min(length - 4, PEEK)) > end:
                     break
                 elif kind == 0x50:  # Parse: an unnamed statement passes as it is
                     if length > 4 and data[pos + 5] == 0:
+                        self._note_sql(data, pos + 6, look)
                         exp = _EXP_PARSE
                     else:
                         whole = True
@@ -456,15 +586,38 @@ class PooledClient(asyncio.Protocol):
                 self.server.transport.write(out[0] if len(out) == 1 else b"".join(out))
             out.clear()
 
+    def _note_sql(self, data: bytes, start: int, stop: int) -> tuple | str | None:
+        """SET/RESET/DISCARD ALL at the start of a statement: the parameters it may change.
+        Those the server does not report are asked for when the transaction ends."""
+        match = pm.SESSION_SQL.match(data, start, stop)
+        if match is None:
+            return None
+        names = pm.session_sql_names(match)
+        self._mark(names)
+        return names
+
+    def _mark(self, names: tuple | str | None) -> None:
+        if names is None:
+            return
+        reg = self.pool.registry
+        if names == pm.ALL:
+            names = tuple(self.pset.values)
+        for name in names:
+            if not reg.is_reported(name):
+                if self._dirty is None:
+                    self._dirty = set()
+                self._dirty.add(name)
+
     def _parse(self, server: ServerConn, body: bytes) -> None:
         end = body.index(b"\0")
         name, rest = body[:end], body[end + 1 :]
+        sets = self._note_sql(rest, 0, min(len(rest), PEEK))
         if not name:
             self._out.append(_raw(0x50, body))
             self.queue.append(_EXP_PARSE)
             return
         sname = server_statement_name(rest)
-        self.statements[name.decode(errors="replace")] = (sname, rest)
+        self.statements[name.decode(errors="replace")] = (sname, rest, sets)
         if sname in server.prepared:
             self._synth(PARSE_COMPLETE)
         else:
@@ -482,7 +635,9 @@ class PooledClient(asyncio.Protocol):
         known = self.statements.get(client_name.decode(errors="replace"))
         if known is None:
             return client_name  # unknown: the server reports 26000 itself
-        sname, rest = known
+        sname, rest, sets = known
+        if sets is not None:
+            self._mark(sets)
         if sname not in server.prepared:
             self._prepare_on(server, sname, rest, DROP)
         return sname.encode()
@@ -521,6 +676,8 @@ class PooledClient(asyncio.Protocol):
             return body
         target = m_.group("name")
         if target is None or target.upper() == b"ALL":  # DISCARD ALL or DEALLOCATE ALL
+            if target is None:  # DISCARD ALL also resets every session parameter
+                self._mark(pm.ALL)
             server.prepared.clear()
             self.statements.clear()
             return body
@@ -572,7 +729,10 @@ class PooledClient(asyncio.Protocol):
             self._ready = False
             if (not self.queue and not self.in_tx and not self._cskip and not self._unsynced
                     and self.server is not None):
-                self._release_server()
+                if self._dirty:
+                    self._probe()
+                else:
+                    self._release_server()
 
     def _walk_server(self, data: bytes, out: list[bytes]) -> bool:
         """Walk the server's messages in place: runs of messages the client should see are
@@ -594,12 +754,30 @@ class PooledClient(asyncio.Protocol):
                 hk = head.kind
             else:
                 head, hk = None, -1
-            if mend > end and kind == 0x5A:  # read whole: gather it
+            if hk >= PSYNC:  # the proxy's own query: nothing reaches the client
+                out.append(data[run:pos])
+                run = mend
+                if kind in _PROXY_READS:
+                    if mend > end:
+                        self._swhole = bytearray(data[pos:])
+                        self._swhole_len = mend - pos
+                        return True
+                    if not self._proxy_reply(head, kind, data[pos + 5 : mend], out):
+                        return False
+                elif mend > end:
+                    self._sskip, self._sdrop = mend - end, True
+                    return True
+                pos = mend
+                continue
+            if mend > end and (kind == 0x5A or kind == 0x53):  # read whole: gather it
                 out.append(data[run:pos])
                 self._swhole = bytearray(data[pos:])
                 self._swhole_len = mend - pos
                 return True
-            if kind not in _ASYNC:
+            if kind in _ASYNC:
+                if kind == 0x53:  # ParameterStatus: the session's parameters changed
+                    self._parameter_status(data[pos + 5 : mend])
+            else:
                 if hk == SYNTH:
                     out.append(data[run:pos])
                     _emit_synth(queue, out)
@@ -636,17 +814,93 @@ class PooledClient(asyncio.Protocol):
             self._shead = data[pos:]
         return True
 
+    def _proxy_reply(self, head: Expect, kind: int, body: bytes, out: list[bytes]) -> bool:
+        if kind == 0x45:  # ErrorResponse
+            if self._proxy_error is None:
+                self._proxy_error = body
+        elif kind == 0x44:  # DataRow
+            if head.kind == PROBE:
+                self._probe_row(head.payload, body)
+        else:  # ReadyForQuery
+            self.queue.popleft()
+            self.in_tx = body[:1] != b"I"
+            error, self._proxy_error = self._proxy_error, None
+            if error is not None:
+                self._unsure = True  # the connection's parameters are unknown: it is not reused
+                if head.kind == PSYNC:
+                    fields = m.parse_error_fields(error)
+                    self._write(out)
+                    if self._closing:
+                        self._drop_server(discard=True)
+                    self._fatal(fields.get("C", "08006"), "could not give a server connection this session's "
+                                f"parameters: {fields.get('M', 'error')}")
+                    return False
+            self._ready = True
+            if self.queue and self.queue[0].kind == SYNTH:
+                _emit_synth(self.queue, out)
+        return True
+
+    def _parameter_status(self, body: bytes) -> None:
+        """The server reports a parameter's new value (after the client's SET, or at the end
+        of a transaction that SET LOCAL it): the client wants it, the connection has it."""
+        parts = body.split(b"\0")
+        if len(parts) < 3:
+            return
+        reg = self.pool.registry
+        name = reg.tracked_name(parts[0].decode("utf-8", "surrogateescape"))
+        if name is None:
+            return
+        change = {name: parts[1].decode("utf-8", "surrogateescape")}
+        self.pset = reg.with_values(self.pset, change)
+        if self.server is not None:
+            self.server.pset = reg.with_values(self.server.pset, change)
+
+    def _probe(self) -> None:
+        """After a transaction that ran SET/RESET on parameters the server does not report:
+        ask their values (ahead of anything the client sends next, on the same connection)."""
+        names = sorted(self._dirty or ())
+        self._dirty = None
+        self.server.transport.write(pm.probe_query(names))  # type: ignore[union-attr]
+        self.queue.append(Expect(PROBE, frozenset(b"Z"), payload=tuple(names)))
+
+    def _probe_row(self, names: tuple[str, ...], body: bytes) -> None:
+        try:
+            values = pm.decode_hex_row(body)
+        except ValueError:
+            values = []
+        if len(values) != len(names) or any(v is not None and len(v) > pm.MAX_VALUE for v in values):
+            self._unsure = True  # the connection's values are unknown: it is not reused
+            return
+        changes = dict(zip(names, values))
+        reg = self.pool.registry
+        self.pset = reg.with_values(self.pset, changes)
+        if self.server is not None:
+            self.server.pset = reg.with_values(self.server.pset, changes)
+
     def _write(self, out: list[bytes]) -> None:
         if self.transport is not None and out:
             self.transport.write(b"".join(out))
         out.clear()
 
     def _release_server(self) -> None:
-        server, self.server = self.server, None
-        self.pool.release(server)  # type: ignore[arg-type]
-        if self.busy:
+        if self._unsure:
+            self._drop_server(discard=True)
+        else:
+            server, self.server = self.server, None
+            self.pool.release(server)  # type: ignore[arg-type]
+        if self.busy and not self._closing:
             self.busy = False
             self.on_busy(False)
+
+    def _drop_server(self, discard: bool) -> None:
+        server, self.server = self.server, None
+        self._unsure = False
+        if server is None:
+            return
+        if discard:
+            self.pool.discard(server)
+        else:
+            self.pool.release(server)
 
     def server_lost(self) -> None:
         self.server = None
@@ -675,13 +929,15 @@ class PooledClient(asyncio.Protocol):
             return
         if self.acquiring is not None:
             self.acquiring.cancel()
-        server, self.server = self.server, None
-        if server is not None:
-            # mid-transaction, with answers pending or mid-message: its state is unknown, not reused
-            if self.queue or self.in_tx or self._cskip or self._unsynced:
-                self.pool.discard(server)
+        if self.server is not None:
+            if (self.queue and not self.in_tx and not self._cskip and not self._unsynced
+                    and all(e.kind in _PROXY_KINDS for e in self.queue)):
+                # only the proxy's own queries are pending: let them finish, then release
+                self._closing = True
             else:
-                self.pool.release(server)
+                # mid-transaction or with answers pending, its state is unknown: do not reuse it
+                self._drop_server(discard=bool(self.queue or self.in_tx or self._cskip or self._unsynced
+                                               or self._dirty or self._unsure))
         self._busy(False)
         if self.transport is not None:
             self.transport.close()
@@ -689,7 +945,7 @@ class PooledClient(asyncio.Protocol):
         self.done.set_result(None)
 
     def cancel_target(self) -> tuple[int, int] | None:
-        if self.server is None:
+        if self.server is None or self._closing:
             return None
         return self.server.process_id, self.server.secret_key
 
@@ -709,13 +965,16 @@ _EXP_BIND = Expect(FWD, frozenset(b"2"))
 _EXP_PARAMS = Expect(FWD, frozenset(b"t"))
 _EXP_ROWS = Expect(FWD, frozenset(b"Tn"))
 _EXP_CLOSE = Expect(FWD, frozenset(b"3"))
+_PSYNC = Expect(PSYNC, frozenset(b"Z"))
+_PROXY_KINDS = frozenset({SYNTH, PSYNC, PROBE})
 #: messages that leave the server's extended-protocol state as it was: Query, FunctionCall
 #: (which answer with ReadyForQuery) and COPY data (which a COPY consumes, or the server ignores)
 _CLEAN = frozenset(b"QFdcf")
+_PROXY_READS = frozenset(b"EDZ")  # of the answers to its own queries, what the proxy reads
 #: messages decided by the start of their body: Query, Parse, Bind
 _LOOK = frozenset(b"QPB")
-#: first bytes of a Query that may need a look (DEALLOCATE, DISCARD, whitespace)
-_SQL_FIRST = frozenset(b"dD \t\r\n")
+#: first bytes of a Query that may need a look (SET, RESET, DEALLOCATE, DISCARD, whitespace)
+_SQL_FIRST = frozenset(b"sSrRdD \t\r\n")
 _DEALLOCATE_START = re.compile(rb"\s*(?:deallocate|discard)\b", re.IGNORECASE)
 
 _DEALLOCATE = re.compile(

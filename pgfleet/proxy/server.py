@@ -26,7 +26,8 @@ from pgfleet.store import InstanceRow
 
 from .auth import AuthFailed, scram_authenticate
 from .cancel import CancelRegistry, CancelTarget
-from .pool import Pool, PooledClient
+from . import params as pm
+from .pool import Pool, PooledClient, ServerRefused
 from .relay import Relay, SessionActivity
 
 log = logging.getLogger(__name__)
@@ -181,7 +182,7 @@ class ProxyServer:
             writer.write(m.authentication(m.AUTH_OK))
             async with self.fleet.lease(row.uuid):
                 if self.mode == "transaction":
-                    await self._pooled_session(row, wake, reader, writer)
+                    await self._pooled_session(startup, route, row, wake, reader, writer)
                 else:
                     backend = await asyncio.wait_for(asyncio.shield(wake), WAKE_TIMEOUT_S)
                     await self._direct_session(startup, route, row, backend, reader, writer)
@@ -303,18 +304,27 @@ class ProxyServer:
                                            lambda: asyncio.ensure_future(self._wake(uuid)))
         return pool
 
-    async def _pooled_session(self, row: InstanceRow, wake: asyncio.Future,
-                              reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pooled_session(self, startup: m.StartupMessage, route: Route, row: InstanceRow,
+                              wake: asyncio.Future, reader: asyncio.StreamReader,
+                              writer: asyncio.StreamWriter) -> None:
         pool = self.pool_for(row)
         await asyncio.wait_for(asyncio.shield(wake), WAKE_TIMEOUT_S)
         if not pool.params:  # the first client learns the server's parameters for everyone
             conn = await pool.acquire()
             pool.release(conn)
+        requested = _pooled_parameters(pool, startup, route)
+        try:
+            pset = await asyncio.wait_for(pool.client_params(requested), WAKE_TIMEOUT_S)
+        except ServerRefused as exc:  # e.g. an invalid client_encoding: the server's own error
+            raise ClientError(exc.fields.get("C", "22023"), str(exc), exc.fields.get("D"))
+        except (ConnectionError, OSError, asyncio.TimeoutError) as exc:
+            raise ClientError("08006", f"could not set the session parameters: {str(exc) or 'timed out'}")
         key = self.cancels.mint()
-        out = [m.parameter_status(k, v) for k, v in pool.params.items()]
+        out = [m.parameter_status(k, v) for k, v in pool.startup_status(pset).items()]
         out += [m.backend_key_data(*key), m.ready_for_query(b"I")]
         writer.write(b"".join(out))
-        client = PooledClient(pool, writer.transport, lambda busy: self.fleet.session_busy(row.uuid, busy))  # type: ignore[arg-type]
+        client = PooledClient(pool, writer.transport, lambda busy: self.fleet.session_busy(row.uuid, busy),  # type: ignore[arg-type]
+                              pset)
         backend = self.fleet.backend_of(row.uuid)
 
         def target() -> CancelTarget | None:
@@ -347,6 +357,24 @@ class ProxyServer:
         pool = self.pools.pop(uuid, None)
         if pool is not None:
             pool.close()
+
+
+def _pooled_parameters(pool: Pool, startup: m.StartupMessage, route: Route) -> dict[str, str]:
+    """A pooled client's session parameters from its startup packet and `options`
+    (`-c name=value`), by canonical name."""
+    given = {k: v for k, v in startup.params.items()
+             if k not in _NOT_FORWARDED and k != "options" and not k.startswith("_pq_.")}
+    if route.options:
+        try:
+            given.update(pm.parse_options(route.options))
+        except ValueError as exc:
+            raise ClientError("0A000", f"the pooled listener cannot apply options: {exc}")
+    out: dict[str, str] = {}
+    for name, value in given.items():
+        if not pm.check_name(name):
+            raise ClientError("42704", f'unrecognized configuration parameter "{name}"')
+        out[pool.registry.name_of(name)] = value
+    return out
 
 
 def _take_endpoint(options: str | None) -> tuple[str | None, str | None]:

@@ -150,3 +150,26 @@ async def test_cancel_by_timeout(target):
         assert await conn.fetchval("SELECT 2") == 2  # the query was cancelled on the server
     finally:
         await conn.close()
+
+
+async def test_server_settings(target):
+    """asyncpg sends server_settings as startup parameters: they are the session's, in every
+    transaction (on the pooled listener, whichever server connection it lands on), and a
+    SET lasts for the session."""
+    conn = await connect(target, server_settings={"application_name": "compat-asyncpg", "TimeZone": "Asia/Tokyo",
+                                                  "search_path": "pg_catalog, public", "statement_timeout": "54321"})
+    try:
+        assert conn.get_settings().application_name == "compat-asyncpg"
+        assert conn.get_settings().TimeZone == "Asia/Tokyo"
+        for _ in range(5):
+            row = await conn.fetchrow("SELECT current_setting('application_name') AS a, current_setting('TimeZone') AS z, "
+                                      "current_setting('search_path') AS s, current_setting('statement_timeout') AS t")
+            assert tuple(row) == ("compat-asyncpg", "Asia/Tokyo", "pg_catalog, public", "54321ms")
+        at = await conn.fetchval("SELECT '2024-01-01 12:00:00'::timestamp::timestamptz")
+        assert at == dt.datetime(2024, 1, 1, 3, 0, tzinfo=dt.timezone.utc)
+        await conn.execute("SET TimeZone = 'Europe/Lisbon'")
+        for _ in range(3):
+            assert await conn.fetchval("SHOW TimeZone") == "Europe/Lisbon"
+        assert conn.get_settings().TimeZone == "Europe/Lisbon"
+    finally:
+        await conn.close()

@@ -239,3 +239,22 @@ async def test_async_concurrent(target):
 
     results = await asyncio.gather(*(one(i) for i in range(20)))
     assert results == [sum(i * 100 + j for j in range(10)) for i in range(20)]
+
+
+def test_connect_options_and_session_parameters(target):
+    """Startup parameters and `options` are the session's in every transaction (on the pooled
+    listener, whichever server connection it lands on); a SET lasts for the session."""
+    with connect(target, autocommit=True, application_name="compat-psycopg",
+                 options="-c search_path=pg_catalog,public -c statement_timeout=12345 -c DateStyle=German") as conn:
+        assert conn.info.parameter_status("application_name") == "compat-psycopg"
+        assert conn.info.parameter_status("DateStyle") == "German, DMY"
+        for _ in range(5):
+            assert conn.execute("SELECT current_setting('application_name'), current_setting('search_path'), "
+                                "current_setting('statement_timeout'), '2024-02-29'::date::text").fetchone() == (
+                "compat-psycopg", "pg_catalog,public", "12345ms", "29.02.2024")
+        conn.execute("SET search_path = public")
+        conn.execute("SET TimeZone = 'Asia/Tokyo'")
+        assert conn.info.parameter_status("TimeZone") == "Asia/Tokyo"
+        for _ in range(3):
+            assert conn.execute("SELECT current_setting('search_path'), current_setting('TimeZone')").fetchone() == (
+                "public", "Asia/Tokyo")
