@@ -277,22 +277,24 @@ async def test_never_scaled_to_zero_mid_transaction(env, servers, listener):
         row = await env.fleet.wait_for("midtx", lambda r: r.state != State.RUNNING, timeout_s=1.0)
         assert row.state == State.RUNNING
         await c.execute("COMMIT")
-        # pooled: busy only within a transaction; direct on a driver that cannot keep sessions
-        # across a suspend: the open session alone keeps the database up (no per-read tracking)
-        assert rt.busy == (1 if listener == "direct" else 0)
+        # on a driver that cannot keep sessions across a suspend the open session alone keeps
+        # the database up: it counts as busy for its whole life (no per-transaction tracking)
+        assert rt.busy == 1
     finally:
         await c.close()
     row = await env.fleet.wait_for("midtx", lambda r: r.state == State.STANDBY, timeout_s=30)
     assert row.state == State.STANDBY
 
 
-async def test_direct_sessions_are_tracked_per_transaction_where_sessions_survive_suspend(env, servers, monkeypatch):
-    """Where a driver keeps sessions across a suspend (microVM), the direct relay reads the
+@pytest.mark.parametrize("listener", ["direct", "pooled"])
+async def test_sessions_are_tracked_per_transaction_where_sessions_survive_suspend(env, servers, monkeypatch,
+                                                                                 listener):
+    """Where a driver keeps sessions across a suspend (microVM), both listeners read the
     transaction state: busy inside a transaction only. The sandbox is told it keeps them so
-    the scanning relay runs against a real Postgres here."""
+    the tracking paths run against a real Postgres here."""
     monkeypatch.setattr(env.fleet.driver, "keeps_sessions_across_suspend", True)
     created = await env.fleet.create("tracked")
-    c = await aconnect(servers["direct"], "tracked", created.password)
+    c = await aconnect(servers[listener], "tracked", created.password)
     try:
         rt = env.fleet.rt[created.row.uuid]
         assert rt.busy == 0

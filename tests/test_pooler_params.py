@@ -5,6 +5,8 @@ that every client shares it."""
 
 from __future__ import annotations
 
+import asyncio
+
 from datetime import datetime, timezone
 
 import psycopg
@@ -240,4 +242,14 @@ async def test_a_client_leaving_right_after_a_set_leaves_a_reusable_connection(e
             assert got[0] == '"$user", public'
             pids.add(got[1])
     assert len(pids) == 1  # never discarded
-    assert env.fleet.rt[created.row.uuid].busy == 0
+    rt = env.fleet.rt[created.row.uuid]
+    await _until(lambda: rt.clients == 0)  # the proxy has seen the last client go
+    assert rt.busy == 0
+
+
+async def _until(condition, timeout_s: float = 10.0) -> None:
+    """Wait for a condition the proxy reaches after a client has gone (its session's end)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
+        await asyncio.sleep(0.005)

@@ -381,6 +381,24 @@ class PooledClient(asyncio.Protocol):
         if self.server is not None:
             self._from_client(data)
             return
+        if (data[0] == 0x51 and len(data) == 1 + _from_bytes(data[1:5], "big") and len(data) > 8
+                and (data[5] not in _SQL_FIRST or data[7] in b"lL")
+                and self.acquiring is None and not self._backlog and not self._chead and self._cwhole is None):
+            # the per-transaction fast path: one whole simple Query with nothing to look at
+            # (a SELECT, an INSERT...) while no server is bound and an idle one is at hand
+            conn = self.pool.try_acquire()
+            if conn is not None:
+                if not self.busy:
+                    self.busy = True
+                    self.on_busy(True)
+                conn.client = self
+                self.server = conn
+                if conn.pset is not self.pset:
+                    self._sync_params(conn)
+                self.queue.append(_EXP_QUERY)
+                self._unsynced = False
+                conn.transport.write(data)  # type: ignore[union-attr]
+                return
         if self.acquiring is not None or self._backlog:
             self._backlog += data
             return
@@ -695,6 +713,33 @@ class PooledClient(asyncio.Protocol):
 
     # --- server -> client ------------------------------------------------------------
     def from_server(self, data: bytes) -> None:
+        queue = self.queue
+        if (len(queue) == 1 and queue[0] is _EXP_QUERY and not self._sskip and not self._shead
+                and self._swhole is None and self.transport is not None):
+            # the fast path: the answer to one simple Query, whole messages, ReadyForQuery (if
+            # it came) last and no ParameterStatus to record; anything else takes the walk
+            pos, end, ready = 0, len(data), -1
+            while end - pos >= 5:
+                kind = data[pos]
+                if kind == 0x5A:
+                    ready = pos
+                elif kind == 0x53:
+                    break
+                nxt = pos + 1 + _from_bytes(data[pos + 1 : pos + 5], "big")
+                if nxt < pos + 5:
+                    break
+                pos = nxt
+            if pos == end and (ready < 0 or ready == end - 6):
+                self.transport.write(data)
+                if ready >= 0:
+                    queue.popleft()
+                    self.in_tx = data[ready + 5] != 0x49
+                    if not self.in_tx and not self._cskip and not self._unsynced and self.server is not None:
+                        if self._dirty:
+                            self._probe()
+                        else:
+                            self._release_server()
+                return
         out: list[bytes] = []
         if self._sskip:  # the rest of a message passing (or dropped) as it arrives
             n = self._sskip
@@ -960,6 +1005,8 @@ _PASS_THROUGH: dict[int, Expect | None] = {
     0x48: None, 0x64: None, 0x63: None, 0x66: None,  # Flush, CopyData, CopyDone, CopyFail
     0x50: _NOT_FAST, 0x42: _NOT_FAST, 0x44: _NOT_FAST, 0x43: _NOT_FAST, 0x58: _NOT_FAST,  # read by the proxy
 }
+_EXP_QUERY = _PASS_THROUGH[0x51]
+_from_bytes = int.from_bytes
 _EXP_PARSE = Expect(FWD, frozenset(b"1"))
 _EXP_BIND = Expect(FWD, frozenset(b"2"))
 _EXP_PARAMS = Expect(FWD, frozenset(b"t"))

@@ -323,8 +323,12 @@ class ProxyServer:
         out = [m.parameter_status(k, v) for k, v in pool.startup_status(pset).items()]
         out += [m.backend_key_data(*key), m.ready_for_query(b"I")]
         writer.write(b"".join(out))
-        client = PooledClient(pool, writer.transport, lambda busy: self.fleet.session_busy(row.uuid, busy),  # type: ignore[arg-type]
-                              pset)
+        fleet, uuid = self.fleet, row.uuid
+        # per transaction where a suspended database keeps its sessions (the `idle` policy may
+        # apply); elsewhere an open session keeps it up anyway: busy for the session's life
+        per_tx = fleet.driver.keeps_sessions_across_suspend
+        client = PooledClient(pool, writer.transport,  # type: ignore[arg-type]
+                              (lambda busy: fleet.session_busy(uuid, busy)) if per_tx else _no_busy, pset)
         backend = self.fleet.backend_of(row.uuid)
 
         def target() -> CancelTarget | None:
@@ -333,11 +337,15 @@ class ProxyServer:
             return CancelTarget(b, *current) if current is not None and b is not None else None
 
         self.cancels.bind(key, target)
+        if not per_tx:
+            fleet.session_busy(uuid, True)
         try:
             client.start(_take_buffer(reader))
             await client.done
         finally:
             self.cancels.release(key)
+            if not per_tx:
+                fleet.session_busy(uuid, False)
 
     async def _pass_through(self, startup: m.StartupMessage, target: tuple[str, int],
                             reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -390,6 +398,10 @@ def _take_endpoint(options: str | None) -> tuple[str | None, str | None]:
         else:
             kept.append(w)
     return endpoint, (" ".join(kept) if kept else None)
+
+
+def _no_busy(busy: bool) -> None:
+    pass
 
 
 def _take_buffer(reader: asyncio.StreamReader) -> bytes:
