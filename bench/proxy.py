@@ -421,7 +421,8 @@ class Bench:
                     res.update(round=rnd, workload=wl["id"], config=config, load1=loadavg()[0])
                     if config == "pgfleet-pooled":  # evidence of pooling: server connections left open by the pool
                         res["pool_server_connections"] = int(self.psql(
-                            "admin", "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgfleet-pool'"))
+                            "admin", "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'"
+                            f" AND usename = '{self.role}'"))
                     runs.append(res)
                     done += 1
                     status = f"{res['tps']:.0f} tps" if res["ok"] else f"FAILED ({'; '.join(res['errors'][:1])})"

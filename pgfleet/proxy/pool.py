@@ -378,27 +378,29 @@ class PooledClient(asyncio.Protocol):
 
     # --- client -> server ------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
+        if (data[0] == 0x51 and len(data) == 1 + _from_bytes(data[1:5], "big") and len(data) > 8
+                and (data[5] not in _SQL_FIRST or data[7] in b"lL")
+                and not self._cskip and not self._chead and self._cwhole is None):
+            # the fast path: one whole simple Query with nothing to look at (a SELECT, an
+            # UPDATE...), on the bound server connection or on an idle one at hand
+            conn = self.server
+            if conn is None and self.acquiring is None and not self._backlog:
+                conn = self.pool.try_acquire()
+                if conn is not None:
+                    if not self.busy:
+                        self.busy = True
+                        self.on_busy(True)
+                    conn.client = self
+                    self.server = conn
+                    if conn.pset is not self.pset:
+                        self._sync_params(conn)
+            if conn is not None:
+                self.queue.append(_EXP_QUERY)
+                conn.transport.write(data)  # type: ignore[union-attr]
+                return
         if self.server is not None:
             self._from_client(data)
             return
-        if (data[0] == 0x51 and len(data) == 1 + _from_bytes(data[1:5], "big") and len(data) > 8
-                and (data[5] not in _SQL_FIRST or data[7] in b"lL")
-                and self.acquiring is None and not self._backlog and not self._chead and self._cwhole is None):
-            # the per-transaction fast path: one whole simple Query with nothing to look at
-            # (a SELECT, an INSERT...) while no server is bound and an idle one is at hand
-            conn = self.pool.try_acquire()
-            if conn is not None:
-                if not self.busy:
-                    self.busy = True
-                    self.on_busy(True)
-                conn.client = self
-                self.server = conn
-                if conn.pset is not self.pset:
-                    self._sync_params(conn)
-                self.queue.append(_EXP_QUERY)
-                self._unsynced = False
-                conn.transport.write(data)  # type: ignore[union-attr]
-                return
         if self.acquiring is not None or self._backlog:
             self._backlog += data
             return
