@@ -253,3 +253,29 @@ async def _until(condition, timeout_s: float = 10.0) -> None:
     while not condition():
         assert asyncio.get_running_loop().time() < deadline, "condition not reached"
         await asyncio.sleep(0.005)
+
+
+async def test_a_new_application_name_costs_no_server_connection_at_connect(env, pooled):
+    """Clients that name every connection differently connect while the only server
+    connection is busy in another client's transaction, and each sees its own name, cleaned
+    as Postgres 15 cleans it (bytes outside printable ASCII become '?')."""
+    created = await env.fleet.create("names", pool_size=1)
+    holder = await connect(pooled, "names", created.password)
+    await holder.execute("BEGIN")
+    await holder.execute("SELECT 1")  # the pool's one server connection is now held
+    try:
+        names = [f"worker-{i}" for i in range(5)] + ["café"]
+        clients = await asyncio.wait_for(asyncio.gather(*(
+            connect(pooled, "names", created.password, application_name=n) for n in names)), timeout=10)
+    finally:
+        await holder.execute("COMMIT")
+        await holder.close()
+    try:
+        seen = [(await row(c, "SELECT current_setting('application_name')"))[0] for c in clients]
+        assert seen == [f"worker-{i}" for i in range(5)] + ["caf??"]
+        async with await connect(env.proxy, "names", created.password, application_name="café") as direct:
+            assert (await row(direct, "SELECT current_setting('application_name')"))[0] == seen[-1]  # as Postgres
+        assert [c.info.parameter_status("application_name") for c in clients] == seen
+    finally:
+        for c in clients:
+            await c.close()

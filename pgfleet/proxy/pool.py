@@ -229,6 +229,10 @@ class Pool:
         combinations are set on a server connection, which validates them (ServerRefused)
         and canonicalises their values; known ones cost nothing."""
         reg = self.registry
+        app = _clean_application_name(requested.get("application_name"), self.params.get("server_version", ""))
+        if app is not None:  # known without asking: clients naming each connection cost no round trip
+            rest = {k: v for k, v in requested.items() if k != "application_name"}
+            return reg.with_values(await self.client_params(rest), {"application_name": app})
         if not requested:
             return reg.base
         key = frozenset(requested.items())
@@ -309,6 +313,15 @@ class Pool:
             conn.close()
         self.conns.clear()
         self.idle.clear()
+
+
+def _clean_application_name(value: str | None, server_version: str) -> str | None:
+    """The value Postgres 15 and older give application_name: every byte outside printable
+    ASCII becomes '?' (pg_clean_ascii), nothing is refused. None where not known that way."""
+    if value is None or not server_version[:2].isdigit() or int(server_version[:2]) > 15:
+        return None
+    raw = value.encode("utf-8", "surrogateescape")
+    return "".join(chr(b) if 32 <= b <= 126 else "?" for b in raw)
 
 
 def _resolve(fut: asyncio.Future, task: asyncio.Task) -> None:
