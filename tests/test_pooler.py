@@ -414,3 +414,30 @@ async def test_sql_deallocate_keeps_statement_maps_true(env, servers):
     finally:
         await a.close()
         await b.close()
+
+
+async def test_a_client_that_leaves_while_queued_for_the_pool_gets_nothing(env, servers):
+    """With every server connection in use, a client waits in the pool's queue; if it leaves,
+    the connection released next goes to the next client, not to the one that left."""
+    created = await env.fleet.create("queued", pool_size=1)
+    holder = await aconnect(servers["pooled"], "queued", created.password)
+    await holder.execute("BEGIN")
+    await holder.execute("SELECT 1")
+    pool = servers["pooled"].pools[created.row.uuid]
+    leaver = await aconnect(servers["pooled"], "queued", created.password)
+    pending = asyncio.ensure_future(leaver.execute("SELECT 2"))
+    deadline = asyncio.get_running_loop().time() + 10
+    while not any(c.waiting for c in pool.queued):  # the proxy has queued it
+        assert asyncio.get_running_loop().time() < deadline, "the client was never queued"
+        await asyncio.sleep(0.005)
+    leaver.pgconn.finish()  # gone without a word, mid-wait
+    with pytest.raises(psycopg.Error):
+        await pending
+    await holder.execute("COMMIT")
+    after = await aconnect(servers["pooled"], "queued", created.password)
+    try:
+        assert await scalar(after, "SELECT 3") == 3
+        assert len(pool.conns) == 1 and not any(c.waiting for c in pool.queued)
+    finally:
+        await after.close()
+        await holder.close()

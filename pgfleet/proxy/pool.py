@@ -164,6 +164,7 @@ class Pool:
         self.registry = ParamRegistry()
         self.syncs = 0  # parameter Queries sent ahead of a client's messages (stats, tests)
         self._opening = 0
+        self.queued: deque[PooledClient] = deque()  # clients waiting for a released connection
 
     def try_acquire(self) -> ServerConn | None:
         """An idle connection at once, or None (the per-transaction fast path: no task)."""
@@ -279,6 +280,14 @@ class Pool:
         reg = self.registry
         return {**self.params, **{k: v for k, v in pset.values.items() if reg.is_reported(k)}}
 
+    def can_open(self) -> bool:
+        return len(self.conns) + self._opening < self.size
+
+    def wait(self, client: "PooledClient") -> None:
+        """Queue a client for the next released connection: handed over by a plain call
+        (no task or future per transaction while clients outnumber the pool)."""
+        self.queued.append(client)
+
     def release(self, conn: ServerConn) -> None:
         conn.client = None
         if conn.closed:
@@ -288,6 +297,11 @@ class Pool:
             fut = self.waiters.popleft()
             if not fut.done():
                 fut.set_result(conn)
+                return
+        while self.queued:
+            client = self.queued.popleft()
+            if client.waiting:
+                client.granted(conn)
                 return
         self.idle.append(conn)
 
@@ -307,6 +321,11 @@ class Pool:
             fut = self.waiters.popleft()
             task = asyncio.ensure_future(self._open())
             task.add_done_callback(lambda t: _resolve(fut, t))
+        while self.queued and len(self.conns) + self._opening < self.size:
+            client = self.queued.popleft()
+            if client.waiting:
+                client.waiting = False
+                client.acquire_async()
 
     def close(self) -> None:
         for conn in list(self.conns):
@@ -349,6 +368,7 @@ class PooledClient(asyncio.Protocol):
         self.server: ServerConn | None = None
         self.pset = pset if pset is not None else pool.registry.base  # the session parameters it wants
         self.acquiring: asyncio.Task | None = None
+        self.waiting = False  # queued in the pool for the next released connection
         self.queue: deque[Expect] = deque()
         # client statement name -> (server name, Parse rest, the parameters it SETs)
         self.statements: dict[str, tuple[str, bytes, tuple | str | None]] = {}
@@ -397,7 +417,7 @@ class PooledClient(asyncio.Protocol):
             # the fast path: one whole simple Query with nothing to look at (a SELECT, an
             # UPDATE...), on the bound server connection or on an idle one at hand
             conn = self.server
-            if conn is None and self.acquiring is None and not self._backlog:
+            if conn is None and self.acquiring is None and not self.waiting and not self._backlog:
                 conn = self.pool.try_acquire()
                 if conn is not None:
                     if not self.busy:
@@ -414,7 +434,7 @@ class PooledClient(asyncio.Protocol):
         if self.server is not None:
             self._from_client(data)
             return
-        if self.acquiring is not None or self._backlog:
+        if self.acquiring is not None or self.waiting or self._backlog:
             self._backlog += data
             return
         if data[:1] == b"X" and not self._chead and self._cwhole is None:  # Terminate while idle
@@ -437,6 +457,14 @@ class PooledClient(asyncio.Protocol):
             return
         self._backlog += data
         self.transport.pause_reading()  # type: ignore[union-attr]
+        if self.pool.can_open():
+            self.acquire_async()
+        else:  # every connection is in use: the next one released comes here
+            self.waiting = True
+            self.pool.wait(self)
+
+    def acquire_async(self) -> None:
+        """A connection that may have to be opened (and the database woken) first."""
         self.acquiring = asyncio.ensure_future(self.pool.acquire())
         self.acquiring.add_done_callback(self._acquired)
 
@@ -448,7 +476,11 @@ class PooledClient(asyncio.Protocol):
             self._busy(False)
             self._fatal("08006", f"could not get a server connection: {task.exception()}")
             return
-        conn = task.result()
+        self.granted(task.result())
+
+    def granted(self, conn: ServerConn) -> None:
+        """A server connection for the messages that arrived while there was none."""
+        self.waiting = False
         if self.done.done():
             self.pool.release(conn)
             return
@@ -989,6 +1021,7 @@ class PooledClient(asyncio.Protocol):
             return
         if self.acquiring is not None:
             self.acquiring.cancel()
+        self.waiting = False  # the pool skips it
         if self.server is not None:
             if (self.queue and not self.in_tx and not self._cskip and not self._unsynced
                     and all(e.kind in _PROXY_KINDS for e in self.queue)):
