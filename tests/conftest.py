@@ -100,6 +100,18 @@ async def env(tmp_path):
         store.close()
 
 
+@pytest.fixture
+async def pooled(env):
+    """A pooled (transaction mode) listener beside env's direct one."""
+    from pgfleet.proxy.server import ProxyServer
+
+    server = ProxyServer(env.fleet, "127.0.0.1", 0, mode="transaction")
+    await server.start()
+    env.fleet.on_delete.append(server.forget_database)
+    yield server
+    await server.close()
+
+
 @dataclass
 class Daemon:
     home: Path

@@ -12,17 +12,6 @@ from datetime import datetime, timezone
 import psycopg
 import pytest
 
-from pgfleet.proxy.server import ProxyServer
-
-
-@pytest.fixture
-async def pooled(env):
-    server = ProxyServer(env.fleet, "127.0.0.1", 0, mode="transaction")
-    await server.start()
-    env.fleet.on_delete.append(server.forget_database)
-    yield server
-    await server.close()
-
 
 async def connect(server, name, password, **kw):
     return await psycopg.AsyncConnection.connect(

@@ -21,15 +21,6 @@ SIZE = 200 * MB  # one DataRow, one CopyData message
 BUDGET = 40 * MB
 
 
-@pytest.fixture
-async def pooled(env):
-    server = ProxyServer(env.fleet, "127.0.0.1", 0, mode="transaction")
-    await server.start()
-    env.fleet.on_delete.append(server.forget_database)
-    yield server
-    await server.close()
-
-
 def _status(field: str) -> int:
     with open("/proc/self/status") as f:
         return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1)) * 1024
