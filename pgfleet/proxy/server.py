@@ -135,7 +135,8 @@ class ProxyServer:
             writer.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        startup, tls_used = await asyncio.wait_for(self._handshake(reader, writer), STARTUP_TIMEOUT_S)
+        async with asyncio.timeout(STARTUP_TIMEOUT_S):  # no task per connection, unlike wait_for
+            startup, tls_used = await self._handshake(reader, writer)
         if isinstance(startup, m.CancelRequest):
             await self.cancels.cancel(startup.process_id, startup.secret_key)
             return
@@ -175,7 +176,8 @@ class ProxyServer:
         try:
             verifier = Verifier.decode(row.verifier) if startup.user == row.role else None
             try:
-                await asyncio.wait_for(scram_authenticate(reader, writer, verifier), STARTUP_TIMEOUT_S)
+                async with asyncio.timeout(STARTUP_TIMEOUT_S):
+                    await scram_authenticate(reader, writer, verifier)
             except AuthFailed:
                 self.stats.auth_failures += 1
                 raise ClientError("28P01", f'password authentication failed for user "{startup.user}"')
@@ -184,7 +186,8 @@ class ProxyServer:
                 if self.mode == "transaction":
                     await self._pooled_session(startup, route, row, wake, reader, writer)
                 else:
-                    backend = await asyncio.wait_for(asyncio.shield(wake), WAKE_TIMEOUT_S)
+                    backend = wake.result() if wake.done() else await asyncio.wait_for(
+                        asyncio.shield(wake), WAKE_TIMEOUT_S)
                     await self._direct_session(startup, route, row, backend, reader, writer)
         finally:
             if not wake.done():
@@ -308,7 +311,9 @@ class ProxyServer:
                               wake: asyncio.Future, reader: asyncio.StreamReader,
                               writer: asyncio.StreamWriter) -> None:
         pool = self.pool_for(row)
-        await asyncio.wait_for(asyncio.shield(wake), WAKE_TIMEOUT_S)
+        if not wake.done():
+            await asyncio.wait_for(asyncio.shield(wake), WAKE_TIMEOUT_S)
+        wake.result()  # its error, if the database could not be woken
         if not pool.params:  # the first client learns the server's parameters for everyone
             conn = await pool.acquire()
             pool.release(conn)
