@@ -520,13 +520,10 @@ class PooledClient(asyncio.Protocol):
             data = data[n:]
         elif self._cwhole is not None:  # a message the proxy reads whole
             buf = self._cwhole
-            need = self._cwhole_len - len(buf)
-            if need > len(data):
-                buf += data
+            rest = _fill(buf, self._cwhole_len, data)
+            if rest is None:
                 return
-            buf += data[:need]
-            self._cwhole = None
-            data = data[need:]
+            self._cwhole, data = None, rest
             if not self._client_message(buf[0], bytes(memoryview(buf)[5:])):
                 return
         elif self._chead:
@@ -801,13 +798,10 @@ class PooledClient(asyncio.Protocol):
             data = data[n:]
         elif self._swhole is not None:  # a message the proxy reads whole
             buf = self._swhole
-            need = self._swhole_len - len(buf)
-            if need > len(data):
-                buf += data
+            rest = _fill(buf, self._swhole_len, data)
+            if rest is None:
                 return
-            buf += data[:need]
-            self._swhole = None
-            data = data[need:]
+            self._swhole, data = None, rest
             if not self._walk_server(bytes(buf), out):
                 return
         elif self._shead:
@@ -1076,6 +1070,17 @@ _DEALLOCATE = re.compile(
     rb"^\s*(?:DISCARD\s+ALL|DEALLOCATE\s+(?:PREPARE\s+)?(?P<name>ALL|\"[^\"]+\"|[A-Za-z_][A-Za-z0-9_$]*))\s*;?\s*\x00$",
     re.IGNORECASE,
 )
+
+
+def _fill(buf: bytearray, total: int, data: bytes) -> bytes | None:
+    """Gather a message the proxy reads whole: once `buf` holds its `total` bytes, what
+    followed it in `data`; None while more is to come."""
+    need = total - len(buf)
+    if need > len(data):
+        buf += data
+        return None
+    buf += data[:need]
+    return data[need:]
 
 
 def _emit_synth(queue: deque[Expect], out: list[bytes]) -> None:
