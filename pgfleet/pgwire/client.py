@@ -110,18 +110,7 @@ def _row_description(body: bytes) -> list[str]:
 
 
 def _data_row(body: bytes) -> tuple[str | None, ...]:
-    count = int.from_bytes(body[:2], "big")
-    values: list[str | None] = []
-    pos = 2
-    for _ in range(count):
-        length = int.from_bytes(body[pos : pos + 4], "big", signed=True)
-        pos += 4
-        if length < 0:
-            values.append(None)
-        else:
-            values.append(body[pos : pos + length].decode())
-            pos += length
-    return tuple(values)
+    return tuple(None if v is None else v.decode() for v in m.parse_data_row(body))
 
 
 def quote_ident(name: str) -> str:

@@ -189,6 +189,21 @@ def parse_error_fields(body: bytes) -> dict[str, str]:
     return out
 
 
+def parse_data_row(body: bytes) -> list[bytes | None]:
+    """The column values of a DataRow body (None for SQL NULL)."""
+    values: list[bytes | None] = []
+    pos = 2
+    for _ in range(int.from_bytes(body[:2], "big")):
+        length = int.from_bytes(body[pos : pos + 4], "big", signed=True)
+        pos += 4
+        if length < 0:
+            values.append(None)
+        else:
+            values.append(body[pos : pos + length])
+            pos += length
+    return values
+
+
 def parse_sasl_initial_response(body: bytes) -> tuple[str, bytes]:
     """SASLInitialResponse ('p') body -> (mechanism, client-first-message)."""
     end = body.find(b"\0")

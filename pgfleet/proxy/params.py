@@ -18,6 +18,8 @@ from __future__ import annotations
 import re
 import weakref
 
+from pgfleet.pgwire import messages as m
+
 #: reported parameters that are not session state a client sets
 UNTRACKED = frozenset({
     "server_version", "server_encoding", "integer_datetimes", "in_hot_standby", "is_superuser",
@@ -188,18 +190,8 @@ def probe_query(names: list[str]) -> bytes:
 
 def decode_hex_row(body: bytes) -> list[str | None]:
     """A DataRow of hex_text() columns."""
-    out: list[str | None] = []
-    count = int.from_bytes(body[:2], "big")
-    pos = 2
-    for _ in range(count):
-        n = int.from_bytes(body[pos : pos + 4], "big", signed=True)
-        pos += 4
-        if n < 0:
-            out.append(None)
-            continue
-        out.append(bytes.fromhex(body[pos : pos + n].decode("ascii")).decode("utf-8", "surrogateescape"))
-        pos += n
-    return out
+    return [None if v is None else bytes.fromhex(v.decode("ascii")).decode("utf-8", "surrogateescape")
+            for v in m.parse_data_row(body)]
 
 
 def parse_options(options: str) -> dict[str, str]:
