@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -98,6 +99,33 @@ async def env(tmp_path):
             await fleet.delete(row.uuid)
         await fleet.shutdown()
         store.close()
+
+
+@contextlib.contextmanager
+def fleet_on_own_loop(prefix: str):
+    """A sandbox fleet on an event loop of its own, for module-scoped fixtures of hypothesis
+    tests (which call the test many times, outside pytest-asyncio's per-test loop). Yields
+    (loop, fleet); shuts the fleet down and removes its home afterwards."""
+    if SANDBOX_SKIP:
+        pytest.skip(f"SKIPPED LOUDLY: {SANDBOX_SKIP}")
+    import asyncio
+    import tempfile
+
+    from pgfleet.drivers.sandbox.driver import SandboxDriver
+    from pgfleet.fleet.manager import Fleet
+    from pgfleet.store import Store
+
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
+    os.chmod(root, 0o711)
+    loop = asyncio.new_event_loop()
+    fleet = Fleet(Store(root / "state.db"), SandboxDriver(root / "sandbox"), root)
+    try:
+        loop.run_until_complete(fleet.driver.prepare())
+        yield loop, fleet
+    finally:
+        loop.run_until_complete(fleet.shutdown())
+        loop.close()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture

@@ -352,46 +352,28 @@ def test_hostile_bytes_after_auth_never_break_the_pooler(hostile_env, chunks):
 
 
 @pytest.fixture(scope="module")
-def hostile_env(tmp_path_factory):
+def hostile_env():
     """A module-scoped fleet for the fuzz test (hypothesis calls the test many times)."""
-    from .conftest import SANDBOX_SKIP
+    from .conftest import fleet_on_own_loop
 
-    if SANDBOX_SKIP:
-        pytest.skip(f"SKIPPED LOUDLY: {SANDBOX_SKIP}")
-    import shutil
-    import tempfile
-    from pathlib import Path
+    with fleet_on_own_loop("pgfleet-fuzz-") as (loop, fleet):
+        async def setup():
+            servers = {"pooled": ProxyServer(fleet, "127.0.0.1", 0, mode="transaction"),
+                       "direct": ProxyServer(fleet, "127.0.0.1", 0)}
+            for s in servers.values():
+                await s.start()
+            created = await fleet.create("fuzz", pool_size=2)
+            return servers, created.password
 
-    from pgfleet.drivers.sandbox.driver import SandboxDriver
-    from pgfleet.fleet.manager import Fleet
-    from pgfleet.store import Store
+        servers, password = loop.run_until_complete(setup())
+        yield loop, None, servers, password
 
-    root = Path(tempfile.mkdtemp(prefix="pgfleet-fuzz-", dir="/var/tmp"))
-    os.chmod(root, 0o711)
-    loop = asyncio.new_event_loop()
+        async def teardown():
+            for s in servers.values():
+                await s.close()
+            await fleet.delete("fuzz")
 
-    async def setup():
-        fleet = Fleet(Store(root / "state.db"), SandboxDriver(root / "sandbox"), root)
-        await fleet.driver.prepare()
-        servers = {"pooled": ProxyServer(fleet, "127.0.0.1", 0, mode="transaction"),
-                   "direct": ProxyServer(fleet, "127.0.0.1", 0)}
-        for s in servers.values():
-            await s.start()
-        created = await fleet.create("fuzz", pool_size=2)
-        return fleet, servers, created.password
-
-    fleet, servers, password = loop.run_until_complete(setup())
-    yield loop, None, servers, password
-
-    async def teardown():
-        for s in servers.values():
-            await s.close()
-        await fleet.delete("fuzz")
-        await fleet.shutdown()
-
-    loop.run_until_complete(teardown())
-    loop.close()
-    shutil.rmtree(root, ignore_errors=True)
+        loop.run_until_complete(teardown())
 
 
 async def test_sql_deallocate_keeps_statement_maps_true(env, servers):

@@ -229,53 +229,34 @@ async def _replies(c: RawClient, readies: int) -> bytes:
 def split_env():
     """A module-scoped fleet (hypothesis calls the test many times): a database with a
     pool of one server connection, and the answers to SCRIPT sent in one piece."""
-    import os
-    import shutil
-    import tempfile
-    from pathlib import Path
+    from .conftest import fleet_on_own_loop
 
-    from pgfleet.drivers.sandbox.driver import SandboxDriver
-    from pgfleet.fleet.manager import Fleet
-    from pgfleet.store import Store
+    with fleet_on_own_loop("pgfleet-split-") as (loop, fleet):
+        async def setup():
+            server = ProxyServer(fleet, "127.0.0.1", 0, mode="transaction")
+            await server.start()
+            created = await fleet.create("split", pool_size=1)
+            c = await RawClient.connect(server.port, "split", created.password)
+            await c.query("CREATE TABLE c(s text)")
+            c.writer.write(SCRIPT)
+            reference = await _replies(c, READIES)
+            await c.close()
+            # what the script does, whole: the reference is right
+            for expected in (b"SELECT 1\0", b"axC", b"\0\x04\x93\xe0" + b"z" * 16, b"prepared statement \"nosuch\"",
+                             b"S\0\0\0\x1bapplication_name\0split\0", b"\0\0\0\x012\0\0\0\x05split",
+                             b"\0\0\0\x06200000", b"\0\x01\x86\xa1" + b"b" * 16, b"COPY 2\0", b"DEALLOCATE ALL\0",
+                             b'prepared statement "s1" does not exist', b"\0\0\0\x03end"):
+                assert expected in reference, expected
+            return server, created.password, reference
 
-    from .conftest import SANDBOX_SKIP
+        server, password, reference = loop.run_until_complete(setup())
+        yield loop, server, password, reference
 
-    if SANDBOX_SKIP:
-        pytest.skip(f"SKIPPED LOUDLY: {SANDBOX_SKIP}")
-    root = Path(tempfile.mkdtemp(prefix="pgfleet-split-", dir="/var/tmp"))
-    os.chmod(root, 0o711)
-    loop = asyncio.new_event_loop()
+        async def teardown():
+            await server.close()
+            await fleet.delete("split")
 
-    async def setup():
-        fleet = Fleet(Store(root / "state.db"), SandboxDriver(root / "sandbox"), root)
-        await fleet.driver.prepare()
-        server = ProxyServer(fleet, "127.0.0.1", 0, mode="transaction")
-        await server.start()
-        created = await fleet.create("split", pool_size=1)
-        c = await RawClient.connect(server.port, "split", created.password)
-        await c.query("CREATE TABLE c(s text)")
-        c.writer.write(SCRIPT)
-        reference = await _replies(c, READIES)
-        await c.close()
-        # what the script does, whole: the reference is right
-        for expected in (b"SELECT 1\0", b"axC", b"\0\x04\x93\xe0" + b"z" * 16, b"prepared statement \"nosuch\"",
-                         b"S\0\0\0\x1bapplication_name\0split\0", b"\0\0\0\x012\0\0\0\x05split",
-                         b"\0\0\0\x06200000", b"\0\x01\x86\xa1" + b"b" * 16, b"COPY 2\0", b"DEALLOCATE ALL\0",
-                         b'prepared statement "s1" does not exist', b"\0\0\0\x03end"):
-            assert expected in reference, expected
-        return fleet, server, created.password, reference
-
-    fleet, server, password, reference = loop.run_until_complete(setup())
-    yield loop, server, password, reference
-
-    async def teardown():
-        await server.close()
-        await fleet.delete("split")
-        await fleet.shutdown()
-
-    loop.run_until_complete(teardown())
-    loop.close()
-    shutil.rmtree(root, ignore_errors=True)
+        loop.run_until_complete(teardown())
 
 
 _PIECES = st.lists(st.one_of(st.integers(1, 6), st.integers(7, 400), st.integers(401, 120_000)),
