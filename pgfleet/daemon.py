@@ -44,6 +44,8 @@ class DaemonOptions:
     domain: str = "db.localhost"
     #: this host's Node name, so routing never hands a session back to itself
     node_name: str | None = dataclasses.field(default_factory=lambda: os.environ.get("PGFLEET_K8S_NODE") or None)
+    #: daemon.log lines: "text" or "json" (one object per line, events' fields under "event")
+    log_format: str = "text"
 
 
 class _Uvicorn(uvicorn.Server):
@@ -74,14 +76,15 @@ def _lock_home(home: Path) -> int:
     return fd
 
 
-def setup_logging(home: Path, foreground: bool) -> None:
+def setup_logging(home: Path, foreground: bool, log_format: str = "text") -> None:
+    from pgfleet.logjson import formatter
+
     handlers: list[logging.Handler] = [logging.FileHandler(home / "daemon.log")]
     if foreground:
         handlers.append(logging.StreamHandler(sys.stderr))
-    logging.basicConfig(
-        level=os.environ.get("PGFLEET_LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers, force=True,
-    )
+    for handler in handlers:
+        handler.setFormatter(formatter(log_format))
+    logging.basicConfig(level=os.environ.get("PGFLEET_LOG_LEVEL", "INFO"), handlers=handlers, force=True)
 
 
 async def serve(opts: DaemonOptions, ready: asyncio.Future | None = None) -> None:
@@ -192,7 +195,7 @@ def raise_open_files_limit() -> int:
 
 def run(opts: DaemonOptions, foreground: bool = True) -> None:
     opts.home.mkdir(parents=True, exist_ok=True)
-    setup_logging(opts.home, foreground)
+    setup_logging(opts.home, foreground, opts.log_format)
     log.info("open files limit: %d", raise_open_files_limit())
     if opts.driver == "auto":
         from pgfleet.drivers import resolve_auto

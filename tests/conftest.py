@@ -160,15 +160,17 @@ class Daemon:
         return int(self.info["listen"].rsplit(":", 1)[1])
 
 
-def start_daemon(home: Path, env: dict, like: "Daemon | None" = None, driver: str = "sandbox") -> Daemon:
-    """Start a daemon on free ports, or on the same ports as `like` (a restart)."""
+def start_daemon(home: Path, env: dict, like: "Daemon | None" = None, driver: str = "sandbox",
+                 extra: tuple[str, ...] = ()) -> Daemon:
+    """Start a daemon on free ports, or on the same ports as `like` (a restart); `extra`: more
+    `pgfleet up` flags."""
     listen, pooled, api = "127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0"
     if like is not None:
         listen, pooled = like.info["listen"], like.info["listen_pooled"]
         api = like.info["api_url"].removeprefix("http://")
     proc = subprocess.run(
         [*PGFLEET, "up", "--detach", "--home", str(home), "--driver", driver,
-         "--listen", listen, "--listen-pooled", pooled, "--api", api],
+         "--listen", listen, "--listen-pooled", pooled, "--api", api, *extra],
         env=env, capture_output=True, text=True, timeout=180,
     )
     assert proc.returncode == 0, f"pgfleet up --detach failed: {proc.stderr}"

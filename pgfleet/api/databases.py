@@ -178,18 +178,6 @@ async def rotate_password(ref: str, request: Request):
     return envelope(database_json(ctx, row, password), started)
 
 
-@router.get("/{ref}/history")
-async def history(ref: str, request: Request):
-    started = time.perf_counter()
-    ctx = _ctx(request)
-    row = ctx.fleet.get(ref)
-    events = [
-        {"at": iso(e["at"]), "from": e["from_state"], "to": e["to_state"], "reason": e["reason"]}
-        for e in ctx.fleet.store.history(row.uuid)
-    ]
-    return envelope({"events": events}, started)
-
-
 @router.get("/{ref}/logs")
 async def database_logs(ref: str, request: Request, tail_bytes: int = Query(65536, ge=0, le=16 << 20)):
     """The end of the database's server (sandbox) or console (microvm) log, as text."""

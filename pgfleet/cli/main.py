@@ -75,6 +75,7 @@ def up(
     tls_key: Optional[Path] = typer.Option(None, help="TLS private key (PEM)"),
     tls: bool = typer.Option(True, help="without --tls-cert: make a local CA and certificate on first start"),
     domain: str = typer.Option("db.localhost", help="SNI routing: database NAME answers at NAME.<domain>"),
+    log_format: str = typer.Option("text", help="daemon.log lines: text or json"),
     detach: bool = typer.Option(False, "--detach", "-d", help="run in the background; return once it serves"),
     timeout: float = typer.Option(120.0, help="with --detach: seconds to wait for the daemon"),
 ) -> None:
@@ -98,7 +99,9 @@ def up(
     for f in (tls_cert, tls_key):
         if f is not None and not f.is_file():
             raise CliError(f"no such file: {f}")
-    extra = [f"--domain={domain}", "--tls" if tls else "--no-tls"]
+    if log_format not in ("text", "json"):
+        raise CliError(f"unknown log format {log_format!r}: choose text or json")
+    extra = [f"--domain={domain}", "--tls" if tls else "--no-tls", f"--log-format={log_format}"]
     if tls_cert and tls_key:
         extra += [f"--tls-cert={tls_cert.absolute()}", f"--tls-key={tls_key.absolute()}"]
     if detach:
@@ -108,7 +111,7 @@ def up(
 
     try:
         run(DaemonOptions(home=h, listen=listen, listen_pooled=listen_pooled, api=api, driver=driver,
-                          tls_cert=tls_cert, tls_key=tls_key, tls=tls, domain=domain))
+                          tls_cert=tls_cert, tls_key=tls_key, tls=tls, domain=domain, log_format=log_format))
     except AlreadyRunning as exc:
         raise CliError(str(exc)) from None
 
@@ -328,6 +331,11 @@ def db_password(name: str, as_json: bool = JsonOpt,
         _print_json(d)
     else:
         out.print(f"new password for {name}: {d['password']}   [dim](shown once)[/dim]")
+
+
+from . import events as _events  # noqa: E402
+
+_events.register(app, db_app, _client, JsonOpt)
 
 
 def _mount_optional() -> None:

@@ -22,9 +22,11 @@ from pgfleet.pgwire.scram import Verifier, generate_password
 from pgfleet.store import InstanceRow, Store
 
 from . import states
-from .errors import AlreadyExists, InvalidRequest, NotFound, Unavailable
+from .errors import AlreadyExists, InvalidRequest, NotFound, QuotaExceeded, Unavailable
+from .events import EventLog
 from .names import validate_name
 from .states import State
+from .telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,9 @@ class Fleet:
         self.quotas = None
         #: called with a database's uuid once it is deleted (proxies drop their pools)
         self.on_delete: list[Callable[[str], None]] = []
+        #: what operators see: structured events (log, ring, followers) and lifecycle numbers
+        self.events = EventLog()
+        self.telemetry = Telemetry()
         driver.on_exit = self._on_driver_exit
 
     # --- queries -------------------------------------------------------------------
@@ -115,7 +120,11 @@ class Fleet:
         if self.store.by_name(name) is not None:
             raise AlreadyExists(f"database {name!r} already exists")
         if self.quotas is not None:
-            self.quotas.check_create(self, memory_mb)  # raises QuotaExceeded
+            try:
+                self.quotas.check_create(self, memory_mb)
+            except QuotaExceeded as exc:
+                self.events.emit("quota_refused", name, reason=str(exc))
+                raise
         password = password or generate_password()
         row = InstanceRow(
             uuid=str(uuidlib.uuid4()), name=name, slot=self._free_slot(), state=State.STARTING,
@@ -136,13 +145,16 @@ class Fleet:
             except BaseException as exc:
                 await self._rollback_create(row, exc)
                 raise
-            boot_us = int((time.monotonic() - started) * 1e6)
+            boot_s = time.monotonic() - started
+            boot_us = int(boot_s * 1e6)
             self._move(
                 row.uuid, State.STARTING, State.RUNNING, "created", provisioned=1,
                 started_at=time.time(), start_count=1, boot_time_us=boot_us,
             )
             rt.backend = backend
             self._arm_idle_timer(row.uuid)
+        self.telemetry.created(row.uuid, boot_s)
+        self.events.emit("created", name, latency_ms=round(boot_s * 1000, 1), memory_mb=memory_mb, image=image)
         await self._notify()
         if not autostart:
             await self.suspend(row.uuid, reason="created without autostart")
@@ -150,6 +162,7 @@ class Fleet:
 
     async def _rollback_create(self, row: InstanceRow, exc: BaseException) -> None:
         log.error("creating %s failed, rolling back: %s", row.name, exc)
+        self.events.emit("create_failed", row.name, error=str(exc)[:500])
         try:
             await asyncio.shield(self.driver.destroy(self.spec(row)))
         finally:
@@ -182,6 +195,8 @@ class Fleet:
             self.rt.pop(row.uuid, None)
         for callback in self.on_delete:
             callback(row.uuid)
+        self.telemetry.forget(row.uuid)
+        self.events.emit("deleted", row.name)
         await self._notify()
         return row
 
@@ -240,11 +255,15 @@ class Fleet:
             if isinstance(exc, DriverError):
                 raise Unavailable(f"database {row.name!r} failed to start: {exc}") from exc
             raise
+        took = time.monotonic() - started
         self._move(
             row.uuid, State.STARTING, State.RUNNING, reason, started_at=time.time(),
-            start_count=row.start_count + 1, boot_time_us=int((time.monotonic() - started) * 1e6),
+            start_count=row.start_count + 1, boot_time_us=int(took * 1e6),
             stop_reason=None,
         )
+        if reason == "wake":
+            self.telemetry.wake(row.uuid, time.time(), took)
+            self.events.emit("wake", row.name, latency_ms=round(took * 1000, 1))
         rt.backend = backend
         rt.last_active = time.monotonic()
         self._arm_idle_timer(row.uuid)
@@ -280,6 +299,7 @@ class Fleet:
             if row.state != State.RUNNING:
                 raise Unavailable(f"database {row.name!r} is {row.state}")
             self._cancel_idle_timer(rt)
+            shut_started = time.monotonic()
             self._move(row.uuid, State.RUNNING, State.DRAINING, reason)
             await self._notify()
             if rt.clients > 0 and drain_timeout_s > 0 and not (row.stz_policy == "idle" and reason == "idle"):
@@ -304,6 +324,7 @@ class Fleet:
                 raise
             finally:
                 self._move(row.uuid, State.STOPPING, target, reason, stopped_at=time.time())
+                self.telemetry.suspended(row.uuid, time.monotonic() - shut_started)
                 await self._notify()
         return self.get(row.uuid)
 
@@ -329,6 +350,12 @@ class Fleet:
         """Every lifecycle transition: legal in the state machine, committed before acting."""
         states.check(State(from_state), to_state)
         self.store.transition(uuid, from_state, to_state, reason, **changes)
+        self._transition_event(uuid, from_state, to_state, reason)
+
+    def _transition_event(self, uuid: str, from_state: str, to_state: str, reason: str | None) -> None:
+        row = self.store.get(uuid)
+        self.events.emit("transition", row.name if row else None, uuid=uuid, **{"from": str(from_state)},
+                         to=str(to_state), reason=reason)
 
     def session_busy(self, uuid: str, busy: bool) -> None:
         """A session started (True) or finished (False) a query or transaction. With the
@@ -479,6 +506,7 @@ class Fleet:
         """Recovery only: after a crash the stored state (say `draining`) may name a step
         that no process is taking any more; this records what is true, outside the graph."""
         self.store.transition(row.uuid, row.state, target, reason, stopped_at=time.time())
+        self._transition_event(row.uuid, row.state, target, reason)
 
     async def shutdown(self) -> None:
         """Daemon exit: every running database is suspended (durably) first."""

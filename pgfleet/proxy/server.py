@@ -61,6 +61,8 @@ class ProxyStats:
     auth_failures: int = 0
     refused_limit: int = 0
     per_database: dict[str, int] = field(default_factory=dict)
+    #: per database uuid, read on a metrics scrape
+    auth_failures_by_db: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -158,6 +160,8 @@ class ProxyServer:
         if current >= limit:
             self.stats.refused_limit += 1
             listener = "pooled" if self.mode == "transaction" else "direct"
+            self.fleet.events.emit("connection_refused", row.name, listener=listener, limit=limit,
+                                   peer=_peer(writer))
             raise ClientError("53300", f'too many {listener} connections for database "{row.name}" (limit {limit})')
         self.stats.per_database[row.uuid] = current + 1
         try:
@@ -180,6 +184,11 @@ class ProxyServer:
                     await scram_authenticate(reader, writer, verifier)
             except AuthFailed:
                 self.stats.auth_failures += 1
+                failures = self.stats.auth_failures_by_db
+                failures[row.uuid] = failures.get(row.uuid, 0) + 1
+                self.fleet.events.emit("auth_failure", row.name, user=startup.user[:64],
+                                       listener="pooled" if self.mode == "transaction" else "direct",
+                                       peer=_peer(writer))
                 raise ClientError("28P01", f'password authentication failed for user "{startup.user}"')
             writer.write(m.authentication(m.AUTH_OK))
             async with self.fleet.lease(row.uuid):
@@ -367,6 +376,7 @@ class ProxyServer:
             r_writer.close()
 
     def forget_database(self, uuid: str) -> None:
+        self.stats.auth_failures_by_db.pop(uuid, None)
         pool = self.pools.pop(uuid, None)
         if pool is not None:
             pool.close()
@@ -403,6 +413,11 @@ def _take_endpoint(options: str | None) -> tuple[str | None, str | None]:
         else:
             kept.append(w)
     return endpoint, (" ".join(kept) if kept else None)
+
+
+def _peer(writer: asyncio.StreamWriter) -> str | None:
+    peer = writer.get_extra_info("peername")
+    return str(peer[0]) if isinstance(peer, tuple) and peer else None
 
 
 def _no_busy(busy: bool) -> None:
