@@ -76,6 +76,19 @@ def _lock_home(home: Path) -> int:
     return fd
 
 
+#: files of the home that no instance uid may read: every tenant's SCRAM verifier, a log naming them
+PRIVATE_FILES = ("state.db", "state.db-wal", "state.db-shm", "daemon.log")
+
+
+def make_private(home: Path) -> None:
+    """0600 for PRIVATE_FILES (SQLite gives its -wal/-shm the main file's mode)."""
+    for name in PRIVATE_FILES:
+        try:
+            os.chmod(home / name, 0o600)
+        except FileNotFoundError:
+            pass
+
+
 def setup_logging(home: Path, foreground: bool, log_format: str = "text") -> None:
     from pgfleet.logjson import formatter
 
@@ -99,6 +112,7 @@ async def serve(opts: DaemonOptions, ready: asyncio.Future | None = None) -> Non
     token = ensure_token(opts.home)
 
     store = Store(opts.home / "state.db")
+    make_private(opts.home)
     driver = make_driver(opts.driver, opts.home)
     fleet = Fleet(store, driver, opts.home)
     log.info("pgfleet %s starting on %s with the %s driver", __version__, opts.home, driver.name)

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pgfleet.drivers.base import Backend, Driver, DriverError, DriverUnavailable, ExitCallback, InstanceSpec
-from pgfleet.pgwire.client import AdminConnection, QueryError, quote_ident, quote_literal
+from pgfleet.drivers.roles import check_role_name, tenant_role_sql
+from pgfleet.pgwire.client import AdminConnection, QueryError
 
 from . import network, vmm
 from .common import CONTROL_PORT, GUEST_ADDR, PG_PORT, QEMU, cache_dir, content_hash
@@ -97,12 +98,6 @@ def memory_breakdown(pid: int, ram: Path) -> dict[str, int]:
 
 class GuestCommandError(DriverError):
     """The guest init answered a control command with an error."""
-
-
-def personalise_sql(role: str) -> str:
-    r = quote_ident(role)
-    return (f"CREATE ROLE {r} LOGIN NOSUPERUSER NOCREATEROLE NOCREATEDB; "
-            f"ALTER DATABASE postgres OWNER TO {r}; ALTER SCHEMA public OWNER TO {r}")
 
 
 class MicroVMDriver(Driver):
@@ -252,7 +247,7 @@ class MicroVMDriver(Driver):
             # through it with no TCP handshake and no backend fork. Warm its caches with the
             # very statements personalising runs, rolled back.
             await self._control(ns, [b"A", self._sql_command(
-                "BEGIN; " + personalise_sql("pgfleet_warmup") + "; ROLLBACK")])
+                "BEGIN; " + tenant_role_sql("pgfleet_warmup") + "; ROLLBACK")])
             token = await self._save(vm, files)
             # Templates outlive host reboots: make them durable before anyone copies them.
             await asyncio.to_thread(sync_snapshot, files.state, [files.ram, files.data], token)
@@ -520,24 +515,20 @@ class MicroVMDriver(Driver):
         return vm
 
     async def _personalise(self, spec: InstanceSpec) -> None:
-        """The tenant's own role, owning the database and schema public; not a superuser."""
+        """The tenant's own role (pgfleet.drivers.roles), owning the database and schema public."""
         conn = await self._admin(self.backend(spec))
         try:
-            role = quote_ident(spec.role)
-            exists = await conn.scalar(
-                f"SELECT count(*) FROM pg_roles WHERE rolname = {quote_literal(spec.role)}")
-            if exists == "0":
-                await conn.query(f"CREATE ROLE {role} LOGIN NOSUPERUSER NOCREATEROLE")
-            await conn.query(f"ALTER DATABASE postgres OWNER TO {role}; "
-                             f"ALTER SCHEMA public OWNER TO {role}")
+            await conn.query(tenant_role_sql(spec.role))
         finally:
             await conn.close()
 
     # ----------------------------------------------------------------- lifecycle
 
     async def create(self, spec: InstanceSpec) -> Backend:
-        if spec.role == "postgres" or spec.role.startswith("pg_"):
-            raise DriverError(f"role name {spec.role!r} is reserved (superuser or built-in)")
+        try:
+            check_role_name(spec.role)
+        except ValueError as exc:
+            raise DriverError(str(exc)) from None
         async with self._lock(spec):
             if self._running(spec) is not None:
                 return self.backend(spec)
@@ -561,7 +552,7 @@ class MicroVMDriver(Driver):
                 self._record(spec, self.image)
                 try:
                     await self._restore(spec, files, timings, self.image, then=[
-                        self._sql_command(personalise_sql(spec.role)), b"X"])
+                        self._sql_command(tenant_role_sql(spec.role)), b"X"])
                 except GuestCommandError as exc:
                     if "admin session" not in str(exc):
                         raise

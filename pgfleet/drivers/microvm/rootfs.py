@@ -173,7 +173,7 @@ def build_data_disk(out: Path, size_mb: int, progress: Progress = no_progress) -
         os.chown(top, owner.pw_uid, owner.pw_gid)
         os.chmod(tmp, 0o755)
         progress("data", 0.0, "initdb")
-        # The superuser is `postgres`; every host connection is trusted (pg_hba.conf).
+        # The superuser is `postgres`; only the host and guest root reach it (guest/pg_hba.conf).
         run(
             ["runuser", "-u", "postgres", "--", str(initdb), "-D", str(pgdata), "-U", "postgres",
              "-E", "UTF8", "--locale=C.UTF-8", "--auth=trust", "-N"],
@@ -181,7 +181,8 @@ def build_data_disk(out: Path, size_mb: int, progress: Progress = no_progress) -
         )
         with (pgdata / "postgresql.conf").open("a") as f:
             f.write("\n# --- pgfleet microvm ---\n" + (GUEST_DIR / "postgresql.conf").read_text())
-        shutil.copyfile(GUEST_DIR / "pg_hba.conf", pgdata / "pg_hba.conf")
+        for auth in ("pg_hba.conf", "pg_ident.conf"):  # no trust for what runs in the guest
+            shutil.copyfile(GUEST_DIR / auth, pgdata / auth)
         # The guest's postgres uid/gid are fixed; re-own everything to them.
         for p in [top, *top.rglob("*")]:
             os.lchown(p, GUEST_UID, GUEST_GID)

@@ -11,12 +11,14 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..base import Backend, Driver, DriverError, InstanceSpec, admin_connect
 from ..pgbin import PostgresInstall, find_postgres
+from ..roles import check_role_name, tenant_role_sql
 from . import cgroups
 from .procscan import find_postmaster
 from .template import ensure_template
@@ -79,6 +81,10 @@ class SandboxDriver(Driver):
         self.template = await ensure_template(self.pg, self.cache_dir / "templates")
 
     async def create(self, spec: InstanceSpec) -> Backend:
+        try:
+            check_role_name(spec.role)
+        except ValueError as exc:
+            raise DriverError(str(exc)) from None
         if self.template is None:
             await self.prepare()
         assert self.template is not None
@@ -112,22 +118,42 @@ class SandboxDriver(Driver):
         partial.rename(data)  # atomic: a data dir either is complete or does not exist
 
     async def _personalise(self, spec: InstanceSpec, backend: Backend) -> None:
-        from pgfleet.pgwire.client import quote_ident
-
-        role = quote_ident(spec.role)
         conn = await admin_connect(backend)
         try:
-            exists = await conn.scalar(
-                f"SELECT count(*) FROM pg_roles WHERE rolname = '{spec.role.replace(chr(39), '')}'"
-            )
-            if exists == "0":
-                await conn.query(
-                    f"CREATE ROLE {role} LOGIN CREATEDB CREATEROLE;"
-                    f"ALTER DATABASE postgres OWNER TO {role};"
-                    f"ALTER SCHEMA public OWNER TO {role};"
-                )
+            await conn.query(tenant_role_sql(spec.role))
         finally:
             await conn.close()
+
+    def auth_dir(self, spec: InstanceSpec) -> Path:
+        """Root-owned pg_hba.conf / pg_ident.conf, outside the tenant-writable data directory."""
+        return spec.home / "auth"
+
+    def _write_auth_files(self, spec: InstanceSpec) -> list[str]:
+        """Who may log in over the instance's socket: host root only (the daemon: admin
+        work as postgres, the proxy as the tenant's role), by peer credentials. The
+        instance's own uid has no passwd entry, so peer authentication refuses it whatever
+        role it asks for: code running as the tenant cannot log in as a superuser.
+        Returns the postgres options that point at these files."""
+        d = self.auth_dir(spec)
+        d.mkdir(mode=0o755, exist_ok=True)
+        files = {
+            "pg_hba.conf": "# pgfleet: only host root, by peer credentials (see pg_ident.conf)\n"
+                           "local all all peer map=pgfleet\n",
+            "pg_ident.conf": "# MAPNAME SYSTEM-USERNAME PG-USERNAME\n"
+                             f"pgfleet root postgres\npgfleet root {_hba_token(spec.role)}\n",
+        }
+        for name, text in files.items():
+            path = d / name
+            try:
+                if path.read_text() == text:
+                    continue
+            except FileNotFoundError:
+                pass
+            tmp = d / f".{name}.tmp"
+            tmp.write_text(text)
+            os.chmod(tmp, 0o644)
+            tmp.rename(path)
+        return ["-c", f"hba_file={d / 'pg_hba.conf'}", "-c", f"ident_file={d / 'pg_ident.conf'}"]
 
     async def start(self, spec: InstanceSpec) -> Backend:
         if spec.uuid in self._running:
@@ -153,15 +179,15 @@ class SandboxDriver(Driver):
         cg.create(cgroups.CgroupLimits(memory_bytes=spec.memory_mb * 1024 * 1024))
         procs_files = cg.procs_files()
         shared_buffers = max(16, spec.memory_mb // 8)
-        argv = [
-            "unshare", "--mount", "--pid", "--fork", "--ipc", "--uts", "--net",
-            "--kill-child", "--mount-proc",
-            "--setuid", str(uid), "--setgid", str(uid),
-            "--", str(self.pg.postgres), "-D", str(data), "-k", str(run), "-p", str(PORT),
+        argv = self._sandboxed(spec, [
+            str(self.pg.postgres), "-D", str(data), "-k", str(run), "-p", str(PORT),
             "-c", f"shared_buffers={shared_buffers}MB",
             "-c", f"cluster_name={spec.name}",
-        ]
-        logf = open(self.log_path(spec), "ab")
+            *self._write_auth_files(spec),
+        ])
+        # 0600: only root reads a tenant's log (the tenant writes it through this descriptor)
+        logf = os.fdopen(os.open(self.log_path(spec), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600), "ab")
+        os.fchmod(logf.fileno(), 0o600)
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf,
@@ -179,6 +205,30 @@ class SandboxDriver(Driver):
             raise
         self._watch(spec, pm_pid, proc.wait())
         return self.backend(spec)
+
+    def _sandboxed(self, spec: InstanceSpec, argv: list[str]) -> list[str]:
+        """`argv` run the way every process of the instance runs: as its uid, in fresh
+        namespaces. The caller joins the instance's cgroups between fork and exec."""
+        uid = UID_BASE + spec.slot
+        return [
+            "unshare", "--mount", "--pid", "--fork", "--ipc", "--uts", "--net",
+            "--kill-child", "--mount-proc",
+            "--setuid", str(uid), "--setgid", str(uid),
+            "--", *argv,
+        ]
+
+    def exec_as_tenant(self, spec: InstanceSpec, argv: list[str], timeout: float = 60.0,
+                       input: str | None = None) -> subprocess.CompletedProcess:
+        """Run `argv` exactly as the instance's postgres runs (same uid, kind of namespaces,
+        cgroups), as code execution inside the database would: the hostile-tenant tests'
+        shell. Blocks; returns the finished process with text stdout/stderr."""
+        cg = self._cgroup(spec)
+        cg.create(cgroups.CgroupLimits(memory_bytes=spec.memory_mb * 1024 * 1024))
+        procs_files = cg.procs_files()
+        return subprocess.run(
+            self._sandboxed(spec, argv), input=input, capture_output=True, text=True, timeout=timeout,
+            preexec_fn=lambda: (cgroups.join(procs_files), os.setsid()),
+        )
 
     async def _wait_ready(self, spec: InstanceSpec, proc: asyncio.subprocess.Process) -> int:
         """Wait until the postmaster reports 'ready' in postmaster.pid; returns its host pid."""
@@ -284,6 +334,13 @@ class SandboxDriver(Driver):
 
     def is_running(self, spec: InstanceSpec) -> bool:
         return spec.uuid in self._running
+
+
+def _hba_token(role: str) -> str:
+    """A role name as one pg_ident.conf token (names are DNS labels; refuse anything else)."""
+    if not role or any(not (c.isalnum() or c in "-_") for c in role):
+        raise DriverError(f"role name {role!r} cannot be written into pg_ident.conf")
+    return role
 
 
 def _home_tag(state_dir: Path) -> str:

@@ -35,13 +35,15 @@ log_line_prefix = '%m [%p] '
 log_min_messages = warning
 log_connections = off
 password_encryption = 'scram-sha-256'
+temp_file_limit = 1GB
 """
 
+TEMPLATE_FORMAT = 2  # bump when the template changes outside BASE_CONFIG (2: pg_hba reject)
 TEMPLATE_OWNER = "postgres"  # Debian's postgres system user; initdb refuses root
 
 
 def template_key(pg: PostgresInstall) -> str:
-    digest = hashlib.sha256(f"{pg.version}\n{BASE_CONFIG}".encode()).hexdigest()[:16]
+    digest = hashlib.sha256(f"{pg.version}\n{BASE_CONFIG}\n{TEMPLATE_FORMAT}".encode()).hexdigest()[:16]
     return f"pg{pg.major}-{digest}"
 
 
@@ -68,9 +70,9 @@ async def ensure_template(pg: PostgresInstall, templates_dir: Path) -> Path:
     with open(work / "postgresql.conf", "a") as f:
         f.write(BASE_CONFIG)
     (work / "pg_hba.conf").write_text(
-        "# pgfleet: only the host reaches this socket (its directory is private);\n"
-        "# clients are authenticated by the pgfleet proxy with SCRAM.\n"
-        "local all all trust\n"
+        "# pgfleet: never used. Every instance runs with hba_file and ident_file set on the\n"
+        "# command line to root-owned files outside its (tenant-writable) data directory.\n"
+        "local all all reject\n"
     )
     # initdb ran with --no-sync; one sync here makes the template durable before use
     sync = await asyncio.create_subprocess_exec("sync", "-f", str(work))
