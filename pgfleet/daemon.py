@@ -131,6 +131,7 @@ async def serve(opts: DaemonOptions, ready: asyncio.Future | None = None) -> Non
     pooled = ProxyServer(fleet, pooled_host, pooled_port, remote=routing.pooled if routing else None,
                          mode="transaction", tls=tls_ctx, domain=opts.domain)
     fleet.on_delete.append(pooled.forget_database)
+    fleet.on_delete.append(direct.forget_database)
     await direct.start()
     await pooled.start()
     public_host = proxy_host if proxy_host not in ("0.0.0.0", "::", "") else "127.0.0.1"
@@ -140,6 +141,7 @@ async def serve(opts: DaemonOptions, ready: asyncio.Future | None = None) -> Non
         fleet=fleet, token=token, public_host=public_host, port=direct.port, pooled_port=pooled.port,
         driver=driver.name, home=str(opts.home), ca_file=str(ca_file) if ca_file else None, domain=opts.domain,
         proxy_stats=lambda: {"direct": dataclasses.asdict(direct.stats), "pooled": dataclasses.asdict(pooled.stats)},
+        proxies={"direct": direct, "pooled": pooled},
     )
     api = _Uvicorn(uvicorn.Config(
         create_app(ctx), host=api_host, port=api_port, log_level="warning", lifespan="off",

@@ -30,6 +30,8 @@ class ApiContext:
     proxy_stats: Any = None
     ca_file: str | None = None
     domain: str | None = None
+    #: the listeners by name ("direct", "pooled"), read on a metrics scrape
+    proxies: dict[str, Any] | None = None
 
 
 class ApiError(Exception):

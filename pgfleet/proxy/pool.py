@@ -23,6 +23,7 @@ import hashlib
 import logging
 import re
 import struct
+import time
 from collections import deque
 from typing import Callable
 
@@ -93,6 +94,7 @@ class ServerConn(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.client is not None:
+            self.pool.bytes_sent += len(data)
             self.client.from_server(data)
         elif self._exchange is not None:
             self._exchange_data(data)
@@ -165,6 +167,12 @@ class Pool:
         self.syncs = 0  # parameter Queries sent ahead of a client's messages (stats, tests)
         self._opening = 0
         self.queued: deque[PooledClient] = deque()  # clients waiting for a released connection
+        # counted in plain ints on the way, read on a metrics scrape (PgBouncer's SHOW STATS)
+        self.bytes_received = 0  # from clients
+        self.bytes_sent = 0  # to clients
+        self.queries = 0  # ReadyForQuery messages passed to clients
+        self.transactions = 0  # server connections released after a transaction
+        self.wait_seconds = 0.0  # clients' time waiting for a server connection
 
     def try_acquire(self) -> ServerConn | None:
         """An idle connection at once, or None (the per-transaction fast path: no task)."""
@@ -396,6 +404,7 @@ class PooledClient(asyncio.Protocol):
         self._proxy_error: bytes | None = None
         self._unsure = False
         self._closing = False  # the client is gone; the proxy's own queries are still answered
+        self.wait_since = 0.0  # monotonic time it began to wait for a server connection, else 0
         transport.set_protocol(self)
 
     def start(self, leftover: bytes = b"") -> None:
@@ -411,6 +420,7 @@ class PooledClient(asyncio.Protocol):
 
     # --- client -> server ------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
+        self.pool.bytes_received += len(data)
         if (data[0] == 0x51 and len(data) == 1 + _from_bytes(data[1:5], "big") and len(data) > 8
                 and (data[5] not in _SQL_FIRST or data[7] in b"lL")
                 and not self._cskip and not self._chead and self._cwhole is None):
@@ -457,6 +467,7 @@ class PooledClient(asyncio.Protocol):
             return
         self._backlog += data
         self.transport.pause_reading()  # type: ignore[union-attr]
+        self.wait_since = time.monotonic()
         if self.pool.can_open():
             self.acquire_async()
         else:  # every connection is in use: the next one released comes here
@@ -470,6 +481,7 @@ class PooledClient(asyncio.Protocol):
 
     def _acquired(self, task: asyncio.Task) -> None:
         self.acquiring = None
+        self._waited()
         if task.cancelled():
             return
         if task.exception() is not None:
@@ -481,6 +493,7 @@ class PooledClient(asyncio.Protocol):
     def granted(self, conn: ServerConn) -> None:
         """A server connection for the messages that arrived while there was none."""
         self.waiting = False
+        self._waited()
         if self.done.done():
             self.pool.release(conn)
             return
@@ -490,6 +503,11 @@ class PooledClient(asyncio.Protocol):
         data = bytes(self._backlog)
         self._backlog.clear()
         self._from_client(data)
+
+    def _waited(self) -> None:
+        if self.wait_since:
+            self.pool.wait_seconds += time.monotonic() - self.wait_since
+            self.wait_since = 0.0
 
     def _attach(self, conn: ServerConn) -> None:
         conn.client = self
@@ -776,6 +794,7 @@ class PooledClient(asyncio.Protocol):
             if pos == end and (ready < 0 or ready == end - 6):
                 self.transport.write(data)
                 if ready >= 0:
+                    self.pool.queries += 1
                     queue.popleft()
                     self.in_tx = data[ready + 5] != 0x49
                     if not self.in_tx and not self._cskip and not self._unsynced and self.server is not None:
@@ -882,6 +901,7 @@ class PooledClient(asyncio.Protocol):
                     if kind in head.ends:
                         queue.popleft()
                 if kind == 0x5A:  # ReadyForQuery
+                    self.pool.queries += 1
                     self.in_tx = data[pos + 5] != 0x49
                     self._ready = True
                     if queue and queue[0].kind == SYNTH:
@@ -969,6 +989,7 @@ class PooledClient(asyncio.Protocol):
         out.clear()
 
     def _release_server(self) -> None:
+        self.pool.transactions += 1
         if self._unsure:
             self._drop_server(discard=True)
         else:

@@ -30,12 +30,13 @@ class SessionActivity:
 
 
 class _Side(asyncio.Protocol):
-    __slots__ = ("relay", "transport", "peer")
+    __slots__ = ("relay", "transport", "peer", "count")
 
     def __init__(self, relay: "Relay") -> None:
         self.relay = relay
         self.transport: asyncio.Transport | None = None
         self.peer: "_Side | None" = None
+        self.count = 0  # bytes read from this side (metrics: a plain int, read on a scrape)
 
     def pause_writing(self) -> None:  # our transport is full: stop reading the other side
         if self.peer and self.peer.transport:
@@ -55,11 +56,13 @@ class _Side(asyncio.Protocol):
 
 class _ClientSide(_Side):
     def data_received(self, data: bytes) -> None:
+        self.count += len(data)
         self.relay.from_client(data)
 
 
 class _ServerSide(_Side):
     def data_received(self, data: bytes) -> None:
+        self.count += len(data)
         self.relay.from_server(data)
 
 
@@ -69,6 +72,7 @@ class _PlainSide(_Side):
     __slots__ = ()
 
     def data_received(self, data: bytes) -> None:
+        self.count += len(data)
         self.peer.transport.write(data)  # type: ignore[union-attr]
 
 

@@ -87,6 +87,9 @@ class ProxyServer:
         self.cancels = CancelRegistry()
         self.stats = ProxyStats()
         self.pools: dict[str, Pool] = {}
+        #: direct sessions' relays by database uuid, and the bytes of those that ended
+        self.relays: dict[str, set[Relay]] = {}
+        self.relayed: dict[str, list[int]] = {}
         self._server: asyncio.base_events.Server | None = None
         self._clients: set[asyncio.Task] = set()
 
@@ -280,7 +283,18 @@ class ProxyServer:
             relay = Relay(writer.transport, b_writer.transport, self._activity(row.uuid),  # type: ignore[arg-type]
                           track=self.fleet.driver.keeps_sessions_across_suspend)
             relay.start(_take_buffer(reader), _take_buffer(b_reader))
-            await relay.done
+            live = self.relays.setdefault(row.uuid, set())
+            live.add(relay)
+            try:
+                await relay.done
+            finally:
+                live.discard(relay)
+                if not live:
+                    self.relays.pop(row.uuid, None)
+                if self.fleet.rt.get(row.uuid) is not None:  # not deleted meanwhile
+                    done = self.relayed.setdefault(row.uuid, [0, 0])
+                    done[0] += relay.client_side.count
+                    done[1] += relay.server_side.count
         finally:
             self.cancels.release(key)
             b_writer.close()
@@ -377,6 +391,7 @@ class ProxyServer:
 
     def forget_database(self, uuid: str) -> None:
         self.stats.auth_failures_by_db.pop(uuid, None)
+        self.relayed.pop(uuid, None)
         pool = self.pools.pop(uuid, None)
         if pool is not None:
             pool.close()
