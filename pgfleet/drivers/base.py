@@ -123,6 +123,15 @@ class InstanceSpec:
 ExitCallback = Callable[[InstanceSpec, str], None]
 
 
+@dataclass(frozen=True)
+class RecoveryTarget:
+    """Where a point-in-time recovery stops: 'immediate' (the first consistent point), 'time'
+    (a unix time: every transaction committed at or before it), 'lsn', or 'end' (all WAL)."""
+
+    kind: str
+    value: float | int | None = None
+
+
 class Driver(abc.ABC):
     """One way of isolating a database. Every method is idempotent where it can be.
 
@@ -178,6 +187,39 @@ class Driver(abc.ABC):
 
     async def close(self) -> None:
         """Release host resources the driver holds (not the instances)."""
+
+    # --- continuous archiving and branches (pgfleet.fleet.branches drives these) ------------
+    #: the driver archives WAL, takes base backups and makes branches
+    supports_branches: ClassVar[bool] = False
+
+    def _no_branches(self) -> DriverError:
+        return DriverError(f"the {self.name} driver does not support backups and branches yet")
+
+    async def archive(self, spec: InstanceSpec, repo: Path, *, stopped: bool) -> None:
+        """Move what the instance has archived into `repo`; once stopped, the rest of its WAL too."""
+        raise self._no_branches()
+
+    async def flush_archive(self, spec: InstanceSpec, repo: Path) -> None:
+        """A running instance: everything committed so far reaches `repo`."""
+        raise self._no_branches()
+
+    async def base_backup(self, spec: InstanceSpec, repo: Path, dest: Path) -> dict:
+        """A consistent copy of the instance's data into the new directory `dest`; returns
+        {start_segment, timeline, consistent_at}. A stopped instance must stay stopped meanwhile."""
+        raise self._no_branches()
+
+    async def branch(self, parent: InstanceSpec, parent_repo: Path, child: InstanceSpec) -> Backend:
+        """Make `child` a copy of `parent` as of now and start it."""
+        raise self._no_branches()
+
+    async def restore(self, child: InstanceSpec, backup: Path, meta: dict, repo: Path,
+                      target: RecoveryTarget) -> Backend:
+        """Make `child` from base backup `backup` plus `repo`'s WAL up to `target`, and start it."""
+        raise self._no_branches()
+
+    async def rename_role(self, spec: InstanceSpec, backend: Backend, old: str, new: str) -> None:
+        """The tenant's role in a copied database takes the copy's own name."""
+        raise self._no_branches()
 
 
 async def admin_connect(backend: Backend, user: str | None = None):

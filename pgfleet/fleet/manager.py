@@ -13,7 +13,7 @@ import time
 import uuid as uuidlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Awaitable, Callable
 
 from contextlib import asynccontextmanager
 
@@ -77,6 +77,8 @@ class Fleet:
         #: what operators see: structured events (log, ring, followers) and lifecycle numbers
         self.events = EventLog()
         self.telemetry = Telemetry()
+        #: continuous archiving (pgfleet.fleet.branches.Backups attaches itself), or None
+        self.backups = None
         driver.on_exit = self._on_driver_exit
 
     # --- queries -------------------------------------------------------------------
@@ -113,7 +115,11 @@ class Fleet:
         policy: str = "on", image: str = "postgres:15", password: str | None = None,
         autostart: bool = True, tags: dict | None = None, require_tls: bool = False,
         pool_size: int = 20, max_pooled_clients: int = 200, max_direct_clients: int = 50,
+        populate: Callable[[InstanceSpec], Awaitable[Backend]] | None = None, role: str | None = None,
+        verifier: str | None = None,
     ) -> Created:
+        """A new database, ready when this returns. `populate` makes its data and starts it
+        instead of a template clone (branches); `role`/`verifier` keep given credentials."""
         validate_name(name)
         validate_settings(memory_mb=memory_mb, cooldown_ms=cooldown_ms, policy=policy)
         self._check_policy_supported(policy)
@@ -128,8 +134,8 @@ class Fleet:
         password = password or generate_password()
         row = InstanceRow(
             uuid=str(uuidlib.uuid4()), name=name, slot=self._free_slot(), state=State.STARTING,
-            driver=self.driver.name, image=image, memory_mb=memory_mb, role=name,
-            verifier=Verifier.from_password(password).encode(), stz_policy=policy,
+            driver=self.driver.name, image=image, memory_mb=memory_mb, role=role or name,
+            verifier=verifier or Verifier.from_password(password).encode(), stz_policy=policy,
             cooldown_ms=cooldown_ms, created_at=time.time(), tags=tags or {}, require_tls=int(require_tls),
             pool_size=pool_size, max_pooled_clients=max_pooled_clients, max_direct_clients=max_direct_clients,
         )
@@ -141,7 +147,8 @@ class Fleet:
         async with rt.lock:
             started = time.monotonic()
             try:
-                backend = await self.driver.create(self.spec(row))
+                spec = self.spec(row)
+                backend = await (populate(spec) if populate is not None else self.driver.create(spec))
             except BaseException as exc:
                 await self._rollback_create(row, exc)
                 raise
@@ -153,6 +160,8 @@ class Fleet:
             )
             rt.backend = backend
             self._arm_idle_timer(row.uuid)
+            if self.backups is not None:
+                self.backups.created(row)
         self.telemetry.created(row.uuid, boot_s)
         self.events.emit("created", name, latency_ms=round(boot_s * 1000, 1), memory_mb=memory_mb, image=image)
         await self._notify()
@@ -190,6 +199,9 @@ class Fleet:
         async with rt.lock:
             self._cancel_idle_timer(rt)
             rt.backend = None
+            if self.backups is not None:  # its backups outlive it: archive its last WAL first
+                await self.driver.stop(self.spec(row))
+                await self.backups.deleting(row)
             await self.driver.destroy(self.spec(row))
             self.store.delete(row.uuid)
             self.rt.pop(row.uuid, None)
@@ -319,6 +331,8 @@ class Fleet:
                     await self.driver.stop(spec)
                 else:
                     await self.driver.suspend(spec)
+                if self.backups is not None:  # scale to zero leaves no gap in the archive
+                    await self.backups.stopped(row)
             except BaseException:
                 log.exception("%s: driver failed to %s", row.name, reason)
                 raise

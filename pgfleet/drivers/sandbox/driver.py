@@ -19,7 +19,8 @@ from pathlib import Path
 from ..base import Backend, Driver, DriverError, InstanceSpec, admin_connect
 from ..pgbin import PostgresInstall, find_postgres
 from ..roles import check_role_name, tenant_role_sql
-from . import cgroups
+from . import archive, cgroups
+from .backups import SandboxBackups
 from .procscan import find_postmaster
 from .template import ensure_template
 
@@ -40,7 +41,7 @@ class _Running:
     stopping: bool = False
 
 
-class SandboxDriver(Driver):
+class SandboxDriver(SandboxBackups, Driver):
     name = "sandbox"
     keeps_sessions_across_suspend = False
 
@@ -60,6 +61,10 @@ class SandboxDriver(Driver):
     @staticmethod
     def data_dir(spec: InstanceSpec) -> Path:
         return spec.home / "data"
+
+    @staticmethod
+    def uid_of(spec: InstanceSpec) -> int:
+        return UID_BASE + spec.slot
 
     def socket_dir(self, spec: InstanceSpec) -> Path:
         # Not under the home: a unix socket path must stay within 107 bytes.
@@ -156,6 +161,10 @@ class SandboxDriver(Driver):
         return ["-c", f"hba_file={d / 'pg_hba.conf'}", "-c", f"ident_file={d / 'pg_ident.conf'}"]
 
     async def start(self, spec: InstanceSpec) -> Backend:
+        return await self._launch(spec)
+
+    async def _launch(self, spec: InstanceSpec, extra_args: list[str] | None = None,
+                      ready_timeout_s: float = READY_TIMEOUT_S) -> Backend:
         if spec.uuid in self._running:
             return self.backend(spec)
         data = self.data_dir(spec)
@@ -175,6 +184,7 @@ class SandboxDriver(Driver):
             if live is not None:
                 await self._adopt_or_stop(spec, live, keep=False)
             pidfile.unlink(missing_ok=True)
+        archive.prepare_spool(data, uid)
         cg = self._cgroup(spec)
         cg.create(cgroups.CgroupLimits(memory_bytes=spec.memory_mb * 1024 * 1024))
         procs_files = cg.procs_files()
@@ -184,6 +194,7 @@ class SandboxDriver(Driver):
             "-c", f"shared_buffers={shared_buffers}MB",
             "-c", f"cluster_name={spec.name}",
             *self._write_auth_files(spec),
+            *archive.postgres_args(), *(extra_args or []),
         ])
         # 0600: only root reads a tenant's log (the tenant writes it through this descriptor)
         logf = os.fdopen(os.open(self.log_path(spec), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600), "ab")
@@ -196,7 +207,7 @@ class SandboxDriver(Driver):
         finally:
             logf.close()
         try:
-            pm_pid = await self._wait_ready(spec, proc)
+            pm_pid = await self._wait_ready(spec, proc, ready_timeout_s)
         except BaseException:
             if proc.returncode is None:
                 proc.kill()
@@ -230,10 +241,11 @@ class SandboxDriver(Driver):
             preexec_fn=lambda: (cgroups.join(procs_files), os.setsid()),
         )
 
-    async def _wait_ready(self, spec: InstanceSpec, proc: asyncio.subprocess.Process) -> int:
+    async def _wait_ready(self, spec: InstanceSpec, proc: asyncio.subprocess.Process,
+                          timeout_s: float = READY_TIMEOUT_S) -> int:
         """Wait until the postmaster reports 'ready' in postmaster.pid; returns its host pid."""
         pidfile = self.data_dir(spec) / "postmaster.pid"
-        deadline = time.monotonic() + READY_TIMEOUT_S
+        deadline = time.monotonic() + timeout_s
         while True:
             if proc.returncode is not None:
                 raise DriverError(f"postgres for {spec.name} exited during start: {self._log_tail(spec)}")
@@ -246,7 +258,7 @@ class SandboxDriver(Driver):
                 if pm is not None:
                     return pm
             if time.monotonic() > deadline:
-                raise DriverError(f"postgres for {spec.name} not ready after {READY_TIMEOUT_S:.0f}s: {self._log_tail(spec)}")
+                raise DriverError(f"postgres for {spec.name} not ready after {timeout_s:.0f}s: {self._log_tail(spec)}")
             # A wake is on the client's clock: poll finely (reading a 100-byte file is
             # cheap next to a 1 ms granularity added to every wake).
             await asyncio.sleep(0.001)

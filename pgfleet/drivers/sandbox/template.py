@@ -40,6 +40,8 @@ temp_file_limit = 1GB
 
 TEMPLATE_FORMAT = 2  # bump when the template changes outside BASE_CONFIG (2: pg_hba reject)
 TEMPLATE_OWNER = "postgres"  # Debian's postgres system user; initdb refuses root
+WAL_SEGMENT_MB = 1  # small segments: an idle database's archive grows by 1 MiB, not 16
+WAL_SEGMENT_BYTES = WAL_SEGMENT_MB << 20
 
 
 def template_key(pg: PostgresInstall) -> str:
@@ -60,7 +62,7 @@ async def ensure_template(pg: PostgresInstall, templates_dir: Path) -> Path:
     proc = await asyncio.create_subprocess_exec(
         "runuser", "-u", TEMPLATE_OWNER, "--", str(pg.initdb),
         "-D", str(work), "-U", "postgres", "--auth=trust", "--no-sync",
-        "--wal-segsize=1", "--encoding=UTF8", "--locale=C.UTF-8",
+        f"--wal-segsize={WAL_SEGMENT_MB}", "--encoding=UTF8", "--locale=C.UTF-8",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )
     out, _ = await proc.communicate()

@@ -1,0 +1,204 @@
+"""The sandbox driver's side of backups and branches (see archive.py for the design).
+
+A mixin of SandboxDriver: it needs the driver's paths (data_dir, uid_of), its way of
+starting Postgres with extra settings (_launch) and its bookkeeping of running instances.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from pathlib import Path
+
+from ..base import Backend, DriverError, InstanceSpec, RecoveryTarget, admin_connect
+from . import archive, safecopy
+
+log = logging.getLogger(__name__)
+
+RECOVERY_TIMEOUT_S = 900.0  # replaying a week of WAL takes a while
+ARCHIVER_TIMEOUT_S = 60.0
+
+
+class SandboxBackups:
+    """Methods of SandboxDriver; see Driver for what each promises."""
+
+    supports_branches = True
+
+    async def archive(self, spec: InstanceSpec, repo: Path, *, stopped: bool) -> None:
+        data = self.data_dir(spec)
+        if stopped:
+            await asyncio.to_thread(archive.ingest_after_stop, data, repo)
+        else:
+            await asyncio.to_thread(archive.ingest_spool, data, repo)
+
+    async def flush_archive(self, spec: InstanceSpec, repo: Path) -> None:
+        """A commit record stamped now (so that a recovery to any earlier moment finds its
+        stop point), a segment switch, and a wait until the archiver has handed it over."""
+        conn = await admin_connect(self.backend(spec))
+        try:
+            await conn.query("SELECT pg_current_xact_id()")
+            segment = await conn.scalar("SELECT pg_walfile_name(pg_switch_wal())")
+            await _wait_archived(conn, segment or "")
+        finally:
+            await conn.close()
+        await asyncio.to_thread(archive.ingest_spool, self.data_dir(spec), repo)
+
+    async def base_backup(self, spec: InstanceSpec, repo: Path, dest: Path) -> dict:
+        return await self._consistent_copy(spec, repo, dest, uid=None)
+
+    async def _consistent_copy(self, spec: InstanceSpec, repo: Path, dest: Path, uid: int | None) -> dict:
+        """Online (pg_backup_start/stop around the copy: the parent's clients go on) while it
+        runs; a plain copy of a cleanly stopped data directory otherwise."""
+        data = self.data_dir(spec)
+        if not self.is_running(spec):
+            stats = await asyncio.to_thread(safecopy.copy_tree, data, dest, uid, archive.exclude_from_copy)
+            control = await asyncio.to_thread(archive.read_control, data)
+            _report(spec, stats)
+            return {"start_segment": archive.segment_name(control.timeline, control.redo_lsn),
+                    "timeline": control.timeline, "consistent_at": control.time, "online": False}
+        conn = await admin_connect(self.backend(spec))
+        try:
+            await conn.query("SELECT pg_backup_start('pgfleet', true)")
+            try:
+                stats = await asyncio.to_thread(safecopy.copy_tree, data, dest, uid, archive.exclude_from_copy)
+            except BaseException:
+                await conn.query("SELECT pg_backup_stop(false)")
+                raise
+            # wait_for_archive: the WAL from the start to the end of the backup is in the spool
+            res = await conn.query("SELECT labelfile, spcmapfile FROM pg_backup_stop(true)")
+            label, spcmap = res[-1].rows[0]
+        finally:
+            await conn.close()
+        consistent_at = time.time()
+        _report(spec, stats)
+        _write_owned(dest / "backup_label", label or "", uid)
+        if spcmap:
+            _write_owned(dest / "tablespace_map", spcmap, uid)
+        await asyncio.to_thread(archive.ingest_spool, data, repo)
+        tli = int(label.split("START TIMELINE:", 1)[1].split()[0]) if "START TIMELINE:" in label else 1
+        return {"start_segment": archive.label_start_segment(label or ""), "timeline": tli,
+                "consistent_at": consistent_at, "online": True}
+
+    async def branch(self, parent: InstanceSpec, parent_repo: Path, child: InstanceSpec) -> Backend:
+        partial = self._fresh_partial(child)
+        meta = await self._consistent_copy(parent, parent_repo, partial, uid=self.uid_of(child))
+        if not meta["online"]:
+            # a cleanly stopped cluster copied with its WAL starts as it is
+            await asyncio.to_thread(_copy_wal_dir, self.data_dir(parent), partial, self.uid_of(child))
+            await asyncio.to_thread(safecopy.syncfs, partial)
+            partial.rename(self.data_dir(child))
+            return await self._launch(child)
+        partial.rename(self.data_dir(child))
+        return await self._recover(child, parent_repo, meta, RecoveryTarget("immediate"))
+
+    async def restore(self, child: InstanceSpec, backup: Path, meta: dict, repo: Path,
+                      target: RecoveryTarget) -> Backend:
+        partial = self._fresh_partial(child)
+        stats = await asyncio.to_thread(safecopy.copy_tree, backup, partial, self.uid_of(child))
+        _report(child, stats)
+        partial.rename(self.data_dir(child))
+        return await self._recover(child, repo, meta, target)
+
+    async def _recover(self, child: InstanceSpec, repo: Path, meta: dict, target: RecoveryTarget) -> Backend:
+        data, uid = self.data_dir(child), self.uid_of(child)
+        staged = await asyncio.to_thread(archive.stage_wal, repo, data, meta["start_segment"], uid)
+        log.info("%s: recovering to %s from %d WAL segments", child.name, target, staged)
+        _write_owned(data / "recovery.signal", "", uid)
+        log_start = _size(self.log_path(child))
+        try:
+            backend = await self._launch(child, archive.recovery_args(target), RECOVERY_TIMEOUT_S)
+        except DriverError:
+            if target.kind != "time" or archive.RECOVERY_NOT_REACHED not in _read_from(self.log_path(child), log_start):
+                raise
+            # every commit in the archive is older than the target: the state at the target
+            # is the end of the WAL
+            backend = await self._launch(child, archive.recovery_args(RecoveryTarget("end")), RECOVERY_TIMEOUT_S)
+        await asyncio.to_thread(safecopy.remove_tree, data / archive.RESTORE_WAL)
+        return backend
+
+    async def rename_role(self, spec: InstanceSpec, backend: Backend, old: str, new: str) -> None:
+        from pgfleet.pgwire.client import quote_ident, quote_literal
+
+        from ..roles import tenant_role_sql
+
+        async def exists(role: str) -> bool:
+            return await conn.scalar(f"SELECT count(*) FROM pg_roles WHERE rolname = {quote_literal(role)}") != "0"
+
+        conn = await admin_connect(backend)
+        try:
+            if old != new:
+                if await exists(new):  # a role the tenant made with the branch's name: moved aside
+                    await conn.query(f"ALTER ROLE {quote_ident(new)} RENAME TO {quote_ident(new + '_' + os.urandom(4).hex())}")
+                if await exists(old):
+                    await conn.query(f"ALTER ROLE {quote_ident(old)} RENAME TO {quote_ident(new)}")
+            await conn.query(tenant_role_sql(new))  # exactly the tenant's attributes, whatever the copy held
+        finally:
+            await conn.close()
+
+    def _fresh_partial(self, child: InstanceSpec) -> Path:
+        if (self.data_dir(child) / "PG_VERSION").exists():
+            raise DriverError(f"database {child.name} already has data")
+        child.home.mkdir(parents=True, exist_ok=True)
+        os.chmod(child.home, 0o711)
+        partial = child.home / "data.partial"
+        safecopy.remove_tree(partial)
+        return partial
+
+
+async def _wait_archived(conn, segment: str) -> None:
+    deadline = time.monotonic() + ARCHIVER_TIMEOUT_S
+    while True:
+        last = await conn.scalar("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver")
+        if last and last[8:] >= segment[8:]:
+            return
+        if time.monotonic() > deadline:
+            raise DriverError(f"the archiver did not archive {segment} within {ARCHIVER_TIMEOUT_S:.0f}s")
+        await asyncio.sleep(0.01)
+
+
+def _copy_wal_dir(src_data: Path, dst_data: Path, uid: int) -> None:
+    """pg_wal of a stopped cluster (segments and history files; archive_status starts empty)."""
+    sfd = safecopy.open_dir(src_data / "pg_wal")
+    dfd = safecopy.open_dir(dst_data / "pg_wal")
+    try:
+        os.mkdir("archive_status", 0o700, dir_fd=dfd)
+        os.chown("archive_status", uid, uid, dir_fd=dfd)
+        for name in os.listdir(sfd):
+            if archive.SEGMENT_RE.match(name) or archive.HISTORY_RE.match(name):
+                safecopy.copy_file(name, sfd, dfd, uid, max_bytes=archive.WAL_SEGMENT_BYTES)
+    finally:
+        os.close(sfd)
+        os.close(dfd)
+
+
+def _write_owned(path: Path, text: str, uid: int | None) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, text.encode())
+        if uid is not None:
+            os.fchown(fd, uid, uid)
+    finally:
+        os.close(fd)
+
+
+def _report(spec: InstanceSpec, stats: safecopy.CopyStats) -> None:
+    if stats.skipped:
+        log.warning("%s: copy left out what is not a file or directory: %s", spec.name, ", ".join(stats.skipped[:10]))
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _read_from(path: Path, offset: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read(1 << 20).decode(errors="replace")
+    except OSError:
+        return ""

@@ -1,0 +1,115 @@
+"""Branches and point-in-time restore on real Postgres (sandbox driver), through the proxy."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import psycopg
+import pytest
+
+from pgfleet.fleet.branches import Backups, Branches
+from pgfleet.fleet.errors import InvalidRequest, NotFound
+from pgfleet.fleet.states import State
+
+from .conftest import SANDBOX_SKIP
+
+pytestmark = pytest.mark.skipif(SANDBOX_SKIP is not None, reason=f"SKIPPED LOUDLY: {SANDBOX_SKIP}")
+
+
+@pytest.fixture
+async def fb(env):
+    """env with archiving on: (env, backups, branches)."""
+    backups = Backups(env.fleet, poll_s=3600)
+    return env, backups, Branches(env.fleet, backups)
+
+
+async def sql(env, name: str, password: str, query: str, params=()):
+    async with await psycopg.AsyncConnection.connect(**env.conninfo(name, password), autocommit=True) as conn:
+        cur = await conn.execute(query, params)
+        return await cur.fetchall() if cur.description else None
+
+
+async def wait_first_backup(backups: Backups, uuid: str) -> None:
+    deadline = time.monotonic() + 60
+    while not backups.base_backups(uuid):
+        assert time.monotonic() < deadline, "the first base backup never appeared"
+        await asyncio.sleep(0.05)
+
+
+async def test_branch_at_time_across_suspends(fb):
+    env, backups, branches = fb
+    parent = await env.fleet.create("shop")
+    pw = parent.password
+    await wait_first_backup(backups, parent.row.uuid)
+    await sql(env, "shop", pw, "CREATE TABLE t(x int, at text)")
+    await sql(env, "shop", pw, "INSERT INTO t VALUES (1, 't1')")
+    await env.fleet.suspend("shop")
+    await env.fleet.resume("shop")
+    await sql(env, "shop", pw, "INSERT INTO t VALUES (2, 't2')")
+    t2 = time.time()
+    await env.fleet.suspend("shop")
+    await env.fleet.resume("shop")
+    await sql(env, "shop", pw, "INSERT INTO t VALUES (3, 't3')")
+
+    # parent running: the branch flushes its WAL first
+    b = await branches.branch("shop", "shop-at-t2", at=t2)
+    assert b.row.role == "shop-at-t2"
+    rows = await sql(env, "shop-at-t2", b.password, "SELECT x FROM t ORDER BY x")
+    assert rows == [(1,), (2,)]
+    # its own credentials: the parent's password does not open it
+    with pytest.raises(psycopg.OperationalError):
+        await sql(env, "shop-at-t2", pw, "SELECT 1")
+
+    # parent in standby: the WAL written before the suspend is in the archive
+    await env.fleet.suspend("shop")
+    t3 = time.time()
+    b3 = await branches.branch("shop", "shop-at-t3", at=t3)
+    assert await sql(env, "shop-at-t3", b3.password, "SELECT x FROM t ORDER BY x") == [(1,), (2,), (3,)]
+
+    with pytest.raises(InvalidRequest, match="future"):
+        await branches.branch("shop", "nope", at=time.time() + 3600)
+    with pytest.raises(InvalidRequest, match="outside the restore window"):
+        await branches.branch("shop", "nope", at=time.time() - 86400)
+
+
+async def test_branch_of_now_is_independent(fb):
+    env, backups, branches = fb
+    parent = await env.fleet.create("app")
+    pw = parent.password
+    await sql(env, "app", pw, "CREATE TABLE t(x int); INSERT INTO t SELECT generate_series(1, 1000)")
+    running = await branches.branch("app", "app-copy")
+    assert await sql(env, "app-copy", running.password, "SELECT count(*) FROM t") == [(1000,)]
+    await sql(env, "app-copy", running.password, "INSERT INTO t VALUES (-1)")
+    await sql(env, "app", pw, "INSERT INTO t VALUES (-2)")
+    assert await sql(env, "app", pw, "SELECT count(*) FROM t WHERE x < 0") == [(1,)]
+    assert await sql(env, "app-copy", running.password, "SELECT x FROM t WHERE x < 0") == [(-1,)]
+    # the branch's role owns what the parent's role owned
+    assert await sql(env, "app-copy", running.password, "SELECT tableowner FROM pg_tables WHERE tablename='t'") == [("app-copy",)]
+
+    await env.fleet.suspend("app")
+    standby = await branches.branch("app", "app-copy2")
+    assert env.fleet.get("app").state == State.STANDBY
+    assert await sql(env, "app-copy2", standby.password, "SELECT count(*) FROM t") == [(1001,)]
+
+
+async def test_restore_in_place_and_after_delete(fb):
+    env, backups, branches = fb
+    db = await env.fleet.create("ledger")
+    pw = db.password
+    await wait_first_backup(backups, db.row.uuid)
+    await sql(env, "ledger", pw, "CREATE TABLE t(x int); INSERT INTO t VALUES (1)")
+    t1 = time.time()
+    await sql(env, "ledger", pw, "INSERT INTO t VALUES (2)")
+    restored, kept = await branches.restore("ledger", t1)
+    assert restored.name == "ledger" and kept.name.startswith("ledger-before-")
+    # same credentials, restored data
+    assert await sql(env, "ledger", pw, "SELECT x FROM t ORDER BY x") == [(1,)]
+    # the state it replaced is kept
+    assert kept.state == State.STANDBY
+    t_end = time.time()
+    await env.fleet.delete(kept.uuid)
+    gone = await branches.branch(kept.name, "ledger-undo", at=t_end)
+    assert await sql(env, "ledger-undo", gone.password, "SELECT x FROM t ORDER BY x") == [(1,), (2,)]
+    with pytest.raises(NotFound):
+        await branches.branch(kept.name, "ledger-now")  # a deleted database has no "now"
