@@ -118,6 +118,10 @@ async def serve(opts: DaemonOptions, ready: asyncio.Future | None = None) -> Non
     log.info("pgfleet %s starting on %s with the %s driver", __version__, opts.home, driver.name)
     await driver.prepare()
     await fleet.recover()
+    if driver.supports_branches:
+        from pgfleet.fleet.branches import Backups
+
+        Backups(fleet).start()  # continuous archiving, base backups, retention
 
     routing = None
     if opts.kubeconfig:
@@ -171,6 +175,8 @@ async def serve(opts: DaemonOptions, ready: asyncio.Future | None = None) -> Non
         await direct.close()
         await pooled.close()
         api.should_exit = True
+        if fleet.backups is not None:
+            await fleet.backups.close()
         await fleet.shutdown()
         await api_task
         if routing is not None:

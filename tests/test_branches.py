@@ -13,6 +13,7 @@ from pgfleet.fleet.errors import InvalidRequest, NotFound
 from pgfleet.fleet.states import State
 
 from .conftest import SANDBOX_SKIP
+from .test_daemon import _psql
 
 pytestmark = pytest.mark.skipif(SANDBOX_SKIP is not None, reason=f"SKIPPED LOUDLY: {SANDBOX_SKIP}")
 
@@ -113,3 +114,38 @@ async def test_restore_in_place_and_after_delete(fb):
     assert await sql(env, "ledger-undo", gone.password, "SELECT x FROM t ORDER BY x") == [(1,), (2,)]
     with pytest.raises(NotFound):
         await branches.branch(kept.name, "ledger-now")  # a deleted database has no "now"
+
+
+def test_cli_branch_backups_restore_purge(daemon):
+    """The user's path: backups window, branch --at, branch of now, restore --at, delete --purge."""
+    from datetime import datetime, timezone
+
+    daemon.json("db", "create", "shop")
+    uri = daemon.json("db", "show", "shop")["uri"]
+    _psql(daemon, uri, "CREATE TABLE t AS SELECT 1 AS x")
+    daemon.json("db", "backup", "shop")
+    at = _psql(daemon, uri, "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')")
+    _psql(daemon, uri, "INSERT INTO t VALUES (2)")
+    info = daemon.json("db", "backups", "shop")
+    assert info["window"]["to"] == "now" and info["base_backups"] and not info["deleted"]
+
+    branch = daemon.json("db", "branch", "shop", "shop-pr1", "--at", at)
+    assert branch["name"] == "shop-pr1" and branch["password"]
+    assert _psql(daemon, branch["uri"], "SELECT string_agg(x::text, ',' ORDER BY x) FROM t") == "1"
+    now = daemon.json("db", "branch", "shop", "shop-pr2")
+    assert _psql(daemon, now["uri"], "SELECT string_agg(x::text, ',' ORDER BY x) FROM t") == "1,2"
+
+    future = datetime.fromtimestamp(time.time() + 3600, timezone.utc).isoformat()
+    bad = daemon.cli("db", "branch", "shop", "shop-pr3", "--at", future, check=False)
+    assert bad.returncode != 0 and "future" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    taken = daemon.cli("db", "branch", "shop", "shop-pr1", check=False)
+    assert taken.returncode != 0 and "already exists" in taken.stderr
+
+    restored = daemon.json("db", "restore", "shop", "--at", at)
+    assert _psql(daemon, uri, "SELECT string_agg(x::text, ',' ORDER BY x) FROM t") == "1"
+    kept = restored["kept"]["name"]
+    daemon.cli("db", "delete", kept)
+    assert daemon.json("db", "backups", kept)["deleted"]
+    daemon.cli("db", "delete", "shop-pr2", "--purge")
+    gone = daemon.cli("db", "backups", "shop-pr2", check=False)
+    assert gone.returncode != 0 and "no backups" in gone.stderr

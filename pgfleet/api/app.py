@@ -18,7 +18,7 @@ from fastapi.responses import HTMLResponse
 
 from pgfleet.fleet.quotas import Quotas
 
-from . import databases, events, metrics, ukc, ukc_resources
+from . import branches, databases, events, metrics, ukc, ukc_resources
 from .common import MAX_BODY_BYTES, ApiContext, ApiError, check_token, envelope, error_body
 from .docs_page import DOCS_HTML
 from .ukc_common import ERROR_RESPONSES
@@ -110,6 +110,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     app.include_router(databases.router, responses=ERROR_RESPONSES)
     app.include_router(events.router, responses=ERROR_RESPONSES)
     app.include_router(metrics.router)
+    app.include_router(branches.router, responses=ERROR_RESPONSES)
     app.include_router(ukc.router)
     app.include_router(ukc_resources.services)
     app.include_router(ukc_resources.volumes)

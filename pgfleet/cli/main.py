@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Optional
 from urllib.parse import urlsplit
 
@@ -24,6 +25,7 @@ from pgfleet.config import (
 )
 
 from . import pgpass
+from .branches import register as _register_branches
 from .client import ApiClient, CliError
 
 app = typer.Typer(help="pgfleet: serverless Postgres on your own hosts.", no_args_is_help=True,
@@ -293,13 +295,16 @@ def db_stop(name: str, as_json: bool = JsonOpt) -> None:
 
 @db_app.command("delete")
 def db_delete(name: str, as_json: bool = JsonOpt,
-              yes: bool = typer.Option(True, "--yes/--confirm", help="ask before deleting")) -> None:
-    """Delete a database and all its data."""
+              yes: bool = typer.Option(True, "--yes/--confirm", help="ask before deleting"),
+              purge: bool = typer.Option(False, "--purge", help="remove its backups too (else kept for their retention)")) -> None:
+    """Delete a database and all its data (its backups stay for their retention unless --purge)."""
     if not yes and not typer.confirm(f"delete {name} and all its data?"):
         raise typer.Exit(1)
     client = _client()
     d = client.call("GET", f"/v1/databases/{name}")
     gone = client.call("DELETE", f"/v1/databases/{name}")
+    if purge:
+        gone["backups"] = client.call("DELETE", f"/v1/databases/{d['uuid']}/backups")["backups"]
     _save_password(d, None)
     if as_json:
         _print_json(gone)
@@ -351,6 +356,8 @@ def _mount_optional() -> None:
 
 
 _mount_optional()
+_register_branches(db_app, SimpleNamespace(client=_client, print_json=_print_json, save_password=_save_password,
+                                           out=out, err=err, json_opt=JsonOpt))  # db branch, backups, restore
 
 
 def main() -> None:

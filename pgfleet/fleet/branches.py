@@ -35,6 +35,7 @@ DAY_S = 86_400
 DEFAULT_RETENTION_S = 7 * DAY_S
 DEFAULT_BASE_BACKUP_INTERVAL_S = DAY_S
 POLL_S = 10.0
+MAX_BASE_BACKUPS_PER_TICK = 2  # a daemon start with many databases spreads its backups out
 MAX_RETENTION_S = 366 * DAY_S
 
 _SCHEMA = """
@@ -250,6 +251,7 @@ class Backups:
         """One round: archive what running databases handed over, take due base backups,
         drop what retention allows."""
         now = time.time() if now is None else now
+        due = MAX_BASE_BACKUPS_PER_TICK
         for row in self.fleet.list():
             if row.state == State.RUNNING and not row.deleting:
                 try:
@@ -257,7 +259,8 @@ class Backups:
                 except Exception as exc:
                     log.warning("%s: archiving failed: %s", row.name, exc)
                 backups = self.base_backups(row.uuid)
-                if not backups or now - backups[-1].consistent_at >= self.base_interval_s:
+                if due > 0 and (not backups or now - backups[-1].consistent_at >= self.base_interval_s):
+                    due -= 1
                     await self._base_backup_safely(row.uuid)
         for arch in self.archives():
             if arch.deleted_at is not None and now - arch.deleted_at > arch.retention_s:
