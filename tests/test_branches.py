@@ -31,18 +31,19 @@ async def sql(env, name: str, password: str, query: str, params=()):
         return await cur.fetchall() if cur.description else None
 
 
-async def wait_first_backup(backups: Backups, uuid: str) -> None:
+async def create_backed_up(env, backups: Backups, name: str) -> tuple[str, str]:
+    """A new database once its first base backup exists (its restore window opens): (uuid, password)."""
+    created = await env.fleet.create(name)
     deadline = time.monotonic() + 60
-    while not backups.base_backups(uuid):
+    while not backups.base_backups(created.row.uuid):
         assert time.monotonic() < deadline, "the first base backup never appeared"
         await asyncio.sleep(0.05)
+    return created.row.uuid, created.password
 
 
 async def test_branch_at_time_across_suspends(fb):
     env, backups, branches = fb
-    parent = await env.fleet.create("shop")
-    pw = parent.password
-    await wait_first_backup(backups, parent.row.uuid)
+    _, pw = await create_backed_up(env, backups, "shop")
     await sql(env, "shop", pw, "CREATE TABLE t(x int, at text)")
     await sql(env, "shop", pw, "INSERT INTO t VALUES (1, 't1')")
     await env.fleet.suspend("shop")
@@ -96,9 +97,7 @@ async def test_branch_of_now_is_independent(fb):
 
 async def test_restore_in_place_and_after_delete(fb):
     env, backups, branches = fb
-    db = await env.fleet.create("ledger")
-    pw = db.password
-    await wait_first_backup(backups, db.row.uuid)
+    _, pw = await create_backed_up(env, backups, "ledger")
     await sql(env, "ledger", pw, "CREATE TABLE t(x int); INSERT INTO t VALUES (1)")
     t1 = time.time()
     await sql(env, "ledger", pw, "INSERT INTO t VALUES (2)")

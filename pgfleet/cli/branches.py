@@ -12,8 +12,8 @@ from .client import CliError
 
 def register(db_app: typer.Typer, ui) -> None:
     """Add the commands to `db_app`; `ui` carries the CLI's helpers (client, print_json,
-    save_password, out, err, json_opt), passed in so that this module never imports main."""
-    _client, _print_json, _save_password, out, err = ui.client, ui.print_json, ui.save_password, ui.out, ui.err
+    show_new, out, err, json_opt), passed in so that this module never imports main."""
+    _client, _print_json, out, err = ui.client, ui.print_json, ui.out, ui.err
     JsonOpt = ui.json_opt
 
 
@@ -30,13 +30,8 @@ def register(db_app: typer.Typer, ui) -> None:
             raise CliError("give --at or --lsn, not both")
         body = {"name": name, **({"at": at} if at else {}), **({"lsn": lsn} if lsn else {})}
         d = _client().call("POST", f"/v1/databases/{parent}/branches", body)
-        saved = _save_password(d, d["password"]) if save_password else None
-        if as_json:
-            _print_json(d)
-            return
-        out.print(f"branched [bold]{d['name']}[/bold] from {parent}{' at ' + (at or lsn) if (at or lsn) else ''} ({d['state']})")
-        out.print(f"  uri        {d['uri']}")
-        out.print(f"  password   {d['password']}   [dim](shown once{'; saved in ' + str(saved) if saved else ''})[/dim]")
+        point = f" at {at or lsn}" if (at or lsn) else ""
+        ui.show_new(d, f"branched [bold]{d['name']}[/bold] from {parent}{point} ({d['state']})", save_password, as_json)
 
 
     @db_app.command("backups")

@@ -229,11 +229,16 @@ def db_create(
         "require_tls": require_tls,
         "pooling": {"pool_size": pool_size, "max_pooled_clients": max_pooled, "max_direct_clients": max_direct},
     })
+    _show_new_database(d, f"created [bold]{d['name']}[/bold] ({d['state']})", save_password, as_json)
+
+
+def _show_new_database(d: dict, headline: str, save_password: bool, as_json: bool) -> None:
+    """A database just made (create, branch): its password is shown this once (and saved)."""
     saved = _save_password(d, d["password"]) if save_password else None
     if as_json:
         _print_json(d)
         return
-    out.print(f"created [bold]{d['name']}[/bold] ({d['state']})")
+    out.print(headline)
     out.print(f"  uri        {d['uri']}")
     out.print(f"  pooled_uri {d['pooled_uri']}")
     out.print(f"  password   {d['password']}   [dim](shown once{'; saved in ' + str(saved) if saved else ''})[/dim]")
@@ -356,7 +361,7 @@ def _mount_optional() -> None:
 
 
 _mount_optional()
-_register_branches(db_app, SimpleNamespace(client=_client, print_json=_print_json, save_password=_save_password,
+_register_branches(db_app, SimpleNamespace(client=_client, print_json=_print_json, show_new=_show_new_database,
                                            out=out, err=err, json_opt=JsonOpt))  # db branch, backups, restore
 
 
