@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 
 from scramp import ScramException, ScramMechanism
 
@@ -47,3 +49,29 @@ async def scram_authenticate(
     if verifier is None:
         raise AuthFailed("unknown role")
     writer.write(m.authentication(m.AUTH_SASL_FINAL, final.encode()))
+
+
+def password_matches(password: str, verifier: Verifier) -> bool:
+    """A cleartext password against a stored SCRAM verifier: StoredKey = H(HMAC(SaltedPassword,
+    "Client Key")), compared in constant time. Costs one PBKDF2 of the verifier's iterations."""
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), verifier.salt, verifier.iterations)
+    client_key = hmac.digest(salted, b"Client Key", "sha256")
+    return hmac.compare_digest(hashlib.sha256(client_key).digest(), verifier.stored_key)
+
+
+async def cleartext_authenticate(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, verifier: Verifier | None
+) -> None:
+    """AuthenticationCleartextPassword, for WebSocket clients (inside TLS, or on loopback) that
+    send their password ahead (the Neon driver's pipelineConnect). Checked against the verifier;
+    raises AuthFailed or ProtocolError. Leaves AuthenticationOk unsent, as scram_authenticate."""
+    writer.write(m.authentication(m.AUTH_CLEARTEXT))
+    kind, body = await m.read_message(reader, max_length=m.MAX_STARTUP_LENGTH)
+    if kind != b"p" or not body.endswith(b"\0"):
+        raise m.ProtocolError("expected a PasswordMessage")
+    try:
+        password = body[:-1].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise AuthFailed("password is not UTF-8") from exc
+    if not password_matches(password, verifier or _DUMMY) or verifier is None:
+        raise AuthFailed("wrong password")

@@ -77,6 +77,10 @@ class ServerRefused(Exception):
         self.fields = fields
 
 
+class AnswerTooLarge(Exception):
+    """The server's answer to an exchange went over its byte limit."""
+
+
 class ServerConn(asyncio.Protocol):
     """One pooled connection to a database's Postgres."""
 
@@ -101,11 +105,12 @@ class ServerConn(asyncio.Protocol):
         else:  # an idle connection should say nothing but notices; anything else is suspect
             log.debug("idle pooled server connection sent %d bytes", len(data))
 
-    async def exchange(self, payload: bytes, readies: int) -> list[tuple[int, bytes]]:
+    async def exchange(self, payload: bytes, readies: int, max_bytes: int = 0) -> list[tuple[int, bytes]]:
         """Send the proxy's own queries on an idle connection no client holds; their
-        answers up to the `readies`-th ReadyForQuery."""
+        answers up to the `readies`-th ReadyForQuery. Past `max_bytes` of answers (if set)
+        it raises AnswerTooLarge, and the connection must be discarded."""
         fut = asyncio.get_running_loop().create_future()
-        self._exchange = (MessageBuffer(), [], [readies], fut)
+        self._exchange = (MessageBuffer(), [], [readies, max_bytes or -1], fut)
         try:
             self.transport.write(payload)  # type: ignore[union-attr]
             return await fut
@@ -116,6 +121,11 @@ class ServerConn(asyncio.Protocol):
         buf, got, left, fut = self._exchange  # type: ignore[misc]
         if fut.done():
             return
+        if left[1] >= 0:
+            left[1] -= len(data)
+            if left[1] < 0:
+                fut.set_exception(AnswerTooLarge("the answer is larger than the limit"))
+                return
         try:
             msgs = buf.feed(data)
         except m.ProtocolError as exc:

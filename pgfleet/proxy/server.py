@@ -24,7 +24,7 @@ from pgfleet.pgwire import messages as m
 from pgfleet.pgwire.scram import Verifier
 from pgfleet.store import InstanceRow
 
-from .auth import AuthFailed, scram_authenticate
+from .auth import AuthFailed, cleartext_authenticate, scram_authenticate
 from .cancel import CancelRegistry, CancelTarget
 from . import params as pm
 from .pool import Pool, PooledClient, ServerRefused
@@ -63,6 +63,18 @@ class ProxyStats:
     per_database: dict[str, int] = field(default_factory=dict)
     #: per database uuid, read on a metrics scrape
     auth_failures_by_db: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Origin:
+    """How a connection reached the proxy when not on its own socket: tunnelled through
+    another listener (pgfleet.edge's WebSocket), which terminated TLS and saw the host name."""
+
+    tls: bool = False
+    sni: str | None = None  # the host name the client asked for (TLS SNI or the tunnel's)
+    #: a client that sent its password ahead of the request (the Neon driver's
+    #: pipelineConnect) is asked for it in cleartext; otherwise SCRAM as usual
+    cleartext_ok: bool = False
 
 
 @dataclass
@@ -111,6 +123,12 @@ class ProxyServer:
 
     # --- one client --------------------------------------------------------------------
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self.serve_connection(reader, writer)
+
+    async def serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                               origin: Origin | None = None) -> None:
+        """One client connection, from its startup packet to its end (also the entry point of
+        connections tunnelled from another listener, described by `origin`)."""
         task = asyncio.current_task()
         assert task is not None
         self._clients.add(task)
@@ -120,7 +138,7 @@ class ProxyServer:
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            await self._serve(reader, writer)
+            await self._serve(reader, writer, origin)
         except ClientError as exc:
             await _send_error(writer, exc.sqlstate, str(exc), exc.detail)
         except m.ProtocolError as exc:
@@ -139,13 +157,15 @@ class ProxyServer:
             self._clients.discard(task)
             writer.close()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     origin: Origin | None = None) -> None:
         async with asyncio.timeout(STARTUP_TIMEOUT_S):  # no task per connection, unlike wait_for
             startup, tls_used = await self._handshake(reader, writer)
+        tls_used = tls_used or (origin is not None and origin.tls)
         if isinstance(startup, m.CancelRequest):
             await self.cancels.cancel(startup.process_id, startup.secret_key)
             return
-        route = self._route(startup, writer)
+        route = self._route(startup, writer, origin)
         row = self.fleet.find(route.name)
         if row is None and self.remote is not None and route.how == "database":
             target = await self.remote(route.name)
@@ -168,7 +188,7 @@ class ProxyServer:
             raise ClientError("53300", f'too many {listener} connections for database "{row.name}" (limit {limit})')
         self.stats.per_database[row.uuid] = current + 1
         try:
-            await self._authenticated_session(startup, route, row, reader, writer)
+            await self._authenticated_session(startup, route, row, reader, writer, origin)
         finally:
             left = self.stats.per_database.get(row.uuid, 1) - 1
             if left:
@@ -177,14 +197,18 @@ class ProxyServer:
                 self.stats.per_database.pop(row.uuid, None)
 
     async def _authenticated_session(self, startup: m.StartupMessage, route: Route, row: InstanceRow,
-                                     reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                                     reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                                     origin: Origin | None = None) -> None:
         # Waking starts now, in parallel with authentication, to hide its latency.
         wake = asyncio.ensure_future(self._wake(row.uuid))
         try:
             verifier = Verifier.decode(row.verifier) if startup.user == row.role else None
             try:
                 async with asyncio.timeout(STARTUP_TIMEOUT_S):
-                    await scram_authenticate(reader, writer, verifier)
+                    if origin is not None and origin.cleartext_ok and _pipelined_password(reader):
+                        await cleartext_authenticate(reader, writer, verifier)
+                    else:
+                        await scram_authenticate(reader, writer, verifier)
             except AuthFailed:
                 self.stats.auth_failures += 1
                 failures = self.stats.auth_failures_by_db
@@ -227,20 +251,13 @@ class ProxyServer:
                 continue
             return packet, tls_used
 
-    def _route(self, startup: m.StartupMessage, writer: asyncio.StreamWriter) -> Route:
-        """By SNI (`<db>.<domain>`), then `options=endpoint=<db>`, then the database name."""
-        options = startup.params.get("options")
-        endpoint, rest = _take_endpoint(options)
-        ssl_obj = writer.get_extra_info("ssl_object")
-        sni = getattr(ssl_obj, "pgfleet_sni", None) if ssl_obj is not None else None
-        if sni:
-            sni = sni.lower().rstrip(".")
-            suffix = "." + self.domain
-            if sni.endswith(suffix) and "." not in sni[: -len(suffix)]:
-                return Route(sni[: -len(suffix)], "sni", rest)
-        if endpoint:
-            return Route(endpoint, "endpoint", rest)
-        return Route(startup.database, "database", options)
+    def _route(self, startup: m.StartupMessage, writer: asyncio.StreamWriter, origin: Origin | None = None) -> Route:
+        if origin is not None:
+            sni = origin.sni
+        else:
+            ssl_obj = writer.get_extra_info("ssl_object")
+            sni = getattr(ssl_obj, "pgfleet_sni", None) if ssl_obj is not None else None
+        return route(startup.params.get("options"), startup.database, sni, self.domain)
 
     async def _wake(self, uuid: str) -> Backend:
         try:
@@ -413,6 +430,25 @@ def _pooled_parameters(pool: Pool, startup: m.StartupMessage, route: Route) -> d
             raise ClientError("42704", f'unrecognized configuration parameter "{name}"')
         out[pool.registry.name_of(name)] = value
     return out
+
+
+def route(options: str | None, database: str, sni: str | None, domain: str) -> Route:
+    """Which database a client wants: by SNI (`<db>.<domain>`), then `options=endpoint=<db>`,
+    then the database name. `domain` is lower case without dots at its ends."""
+    endpoint, rest = _take_endpoint(options)
+    if sni:
+        sni = sni.lower().rstrip(".")
+        suffix = "." + domain
+        if sni.endswith(suffix) and "." not in sni[: -len(suffix)]:
+            return Route(sni[: -len(suffix)], "sni", rest)
+    if endpoint:
+        return Route(endpoint, "endpoint", rest)
+    return Route(database, "database", options)
+
+
+def _pipelined_password(reader: asyncio.StreamReader) -> bool:
+    """The client sent a PasswordMessage with its startup packet, before being asked."""
+    return bytes(reader._buffer[:1]) == b"p"  # type: ignore[attr-defined]
 
 
 def _take_endpoint(options: str | None) -> tuple[str | None, str | None]:
