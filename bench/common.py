@@ -73,7 +73,7 @@ def start_daemon(driver: str = "sandbox") -> BenchDaemon:
     os.chmod(home, 0o711)
     proc = subprocess.run(
         [*PGFLEET, "up", "--detach", "--home", str(home), "--driver", driver, "--listen", "127.0.0.1:0",
-         "--listen-pooled", "127.0.0.1:0", "--api", "127.0.0.1:0"],
+         "--listen-pooled", "127.0.0.1:0", "--api", "127.0.0.1:0", "--listen-http", "127.0.0.1:0"],
         capture_output=True, text=True, timeout=900,
     )
     if proc.returncode != 0:

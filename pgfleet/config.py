@@ -10,6 +10,7 @@ from pathlib import Path
 DEFAULT_LISTEN = "127.0.0.1:6432"
 DEFAULT_LISTEN_POOLED = "127.0.0.1:6433"
 DEFAULT_API = "127.0.0.1:8760"
+DEFAULT_LISTEN_HTTP = "127.0.0.1:6434"  # SQL over HTTP and WebSocket (pgfleet.edge)
 
 
 def default_home() -> Path:
@@ -52,6 +53,7 @@ class DaemonInfo:
     ca_file: str | None = None
     domain: str | None = None
     tls: bool = False
+    listen_http: str | None = None
 
     @staticmethod
     def path(home: Path) -> Path:

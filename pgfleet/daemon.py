@@ -20,6 +20,7 @@ from pgfleet.api.app import create_app
 from pgfleet.api.common import ApiContext
 from pgfleet.config import DaemonInfo, ensure_token, parse_hostport
 from pgfleet.drivers import make_driver
+from pgfleet.edge.settings import EdgeSettings
 from pgfleet.fleet.manager import Fleet
 from pgfleet.proxy.server import ProxyServer
 from pgfleet.store import Store
@@ -46,6 +47,9 @@ class DaemonOptions:
     node_name: str | None = dataclasses.field(default_factory=lambda: os.environ.get("PGFLEET_K8S_NODE") or None)
     #: daemon.log lines: "text" or "json" (one object per line, events' fields under "event")
     log_format: str = "text"
+    #: SQL over HTTP and WebSocket (pgfleet.edge); None: off
+    listen_http: str | None = None
+    http: EdgeSettings = dataclasses.field(default_factory=EdgeSettings)
 
 
 class _Uvicorn(uvicorn.Server):
@@ -109,6 +113,7 @@ async def serve(opts: DaemonOptions, ready: asyncio.Future | None = None) -> Non
     proxy_host, proxy_port = parse_hostport(opts.listen, "--listen")
     pooled_host, pooled_port = parse_hostport(opts.listen_pooled, "--listen-pooled")
     api_host, api_port = parse_hostport(opts.api, "--api")
+    http_addr = parse_hostport(opts.listen_http, "--listen-http") if opts.listen_http else None
     token = ensure_token(opts.home)
 
     store = Store(opts.home / "state.db")
@@ -129,7 +134,7 @@ async def serve(opts: DaemonOptions, ready: asyncio.Future | None = None) -> Non
 
         routing = FleetRouting(opts.kubeconfig, opts.node_name)
         log.info("fleet routing through the cluster (%s) as node %s", opts.kubeconfig, opts.node_name)
-    tls_ctx, ca_file = _tls(opts, [proxy_host, pooled_host])
+    tls_ctx, ca_file = _tls(opts, [proxy_host, pooled_host] + ([http_addr[0]] if http_addr else []))
     direct = ProxyServer(fleet, proxy_host, proxy_port, remote=routing.direct if routing else None,
                          mode="session", tls=tls_ctx, domain=opts.domain)
     pooled = ProxyServer(fleet, pooled_host, pooled_port, remote=routing.pooled if routing else None,
@@ -138,6 +143,12 @@ async def serve(opts: DaemonOptions, ready: asyncio.Future | None = None) -> Non
     fleet.on_delete.append(direct.forget_database)
     await direct.start()
     await pooled.start()
+    edge = None
+    if http_addr is not None:
+        from pgfleet.edge.server import EdgeServer
+
+        edge = EdgeServer(fleet, direct, pooled, *http_addr, tls=tls_ctx, domain=opts.domain, settings=opts.http)
+        await edge.start()
     public_host = proxy_host if proxy_host not in ("0.0.0.0", "::", "") else "127.0.0.1"
     if routing is not None:
         routing.own |= {(public_host, direct.port), (public_host, pooled.port)}
@@ -162,6 +173,8 @@ async def serve(opts: DaemonOptions, ready: asyncio.Future | None = None) -> Non
         pid=os.getpid(), api_url=f"http://{api_host}:{api_port}", listen=f"{public_host}:{direct.port}",
         listen_pooled=f"{public_host}:{pooled.port}", driver=driver.name, version=__version__,
         ca_file=str(ca_file) if ca_file else None, domain=opts.domain, tls=tls_ctx is not None,
+        listen_http=f"{http_addr[0] if http_addr[0] not in ('0.0.0.0', '::', '') else '127.0.0.1'}:{edge.port}"
+        if edge is not None and http_addr is not None else None,
     )
     info.write(opts.home)
     log.info("serving: proxy %s, pooled %s, API %s", info.listen, info.listen_pooled, info.api_url)
@@ -172,6 +185,8 @@ async def serve(opts: DaemonOptions, ready: asyncio.Future | None = None) -> Non
     finally:
         log.info("shutting down: suspending running databases")
         DaemonInfo.path(opts.home).unlink(missing_ok=True)
+        if edge is not None:
+            await edge.close()
         await direct.close()
         await pooled.close()
         api.should_exit = True

@@ -164,13 +164,14 @@ def start_daemon(home: Path, env: dict, like: "Daemon | None" = None, driver: st
                  extra: tuple[str, ...] = ()) -> Daemon:
     """Start a daemon on free ports, or on the same ports as `like` (a restart); `extra`: more
     `pgfleet up` flags."""
-    listen, pooled, api = "127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0"
+    listen, pooled, api, http = "127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0"
     if like is not None:
         listen, pooled = like.info["listen"], like.info["listen_pooled"]
+        http = like.info.get("listen_http") or http
         api = like.info["api_url"].removeprefix("http://")
     proc = subprocess.run(
         [*PGFLEET, "up", "--detach", "--home", str(home), "--driver", driver,
-         "--listen", listen, "--listen-pooled", pooled, "--api", api, *extra],
+         "--listen", listen, "--listen-pooled", pooled, "--api", api, "--listen-http", http, *extra],
         env=env, capture_output=True, text=True, timeout=180,
     )
     assert proc.returncode == 0, f"pgfleet up --detach failed: {proc.stderr}"

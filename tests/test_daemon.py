@@ -179,7 +179,7 @@ def test_down_suspends_everything_cleanly_and_up_brings_it_back(daemon_env):
 
 def test_second_daemon_on_the_same_home_is_refused(daemon):
     proc = daemon.cli("up", "--detach", "--listen", "127.0.0.1:0", "--listen-pooled", "127.0.0.1:0",
-                      "--api", "127.0.0.1:0", check=False)
+                      "--listen-http", "127.0.0.1:0", "--api", "127.0.0.1:0", check=False)
     assert proc.returncode == 1 and "already running" in proc.stderr
 
 

@@ -20,7 +20,7 @@ from rich.table import Table
 
 from pgfleet import __version__
 from pgfleet.config import (
-    DEFAULT_API, DEFAULT_LISTEN, DEFAULT_LISTEN_POOLED, DaemonInfo, default_home, ensure_token, pid_alive,
+    DEFAULT_API, DEFAULT_LISTEN, DEFAULT_LISTEN_HTTP, DEFAULT_LISTEN_POOLED, DaemonInfo, default_home, ensure_token, pid_alive,
     token_path,
 )
 
@@ -72,6 +72,12 @@ def up(
     listen: str = typer.Option(DEFAULT_LISTEN, help="proxy listener (one server session per client)"),
     listen_pooled: str = typer.Option(DEFAULT_LISTEN_POOLED, help="pooled listener"),
     api: str = typer.Option(DEFAULT_API, help="REST API listener"),
+    listen_http: str = typer.Option(DEFAULT_LISTEN_HTTP, help="SQL over HTTP and WebSocket (Neon's serverless "
+                                    "driver protocol), or 'off'"),
+    http_max_request_mb: int = typer.Option(10, help="largest POST /sql body or WebSocket message, MiB"),
+    http_max_response_mb: int = typer.Option(10, help="largest answer to one POST /sql, MiB"),
+    ws_session: str = typer.Option("direct", help="WebSocket sessions on paths other than /direct, /pooled: "
+                                   "direct or pooled"),
     driver: str = typer.Option("auto", help="isolation driver: auto, sandbox or microvm"),
     tls_cert: Optional[Path] = typer.Option(None, help="TLS certificate (PEM) for the proxies"),
     tls_key: Optional[Path] = typer.Option(None, help="TLS private key (PEM)"),
@@ -88,7 +94,9 @@ def up(
     h = _home(home)
     if driver not in DRIVER_NAMES:
         raise CliError(f"unknown driver {driver!r}: choose one of {', '.join(DRIVER_NAMES)}")
-    for value, what in ((listen, "--listen"), (listen_pooled, "--listen-pooled"), (api, "--api")):
+    http_on = listen_http.lower() != "off"
+    checks = [(listen, "--listen"), (listen_pooled, "--listen-pooled"), (api, "--api")]
+    for value, what in checks + ([(listen_http, "--listen-http")] if http_on else []):
         try:
             parse_hostport(value, what)
         except ValueError as exc:
@@ -103,17 +111,28 @@ def up(
             raise CliError(f"no such file: {f}")
     if log_format not in ("text", "json"):
         raise CliError(f"unknown log format {log_format!r}: choose text or json")
-    extra = [f"--domain={domain}", "--tls" if tls else "--no-tls", f"--log-format={log_format}"]
+    if ws_session not in ("direct", "pooled"):
+        raise CliError(f"--ws-session must be direct or pooled, not {ws_session!r}")
+    if http_max_request_mb < 1 or http_max_response_mb < 1:
+        raise CliError("--http-max-request-mb and --http-max-response-mb must be at least 1")
+    extra = [f"--domain={domain}", "--tls" if tls else "--no-tls", f"--log-format={log_format}",
+             f"--listen-http={listen_http}", f"--http-max-request-mb={http_max_request_mb}",
+             f"--http-max-response-mb={http_max_response_mb}", f"--ws-session={ws_session}"]
     if tls_cert and tls_key:
         extra += [f"--tls-cert={tls_cert.absolute()}", f"--tls-key={tls_key.absolute()}"]
     if detach:
         _detach(h, listen, listen_pooled, api, driver, timeout, extra)
         return
     from pgfleet.daemon import AlreadyRunning, DaemonOptions, run
+    from pgfleet.edge.settings import MiB, EdgeSettings
+
+    http = EdgeSettings(max_request_bytes=http_max_request_mb * MiB, max_response_bytes=http_max_response_mb * MiB,
+                        ws_session=ws_session)  # type: ignore[arg-type]
 
     try:
         run(DaemonOptions(home=h, listen=listen, listen_pooled=listen_pooled, api=api, driver=driver,
-                          tls_cert=tls_cert, tls_key=tls_key, tls=tls, domain=domain, log_format=log_format))
+                          tls_cert=tls_cert, tls_key=tls_key, tls=tls, domain=domain, log_format=log_format,
+                          listen_http=listen_http if http_on else None, http=http))
     except AlreadyRunning as exc:
         raise CliError(str(exc)) from None
 

@@ -1,0 +1,50 @@
+"""Password checks of SQL-over-HTTP requests against the stored SCRAM verifier.
+
+Each check is a PBKDF2 of the verifier's iterations (milliseconds): it runs in a worker thread
+(hashlib releases the GIL), at most a few at once, and successes are remembered (keyed by a
+keyed hash of the password, never the password itself) so that a client sending the same
+credentials with every request pays for it once. A new verifier (rotated password) is a new key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import secrets
+from collections import OrderedDict
+
+from pgfleet.proxy.auth import password_matches
+from pgfleet.pgwire.scram import Verifier
+
+#: PBKDF2 checks running at once: the rest wait (a flood of bad passwords costs a bounded CPU share)
+CONCURRENT_CHECKS = 2
+
+
+class PasswordChecker:
+    def __init__(self, cache_size: int) -> None:
+        self.cache_size = cache_size
+        self._key = secrets.token_bytes(32)
+        self._ok: OrderedDict[bytes, None] = OrderedDict()
+        self._slots = asyncio.Semaphore(CONCURRENT_CHECKS)
+        self.checks = 0  # PBKDF2 runs (stats, tests)
+
+    async def check(self, verifier_text: str, password: str) -> bool:
+        try:
+            password.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        key = hmac.digest(self._key, verifier_text.encode() + b"\0" + password.encode("utf-8", "surrogatepass"),
+                          hashlib.sha256)
+        if key in self._ok:
+            self._ok.move_to_end(key)
+            return True
+        verifier = Verifier.decode(verifier_text)
+        async with self._slots:
+            self.checks += 1
+            ok = await asyncio.to_thread(password_matches, password, verifier)
+        if ok:
+            self._ok[key] = None
+            if len(self._ok) > self.cache_size:
+                self._ok.popitem(last=False)
+        return ok

@@ -1,0 +1,254 @@
+"""The HTTP listener (`pgfleet up --listen-http`): POST /sql (Neon's SQL over HTTP) and
+WebSocket upgrades (Postgres over WebSocket) on one port, with the proxy's TLS and routing.
+
+Served by aiohttp's low-level server (its C HTTP parser; no routing tables or middlewares on
+the per-request path). Hostile clients before authentication hold at most `max_connections`
+connections, each for at most `idle_timeout_s` without a whole request, with a body or
+WebSocket message of at most `max_request_bytes`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import ssl
+from typing import Any
+
+from aiohttp import web
+from aiohttp.web_exceptions import HTTPRequestEntityTooLarge
+
+from pgfleet.fleet.manager import Fleet
+from pgfleet.proxy.pool import AnswerTooLarge
+from pgfleet.proxy.server import ProxyServer, route
+
+from . import connstr
+from . import sql as q
+from .passwords import PasswordChecker
+from .settings import EdgeSettings
+from .websocket import WebSocketBridge
+
+log = logging.getLogger(__name__)
+
+CORS = {"Access-Control-Allow-Origin": "*"}
+PREFLIGHT = {
+    **CORS,
+    "Access-Control-Allow-Methods": "POST, OPTIONS",
+    "Access-Control-Allow-Headers": "Authorization, Content-Type, Neon-Connection-String, Neon-Raw-Text-Output, "
+    "Neon-Array-Mode, Neon-Pool-Opt-In, Neon-Batch-Read-Only, Neon-Batch-Isolation-Level, Neon-Batch-Deferrable",
+    "Access-Control-Max-Age": "86400",
+}
+_TRUE = "true"
+
+
+class HttpError(Exception):
+    """Answered as {message, code?} with this status (400 for what the driver should read)."""
+
+    def __init__(self, status: int, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class EdgeServer:
+    def __init__(self, fleet: Fleet, direct: ProxyServer, pooled: ProxyServer, host: str, port: int, *,
+                 tls: ssl.SSLContext | None = None, domain: str = "db.localhost",
+                 settings: EdgeSettings = EdgeSettings()) -> None:
+        self.fleet = fleet
+        self.pooled = pooled
+        self.host, self.port = host, port
+        self.tls = tls
+        self.domain = domain.lower().strip(".")
+        self.settings = settings
+        self.passwords = PasswordChecker(settings.password_cache)
+        self.ws = WebSocketBridge(direct, pooled, self.domain, settings)
+        self.in_flight: dict[str, int] = {}  # per database uuid: HTTP queries running or waiting
+        self.refused_connections = 0
+        self._web: web.Server | None = None
+        self._server: asyncio.base_events.Server | None = None
+
+    async def start(self) -> None:
+        s = self.settings
+        loop = asyncio.get_running_loop()
+
+        def make_request(message, payload, protocol, writer, task) -> web.BaseRequest:
+            return web.BaseRequest(message, payload, protocol, writer, task, loop,
+                                   client_max_size=s.max_request_bytes)
+
+        self._web = web.Server(self._handle, request_factory=make_request, keepalive_timeout=s.idle_timeout_s,
+                               max_field_size=8190, max_headers=64, access_log=None, handler_cancellation=True)
+        self._server = await loop.create_server(self._protocol, self.host, self.port, ssl=self.tls,
+                                                ssl_handshake_timeout=s.idle_timeout_s if self.tls else None,
+                                                reuse_address=True, backlog=1024)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def _protocol(self) -> asyncio.Protocol:
+        assert self._web is not None
+        if len(self._web.connections) >= self.settings.max_connections:
+            self.refused_connections += 1
+            return _Refuse()
+        return self._web()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        await self.ws.close()
+        if self._web is not None:
+            await self._web.shutdown(1.0)
+
+    # --- dispatch ------------------------------------------------------------------------
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            return await self.ws.handle(request)
+        if request.path.rstrip("/") != "/sql":
+            return _error(HttpError(404, f"no such endpoint: {request.path[:200]} (POST /sql, or a WebSocket)"))
+        if request.method == "OPTIONS":
+            return web.Response(status=204, headers=PREFLIGHT)
+        if request.method != "POST":
+            return _error(HttpError(405, "use POST /sql"))
+        try:
+            async with asyncio.timeout(self.settings.request_timeout_s):
+                body = await self._sql(request)
+        except HttpError as exc:
+            return _error(exc)
+        except q.QueryFailed as exc:
+            return web.Response(status=400, body=_dumps(exc.json()), content_type="application/json", headers=CORS)
+        except HTTPRequestEntityTooLarge:
+            return _error(HttpError(413, f"the request body is larger than the limit of "
+                                         f"{self.settings.max_request_bytes} bytes"))
+        except TimeoutError:
+            return _error(HttpError(504, f"the request took longer than {self.settings.request_timeout_s:g} s"))
+        return web.Response(body=body, content_type="application/json", headers=CORS)
+
+    # --- POST /sql -----------------------------------------------------------------------
+    async def _sql(self, request: web.BaseRequest) -> bytes:
+        headers = request.headers
+        text = headers.get("Neon-Connection-String")
+        if not text:
+            raise HttpError(400, "missing the Neon-Connection-String header")
+        try:
+            target = connstr.parse(text)
+        except connstr.BadConnectionString as exc:
+            raise HttpError(400, str(exc), "08P01")
+        row = self._find(request, target)
+        raw_text = headers.get("Neon-Raw-Text-Output", "").lower() == _TRUE
+        array_mode = headers.get("Neon-Array-Mode", "").lower() == _TRUE
+        batch_opts = _batch_options(headers)
+        try:
+            queries, is_batch = q.parse_body(await request.read(), self.settings.max_batch)
+            payload, readies = q.messages(queries, batch_opts if is_batch else None)
+        except q.BadRequest as exc:
+            raise HttpError(400, str(exc), "08P01")
+        if target.password is None or target.user != row.role or not await self.passwords.check(
+                row.verifier, target.password):
+            self.pooled.stats.auth_failures += 1
+            raise HttpError(400, f'password authentication failed for user "{target.user}"', "28P01")
+        answers = await self._run(row, payload, readies, dirty=any(q.changes_session(x.sql) for x in queries))
+        if answers.error is not None:
+            raise q.QueryFailed(answers.error)
+        results = [q.result_json(r, x.array_mode if x.array_mode is not None else array_mode, raw_text)
+                   for r, x in zip(answers.results, queries)]
+        return _dumps({"results": results} if is_batch else results[0])
+
+    def _find(self, request: web.BaseRequest, target: connstr.ConnectionString):
+        """The proxy's routing: the TLS server name, else the connection string's host, as
+        `<database>.<domain>`; then `options=endpoint=<database>`; then the database name."""
+        sni = _sni(request)
+        chosen = route(target.options, target.database, sni, self.domain)
+        if chosen.how != "sni":
+            by_host = route(target.options, target.database, target.host, self.domain)
+            if by_host.how == "sni":
+                chosen = by_host
+        row = self.fleet.find(chosen.name)
+        if row is None:
+            raise HttpError(400, f'database "{chosen.name}" does not exist', "3D000")
+        if row.deleting:
+            raise HttpError(400, f'database "{chosen.name}" is being deleted', "57P03")
+        if row.require_tls and sni is None:
+            raise HttpError(400, f'database "{chosen.name}" requires an encrypted connection (https)', "28000")
+        return row
+
+    async def _run(self, row, payload: bytes, readies: int, dirty: bool) -> q.Answers:
+        """One round trip on a pooled server connection (the pool wakes the database)."""
+        uuid = row.uuid
+        current = self.in_flight.get(uuid, 0)
+        if current >= row.max_pooled_clients:
+            raise HttpError(400, f'too many pooled connections for database "{row.name}" '
+                                 f"(limit {row.max_pooled_clients})", "53300")
+        self.in_flight[uuid] = current + 1
+        pool = self.pooled.pool_for(row)
+        conn = None
+        try:
+            async with self.fleet.lease(uuid):
+                try:
+                    conn = await pool.acquire()
+                except HttpError:
+                    raise
+                except Exception as exc:  # the proxy's wake errors carry a SQLSTATE
+                    raise HttpError(400, f"could not reach the database: {exc}", getattr(exc, "sqlstate", "08006"))
+                if conn.pset is not pool.registry.base:  # a pooled client's parameters: back to the defaults
+                    sync, extra = pool.registry.base.sync_from(conn.pset)
+                    conn.pset = pool.registry.base
+                    payload, readies = sync + payload, readies + extra
+                self.fleet.session_busy(uuid, True)
+                try:
+                    msgs = await conn.exchange(payload, readies, self.settings.max_response_bytes)
+                finally:
+                    self.fleet.session_busy(uuid, False)
+            answers = q.read_answers(msgs)
+            if answers.clean and not dirty:
+                pool.release(conn)
+            else:
+                pool.discard(conn)
+            conn = None
+            return answers
+        except AnswerTooLarge:
+            raise HttpError(507, f"the response is larger than the limit of {self.settings.max_response_bytes} bytes")
+        except (ConnectionError, OSError) as exc:
+            raise HttpError(400, f"the database connection was lost: {exc}", "08006")
+        finally:
+            if conn is not None:  # an exchange that did not finish: its state is unknown
+                pool.discard(conn)
+            left = self.in_flight.get(uuid, 1) - 1
+            if left:
+                self.in_flight[uuid] = left
+            else:
+                self.in_flight.pop(uuid, None)
+
+
+def _batch_options(headers) -> q.Batch:
+    level = headers.get("Neon-Batch-Isolation-Level")
+    isolation = None
+    if level:
+        isolation = q.ISOLATION.get(level.replace(" ", "").replace("_", "").lower())
+        if isolation is None:
+            raise HttpError(400, f"unknown Neon-Batch-Isolation-Level {level[:100]!r}: Serializable, "
+                                 "RepeatableRead, ReadCommitted or ReadUncommitted")
+    return q.Batch(isolation, headers.get("Neon-Batch-Read-Only", "").lower() == _TRUE,
+                   headers.get("Neon-Batch-Deferrable", "").lower() == _TRUE)
+
+
+def _sni(request: web.BaseRequest) -> str | None:
+    transport = request.transport
+    ssl_obj = transport.get_extra_info("ssl_object") if transport is not None else None
+    if ssl_obj is None:
+        return None
+    return getattr(ssl_obj, "pgfleet_sni", None) or ""
+
+
+def _dumps(doc: Any) -> bytes:
+    return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def _error(exc: HttpError) -> web.Response:
+    doc: dict[str, Any] = {"message": str(exc)}
+    if exc.code:
+        doc["code"] = exc.code
+    return web.Response(status=exc.status, body=_dumps(doc), content_type="application/json", headers=CORS)
+
+
+class _Refuse(asyncio.Protocol):
+    """Over the connection limit: closed at once."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()

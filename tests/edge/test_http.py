@@ -1,0 +1,196 @@
+"""SQL over HTTP (Neon's protocol) with a real HTTP client against real Postgres."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from .conftest import neon_headers
+
+pytestmark = pytest.mark.asyncio
+
+
+def url(edge) -> str:
+    return f"http://127.0.0.1:{edge.port}/sql"
+
+
+async def post(edge, body, headers) -> httpx.Response:
+    async with httpx.AsyncClient(timeout=60) as client:
+        return await client.post(url(edge), json=body, headers=headers)
+
+
+async def test_query_with_parameters_raw_text_array_mode(edge, db):
+    name, password = db
+    r = await post(edge, {"query": "SELECT $1::int + 1 AS n, $2::text AS t, $3::bool AS b, $4::int AS nothing",
+                          "params": [41, "hé", True, None]}, neon_headers(name, password))
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    assert doc["command"] == "SELECT" and doc["rowCount"] == 1 and doc["rowAsArray"] is True
+    assert doc["rows"] == [["42", "hé", "t", None]]
+    assert [f["name"] for f in doc["fields"]] == ["n", "t", "b", "nothing"]
+    assert [f["dataTypeID"] for f in doc["fields"]] == [23, 25, 16, 23]
+    assert doc["fields"][0]["format"] == "text" and doc["fields"][0]["dataTypeSize"] == 4
+    assert r.headers["access-control-allow-origin"] == "*"
+
+
+async def test_typed_json_values_and_object_rows_without_raw_text(edge, db):
+    name, password = db
+    headers = {"Neon-Connection-String": neon_headers(name, password)["Neon-Connection-String"]}
+    r = await post(edge, {"query": "SELECT 1::int8 AS a, 2.5::float8 AS b, true AS c, '{\"k\": [1]}'::jsonb AS d, "
+                                   "ARRAY[1, NULL, 3] AS e, 'x' AS f, 1.10::numeric AS g"}, headers)
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    assert doc["rowAsArray"] is False
+    assert doc["rows"] == [{"a": 1, "b": 2.5, "c": True, "d": {"k": [1]}, "e": [1, None, 3], "f": "x", "g": "1.10"}]
+
+
+async def test_array_mode_per_query_overrides_the_header(edge, db):
+    name, password = db
+    r = await post(edge, {"query": "SELECT 1 AS one", "arrayMode": False}, neon_headers(name, password))
+    assert r.json()["rows"] == [{"one": "1"}]
+
+
+async def test_array_and_json_parameters(edge, db):
+    name, password = db
+    r = await post(edge, {"query": "SELECT $1::int[] AS a, $2::text[] AS b, $3::jsonb->>'k' AS c",
+                          "params": [[1, 2, None], ["a,b", 'q"t', None], {"k": "v"}]}, neon_headers(name, password))
+    assert r.status_code == 200, r.text
+    assert r.json()["rows"] == [["{1,2,NULL}", '{"a,b","q\\"t",NULL}', "v"]]
+
+
+async def test_row_counts_from_command_tags(edge, db):
+    name, password = db
+    h = neon_headers(name, password)
+    r = await post(edge, {"query": "CREATE TABLE t (x int)"}, h)
+    assert (r.json()["command"], r.json()["rowCount"]) == ("CREATE", None)
+    r = await post(edge, {"query": "INSERT INTO t SELECT generate_series(1, 3)"}, h)
+    assert (r.json()["command"], r.json()["rowCount"]) == ("INSERT", 3)
+    r = await post(edge, {"query": "UPDATE t SET x = x + 1 WHERE x > 1"}, h)
+    assert (r.json()["command"], r.json()["rowCount"]) == ("UPDATE", 2)
+
+
+async def test_batch_commits_in_one_transaction(edge, db):
+    name, password = db
+    h = neon_headers(name, password)
+    await post(edge, {"query": "CREATE TABLE b (x int)"}, h)
+    r = await post(edge, {"queries": [{"query": "INSERT INTO b VALUES ($1)", "params": [1]},
+                                      {"query": "INSERT INTO b VALUES ($1)", "params": [2]},
+                                      {"query": "SELECT count(*) FROM b"}]}, h)
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert [x["command"] for x in results] == ["INSERT", "INSERT", "SELECT"]
+    assert results[2]["rows"] == [["2"]]
+
+
+async def test_batch_rolls_back_on_error(edge, db):
+    name, password = db
+    h = neon_headers(name, password)
+    await post(edge, {"query": "CREATE TABLE rb (x int PRIMARY KEY)"}, h)
+    r = await post(edge, {"queries": [{"query": "INSERT INTO rb VALUES (1)"},
+                                      {"query": "INSERT INTO rb VALUES (1)"}]}, h)
+    assert r.status_code == 400
+    assert r.json()["code"] == "23505" and r.json()["constraint"] == "rb_pkey"
+    r = await post(edge, {"query": "SELECT count(*) FROM rb"}, h)
+    assert r.json()["rows"] == [["0"]]
+
+
+async def test_batch_isolation_read_only_deferrable(edge, db):
+    name, password = db
+    h = neon_headers(name, password, **{"Neon-Batch-Isolation-Level": "Serializable",
+                                        "Neon-Batch-Read-Only": "true", "Neon-Batch-Deferrable": "true"})
+    r = await post(edge, {"queries": [{"query": "SELECT current_setting('transaction_isolation'), "
+                                                "current_setting('transaction_read_only'), "
+                                                "current_setting('transaction_deferrable')"}]}, h)
+    assert r.json()["results"][0]["rows"] == [["serializable", "on", "on"]]
+    r = await post(edge, {"queries": [{"query": "CREATE TABLE nope (x int)"}]}, h)
+    assert r.status_code == 400 and r.json()["code"] == "25006"
+    bad = neon_headers(name, password, **{"Neon-Batch-Isolation-Level": "Chaos"})
+    r = await post(edge, {"queries": [{"query": "SELECT 1"}]}, bad)
+    assert r.status_code == 400 and "Neon-Batch-Isolation-Level" in r.json()["message"]
+
+
+async def test_error_has_code_and_position(edge, db):
+    name, password = db
+    r = await post(edge, {"query": "SELECT 1 + FROM nowhere"}, neon_headers(name, password))
+    assert r.status_code == 400
+    doc = r.json()
+    assert doc["code"] == "42601" and doc["position"] == "12" and doc["severity"] == "ERROR"
+    assert "syntax error" in doc["message"] and "hint" in doc and "routine" in doc
+
+
+async def test_bad_password_unknown_database_missing_header(edge, db):
+    name, password = db
+    r = await post(edge, {"query": "SELECT 1"}, neon_headers(name, password + "x"))
+    assert r.status_code == 400 and r.json()["code"] == "28P01"
+    r = await post(edge, {"query": "SELECT 1"}, neon_headers("nosuchdb", password))
+    assert r.status_code == 400 and r.json()["code"] == "3D000"
+    r = await post(edge, {"query": "SELECT 1"}, {})
+    assert r.status_code == 400 and "Neon-Connection-String" in r.json()["message"]
+
+
+async def test_routing_by_host_name(edge, db):
+    name, password = db
+    h = {"Neon-Connection-String": f"postgresql://{name}:{password}@{name}.db.localhost/postgres"}
+    r = await post(edge, {"query": "SELECT 1 AS one"}, h)  # the database "postgres" does not exist
+    assert r.status_code == 200, r.text
+    assert r.json()["rows"] == [{"one": 1}]
+
+
+async def test_cors_preflight(edge):
+    async with httpx.AsyncClient() as client:
+        r = await client.options(url(edge), headers={"Origin": "https://app.example",
+                                                     "Access-Control-Request-Method": "POST"})
+    assert r.status_code == 204
+    assert r.headers["access-control-allow-origin"] == "*"
+    assert "Neon-Connection-String" in r.headers["access-control-allow-headers"]
+
+
+async def test_standby_database_is_woken_by_a_query(edge, db, env):
+    name, password = db
+    await env.fleet.suspend(name)
+    assert env.fleet.get(name).state == "standby"
+    r = await post(edge, {"query": "SELECT 1"}, neon_headers(name, password))
+    assert r.status_code == 200 and r.json()["rows"] == [["1"]]
+    assert env.fleet.get(name).state == "running"
+
+
+async def test_size_limits_are_clear_errors(edge, db):
+    name, password = db
+    h = neon_headers(name, password)
+    r = await post(edge, {"query": "SELECT $1", "params": ["x" * 70_000]}, h)
+    assert r.status_code == 413 and "limit" in r.json()["message"]
+    r = await post(edge, {"query": "SELECT repeat('x', 1000) FROM generate_series(1, 1000)"}, h)
+    assert r.status_code == 507 and "limit" in r.json()["message"]
+    r = await post(edge, {"query": "SELECT 2"}, h)  # the connection was discarded, the next one works
+    assert r.json()["rows"] == [["2"]]
+
+
+async def test_session_changes_do_not_leak_to_the_next_request(edge, db):
+    name, password = db
+    h = neon_headers(name, password)
+    r = await post(edge, {"query": "SET search_path = nowhere"}, h)
+    assert r.status_code == 200
+    r = await post(edge, {"query": "SHOW search_path"}, h)
+    assert r.json()["rows"] == [['"$user", public']]
+    r = await post(edge, {"query": "BEGIN"}, h)  # a transaction left open is not reused either
+    r = await post(edge, {"query": "SAVEPOINT s"}, h)
+    assert r.status_code == 400 and r.json()["code"] == "25P01"  # no transaction block: a fresh connection
+
+
+async def test_bad_bodies_are_400(edge, db):
+    name, password = db
+    h = neon_headers(name, password)
+    async with httpx.AsyncClient() as client:
+        for body in (b"not json", b"[]", b'{"query": 1}', b'{"query": "SELECT 1", "params": 3}',
+                     b'{"queries": {}}', b'{"query": "SELECT \\u0000"}'):
+            r = await client.post(url(edge), content=body, headers=h)
+            assert r.status_code == 400, body
+            assert r.json()["message"]
+
+
+async def test_password_checks_are_cached(edge, db):
+    name, password = db
+    h = neon_headers(name, password)
+    for _ in range(5):
+        assert (await post(edge, {"query": "SELECT 1"}, h)).status_code == 200
+    assert edge.passwords.checks == 1
