@@ -59,8 +59,9 @@ if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
     touch "$stamp"
 fi
 
-# node-postgres for the compatibility tests (tests/compat/node), pinned by its package-lock.json
-node_dir=tests/compat/node
+# node packages for the compatibility tests, each pinned by its package-lock.json: node-postgres
+# (tests/compat/node) and Neon's serverless driver (tests/edge/node)
+for node_dir in tests/compat/node tests/edge/node; do
 if [[ -f $node_dir/package-lock.json ]]; then
     if ! command -v npm >/dev/null 2>&1 && [[ $EUID -eq 0 ]]; then
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends npm >/dev/null || true
@@ -72,3 +73,4 @@ if [[ -f $node_dir/package-lock.json ]]; then
         touch "$node_stamp"
     fi
 fi
+done
