@@ -142,6 +142,8 @@ class EdgeServer:
         if target.password is None or target.user != row.role or not await self.passwords.check(
                 row.verifier, target.password):
             self.pooled.stats.auth_failures += 1
+            self.fleet.events.emit("auth_failure", row.name, user=target.user[:64], listener="http",
+                                   peer=request.remote)
             raise HttpError(400, f'password authentication failed for user "{target.user}"', "28P01")
         answers = await self._run(row, payload, readies, dirty=any(q.changes_session(x.sql) for x in queries))
         if answers.error is not None:
@@ -173,6 +175,7 @@ class EdgeServer:
         uuid = row.uuid
         current = self.in_flight.get(uuid, 0)
         if current >= row.max_pooled_clients:
+            self.fleet.events.emit("connection_refused", row.name, listener="http", limit=row.max_pooled_clients)
             raise HttpError(400, f'too many pooled connections for database "{row.name}" '
                                  f"(limit {row.max_pooled_clients})", "53300")
         self.in_flight[uuid] = current + 1
