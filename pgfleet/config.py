@@ -54,6 +54,7 @@ class DaemonInfo:
     domain: str | None = None
     tls: bool = False
     listen_http: str | None = None
+    http_tls: bool = False
 
     @staticmethod
     def path(home: Path) -> Path:

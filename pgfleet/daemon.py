@@ -50,6 +50,8 @@ class DaemonOptions:
     #: SQL over HTTP and WebSocket (pgfleet.edge); None: off
     listen_http: str | None = None
     http: EdgeSettings = dataclasses.field(default_factory=EdgeSettings)
+    #: TLS on the HTTP listener: "on", "off", or "auto" (on unless it listens on loopback only)
+    http_tls: str = "auto"
 
 
 class _Uvicorn(uvicorn.Server):
@@ -147,7 +149,11 @@ async def serve(opts: DaemonOptions, ready: asyncio.Future | None = None) -> Non
     if http_addr is not None:
         from pgfleet.edge.server import EdgeServer
 
-        edge = EdgeServer(fleet, direct, pooled, *http_addr, tls=tls_ctx, domain=opts.domain, settings=opts.http)
+        http_tls = opts.http_tls == "on" or (opts.http_tls == "auto" and not _loopback(http_addr[0]))
+        if http_tls and tls_ctx is None:
+            raise ValueError("--http-tls needs the proxies' TLS (do not combine it with --no-tls)")
+        edge = EdgeServer(fleet, direct, pooled, *http_addr, tls=tls_ctx if http_tls else None, domain=opts.domain,
+                          settings=opts.http)
         await edge.start()
     public_host = proxy_host if proxy_host not in ("0.0.0.0", "::", "") else "127.0.0.1"
     if routing is not None:
@@ -175,6 +181,7 @@ async def serve(opts: DaemonOptions, ready: asyncio.Future | None = None) -> Non
         ca_file=str(ca_file) if ca_file else None, domain=opts.domain, tls=tls_ctx is not None,
         listen_http=f"{http_addr[0] if http_addr[0] not in ('0.0.0.0', '::', '') else '127.0.0.1'}:{edge.port}"
         if edge is not None and http_addr is not None else None,
+        http_tls=edge is not None and edge.tls is not None,
     )
     info.write(opts.home)
     log.info("serving: proxy %s, pooled %s, API %s", info.listen, info.listen_pooled, info.api_url)
@@ -199,6 +206,17 @@ async def serve(opts: DaemonOptions, ready: asyncio.Future | None = None) -> Non
         store.close()
         os.close(lock_fd)
         log.info("stopped")
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _tls(opts: DaemonOptions, hosts: list[str]):

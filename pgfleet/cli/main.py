@@ -76,6 +76,7 @@ def up(
                                     "driver protocol), or 'off'"),
     http_max_request_mb: int = typer.Option(10, help="largest POST /sql body or WebSocket message, MiB"),
     http_max_response_mb: int = typer.Option(10, help="largest answer to one POST /sql, MiB"),
+    http_tls: str = typer.Option("auto", help="TLS on --listen-http: on, off, or auto (off on loopback only)"),
     ws_session: str = typer.Option("direct", help="WebSocket sessions on paths other than /direct, /pooled: "
                                    "direct or pooled"),
     driver: str = typer.Option("auto", help="isolation driver: auto, sandbox or microvm"),
@@ -111,13 +112,15 @@ def up(
             raise CliError(f"no such file: {f}")
     if log_format not in ("text", "json"):
         raise CliError(f"unknown log format {log_format!r}: choose text or json")
+    if http_tls not in ("auto", "on", "off"):
+        raise CliError(f"--http-tls must be auto, on or off, not {http_tls!r}")
     if ws_session not in ("direct", "pooled"):
         raise CliError(f"--ws-session must be direct or pooled, not {ws_session!r}")
     if http_max_request_mb < 1 or http_max_response_mb < 1:
         raise CliError("--http-max-request-mb and --http-max-response-mb must be at least 1")
     extra = [f"--domain={domain}", "--tls" if tls else "--no-tls", f"--log-format={log_format}",
              f"--listen-http={listen_http}", f"--http-max-request-mb={http_max_request_mb}",
-             f"--http-max-response-mb={http_max_response_mb}", f"--ws-session={ws_session}"]
+             f"--http-max-response-mb={http_max_response_mb}", f"--ws-session={ws_session}", f"--http-tls={http_tls}"]
     if tls_cert and tls_key:
         extra += [f"--tls-cert={tls_cert.absolute()}", f"--tls-key={tls_key.absolute()}"]
     if detach:
@@ -132,7 +135,7 @@ def up(
     try:
         run(DaemonOptions(home=h, listen=listen, listen_pooled=listen_pooled, api=api, driver=driver,
                           tls_cert=tls_cert, tls_key=tls_key, tls=tls, domain=domain, log_format=log_format,
-                          listen_http=listen_http if http_on else None, http=http))
+                          listen_http=listen_http if http_on else None, http=http, http_tls=http_tls))
     except AlreadyRunning as exc:
         raise CliError(str(exc)) from None
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ssl
+
 import httpx
 import pytest
 
@@ -194,3 +196,30 @@ async def test_password_checks_are_cached(edge, db):
     for _ in range(5):
         assert (await post(edge, {"query": "SELECT 1"}, h)).status_code == 200
     assert edge.passwords.checks == 1
+
+
+async def test_tls_with_sni_routing_and_require_tls(env, pooled, tmp_path):
+    from pgfleet.edge.server import EdgeServer
+    from pgfleet.proxy.tls import ensure_local_ca, server_context
+
+    files = ensure_local_ca(tmp_path / "tls", "db.localhost", [])
+    secure = EdgeServer(env.fleet, env.proxy, pooled, "127.0.0.1", 0, tls=server_context(files))
+    plain = EdgeServer(env.fleet, env.proxy, pooled, "127.0.0.1", 0)
+    await secure.start()
+    await plain.start()
+    try:
+        created = await env.fleet.create("vault", require_tls=True, cooldown_ms=600_000)
+        # the connection string names another database: the TLS server name wins
+        h = {"Neon-Connection-String": f"postgresql://vault:{created.password}@127.0.0.1/elsewhere"}
+        async with httpx.AsyncClient(verify=ssl.create_default_context(cafile=str(files.ca)), timeout=60) as client:
+            r = await client.post(f"https://127.0.0.1:{secure.port}/sql", json={"query": "SELECT 1 AS one"},
+                                  headers=h, extensions={"sni_hostname": "vault.db.localhost"})
+            assert r.status_code == 200, r.text
+            assert r.json()["rows"] == [{"one": 1}]
+        async with httpx.AsyncClient(timeout=60) as client:
+            r = await client.post(f"http://127.0.0.1:{plain.port}/sql", json={"query": "SELECT 1"},
+                                  headers={"Neon-Connection-String": f"postgresql://vault:{created.password}@x/vault"})
+            assert r.status_code == 400 and r.json()["code"] == "28000"
+    finally:
+        await secure.close()
+        await plain.close()
