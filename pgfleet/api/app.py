@@ -90,16 +90,13 @@ def create_app(ctx: ApiContext) -> FastAPI:
 
     @app.get("/v1/status", tags=["meta"])
     async def status():
-        rows = ctx.fleet.list()
-        by_state: dict[str, int] = {}
-        for r in rows:
-            by_state[r.state] = by_state.get(r.state, 0) + 1
+        by_state = ctx.fleet.count_by_state()
         stats = ctx.proxy_stats
         return envelope({
             "version": __version__, "driver": ctx.driver, "home": ctx.home,
             "listen": f"{ctx.public_host}:{ctx.port}", "listen_pooled": f"{ctx.public_host}:{ctx.pooled_port}",
             "tls_ca_file": ctx.ca_file, "domain": ctx.domain,
-            "databases": len(rows), "states": by_state,
+            "databases": sum(by_state.values()), "states": by_state,
             "proxy": stats() if stats else None,
         })
 

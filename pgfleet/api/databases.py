@@ -110,18 +110,35 @@ async def create_database(body: CreateDatabase, request: Request):
     return envelope(database_json(ctx, created.row, created.password), started, status=201)
 
 
+ListState = Literal["starting", "running", "draining", "stopping", "standby", "stopped", "deleting"]
+MAX_PAGE = 10_000
+
+
 @router.get("")
-async def list_databases(request: Request):
+async def list_databases(
+    request: Request,
+    limit: int | None = Query(None, ge=1, le=MAX_PAGE, description="at most this many (by name); all if absent"),
+    cursor: str | None = Query(None, max_length=1024, description="the next_cursor of the previous page"),
+    state: ListState | None = Query(None, description="only databases in this state"),
+):
+    """Databases by name. With `limit`, `next_cursor` is set while more remain: pass it as
+    `cursor` for the next page."""
     started = time.perf_counter()
     ctx = _ctx(request)
-    return envelope({"databases": [database_json(ctx, r) for r in ctx.fleet.list()]}, started)
+    rows = ctx.fleet.page(limit=limit + 1 if limit else None, after=cursor, state=state)
+    more = limit is not None and len(rows) > limit
+    rows = rows[:limit] if more else rows
+    return envelope({"databases": [database_json(ctx, r) for r in rows],
+                     "next_cursor": rows[-1].name if more else None}, started)
 
 
 @router.get("/{ref}")
 async def get_database(ref: str, request: Request):
     started = time.perf_counter()
     ctx = _ctx(request)
-    return envelope(database_json(ctx, ctx.fleet.get(ref)), started)
+    row = ctx.fleet.get(ref)
+    # only here, not in the list: measuring walks the database's own files
+    return envelope({**database_json(ctx, row), "disk_bytes": await ctx.fleet.disk_bytes(row)}, started)
 
 
 @router.patch("/{ref}")

@@ -243,12 +243,14 @@ def db_create(
     max_pooled: int = typer.Option(200, help="client connections allowed on the pooled listener"),
     max_direct: int = typer.Option(50, help="client connections allowed on the direct listener"),
     save_password: bool = typer.Option(True, help="save the password in ~/.pgpass so `psql URI` works"),
+    start: bool = typer.Option(True, "--start/--no-start",
+                               help="start it now, or leave it in standby (the first connection wakes it)"),
     as_json: bool = JsonOpt,
 ) -> None:
     """Create a database; it is ready when this returns. The password is shown once."""
     d = _client().call("POST", "/v1/databases", {
         "name": name, "memory_mb": memory_mb, "scale_to_zero": {"policy": policy, "cooldown_ms": cooldown_ms},
-        "require_tls": require_tls,
+        "require_tls": require_tls, "autostart": start,
         "pooling": {"pool_size": pool_size, "max_pooled_clients": max_pooled, "max_direct_clients": max_direct},
     })
     _show_new_database(d, f"created [bold]{d['name']}[/bold] ({d['state']})", save_password, as_json)
@@ -266,10 +268,32 @@ def _show_new_database(d: dict, headline: str, save_password: bool, as_json: boo
     out.print(f"  password   {d['password']}   [dim](shown once{'; saved in ' + str(saved) if saved else ''})[/dim]")
 
 
+LIST_STATES = ("starting", "running", "draining", "stopping", "standby", "stopped", "deleting")
+
+
 @db_app.command("list")
-def db_list(as_json: bool = JsonOpt) -> None:
-    """List databases."""
-    rows = _client().call("GET", "/v1/databases")["databases"]
+def db_list(
+    as_json: bool = JsonOpt,
+    state: Optional[str] = typer.Option(None, help=f"only databases in this state: {', '.join(LIST_STATES)}"),
+    limit: int = typer.Option(500, min=1, max=10_000, help="at most this many, by name"),
+    cursor: Optional[str] = typer.Option(None, help="start after this name (the hint printed when more remain)"),
+    all_pages: bool = typer.Option(False, "--all", help="every database, page by page"),
+) -> None:
+    """List databases by name, a page at a time."""
+    from urllib.parse import urlencode
+
+    if state is not None and state not in LIST_STATES:
+        raise CliError(f"unknown state {state!r}: choose one of {', '.join(LIST_STATES)}")
+    client, rows = _client(), []
+    while True:
+        query = {k: v for k, v in (("limit", limit), ("cursor", cursor), ("state", state)) if v is not None}
+        page = client.call("GET", f"/v1/databases?{urlencode(query)}")
+        rows += page["databases"]
+        cursor = page.get("next_cursor")
+        if cursor is None or not all_pages:
+            break
+    if cursor is not None:
+        err.print(f"more databases follow: pgfleet db list --cursor {cursor} (or --all)", highlight=False)
     if as_json:
         _print_json(rows)
     elif not rows:

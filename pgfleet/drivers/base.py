@@ -150,6 +150,9 @@ class Driver(abc.ABC):
     name: ClassVar[str]
     #: open server sessions survive suspend/resume (a VM's TCP sessions do; a process's do not)
     keeps_sessions_across_suspend: ClassVar[bool] = False
+    #: provision() makes a database that is complete but not started (created in standby:
+    #: its first connection starts it), so creating needs no Postgres start
+    can_provision: ClassVar[bool] = False
 
     def __init__(self, state_dir: Path, on_exit: ExitCallback | None = None) -> None:
         self.state_dir = state_dir
@@ -161,6 +164,11 @@ class Driver(abc.ABC):
 
     @abc.abstractmethod
     async def create(self, spec: InstanceSpec) -> Backend: ...
+
+    async def provision(self, spec: InstanceSpec) -> None:
+        """Only where `can_provision`: make the instance's data, leave it stopped; start()
+        finishes what create() would have done (its role)."""
+        raise NotImplementedError
 
     @abc.abstractmethod
     async def start(self, spec: InstanceSpec) -> Backend: ...
@@ -177,8 +185,21 @@ class Driver(abc.ABC):
     @abc.abstractmethod
     async def recover(self, spec: InstanceSpec) -> Backend | None: ...
 
+    async def recover_scan(self, specs: list[InstanceSpec]) -> set[str] | None:
+        """Before a recovery: the uuids among `specs` that have processes on this host, found
+        in one pass, or None if the driver cannot tell (then every instance is recovered one
+        by one). The driver may keep what it found for its recover() calls until recover_done()."""
+        return None
+
+    def recover_done(self) -> None:
+        """The recovery is over: forget what recover_scan() found."""
+
     def log_path(self, spec: InstanceSpec) -> Path | None:
         """The instance's console / server log file, if the driver keeps one."""
+        return None
+
+    async def disk_bytes(self, spec: InstanceSpec) -> int | None:
+        """Disk space the instance itself owns (not what it shares with others), if known."""
         return None
 
     async def usage(self, spec: InstanceSpec) -> dict[str, int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid as uuidlib
 from dataclasses import dataclass, field
@@ -37,6 +38,12 @@ POLICIES = ("on", "off", "idle")
 DEFAULT_DRAIN_TIMEOUT_S = 10.0
 
 
+def default_start_concurrency() -> int:
+    """Starts at once: a Postgres start is ~20-40 ms of CPU, so more than two per core
+    only makes every one of them slower; the rest wait their turn in a FIFO queue."""
+    return 2 * (os.cpu_count() or 1)
+
+
 @dataclass
 class Runtime:
     """In-memory facts about one instance that need not survive a restart."""
@@ -53,6 +60,13 @@ class Runtime:
     idle_timer: asyncio.TimerHandle | None = None
     drained: asyncio.Event = field(default_factory=asyncio.Event)
     total_connections: int = 0
+    holders: int = 0  # lifecycle operations holding or waiting for `lock`
+
+    def unused(self) -> bool:
+        """Nothing refers to this instance's in-memory facts: they can be dropped and made
+        afresh on the next use (a fleet of 10,000 keeps objects only for those in use)."""
+        return (self.holders == 0 and self.clients == 0 and self.busy == 0 and self.backend is None
+                and self.idle_timer is None)
 
 
 @dataclass(frozen=True)
@@ -62,13 +76,16 @@ class Created:
 
 
 class Fleet:
-    def __init__(self, store: Store, driver: Driver, home: Path) -> None:
+    def __init__(self, store: Store, driver: Driver, home: Path, start_concurrency: int | None = None) -> None:
         self.store = store
         self.driver = driver
         self.home = home
         self.rt: dict[str, Runtime] = {}
         self._changed = asyncio.Condition()
         self._tasks: set[asyncio.Task] = set()
+        #: admission of starts (wakes and creates): bounded, first come first served, so a
+        #: storm of wakes queues instead of thrashing and every database gets its turn
+        self._start_slots = asyncio.Semaphore(start_concurrency or default_start_concurrency())
         self._closing = False
         #: optional admission control (pgfleet.fleet.quotas.Quotas): checked before a create
         self.quotas = None
@@ -85,6 +102,18 @@ class Fleet:
     def list(self) -> list[InstanceRow]:
         return self.store.all()
 
+    def page(self, *, limit: int | None = None, after: str | None = None,
+             state: str | None = None) -> list[InstanceRow]:
+        """Instances by name, a page at a time (see Store.page)."""
+        return self.store.page(limit=limit, after=after, state=state)
+
+    def count_by_state(self) -> dict[str, int]:
+        return self.store.count_by_state()
+
+    async def disk_bytes(self, row: InstanceRow) -> int | None:
+        """Disk the database itself owns (its copy-on-write layer), if the driver knows."""
+        return await self.driver.disk_bytes(self.spec(row))
+
     def get(self, ref: str) -> InstanceRow:
         row = self.store.by_name(ref) or self.store.get(ref)
         if row is None:
@@ -99,6 +128,23 @@ class Fleet:
         if rt is None:
             rt = self.rt[uuid] = Runtime()
         return rt
+
+    @asynccontextmanager
+    async def locked(self, uuid: str) -> AsyncIterator[Runtime]:
+        """Hold one instance's lifecycle lock (every holder goes through here: a Runtime is
+        dropped once unused, and a lock taken any other way could be dropped under it)."""
+        rt = self.runtime(uuid)
+        rt.holders += 1
+        try:
+            async with rt.lock:
+                yield rt
+        finally:
+            rt.holders -= 1
+            self._forget_if_unused(uuid, rt)
+
+    def _forget_if_unused(self, uuid: str, rt: Runtime) -> None:
+        if rt.unused() and self.rt.get(uuid) is rt:
+            del self.rt[uuid]
 
     def backend_of(self, uuid: str) -> Backend | None:
         return self.rt[uuid].backend if uuid in self.rt else None
@@ -143,12 +189,14 @@ class Fleet:
             self.store.insert(row)  # provisioned=0: recovery rolls it back if we crash now
         except Exception as exc:  # the UNIQUE constraint lost a race
             raise AlreadyExists(f"database {name!r} already exists") from exc
-        rt = self.runtime(row.uuid)
-        async with rt.lock:
+        if not autostart and self.driver.can_provision and populate is None:
+            return await self._create_cold(row, password)
+        async with self.locked(row.uuid) as rt:
             started = time.monotonic()
             try:
-                spec = self.spec(row)
-                backend = await (populate(spec) if populate is not None else self.driver.create(spec))
+                async with self._start_slots:
+                    spec = self.spec(row)
+                    backend = await (populate(spec) if populate is not None else self.driver.create(spec))
             except BaseException as exc:
                 await self._rollback_create(row, exc)
                 raise
@@ -167,6 +215,21 @@ class Fleet:
         await self._notify()
         if not autostart:
             await self.suspend(row.uuid, reason="created without autostart")
+        return Created(self.store.get(row.uuid), password)  # type: ignore[arg-type]
+
+    async def _create_cold(self, row: InstanceRow, password: str) -> Created:
+        """Create without starting: the driver lays out the data (no Postgres start), the
+        database is complete in standby and its first connection wakes it. No global lock:
+        concurrent creates only share SQLite's short write transactions."""
+        async with self.locked(row.uuid):
+            try:
+                await self.driver.provision(self.spec(row))
+            except BaseException as exc:
+                await self._rollback_create(row, exc)
+                raise
+            self._move(row.uuid, State.STARTING, State.STANDBY, "created", provisioned=1,
+                       stopped_at=time.time(), stop_reason="created without autostart")
+        await self._notify()
         return Created(self.store.get(row.uuid), password)  # type: ignore[arg-type]
 
     async def _rollback_create(self, row: InstanceRow, exc: BaseException) -> None:
@@ -195,8 +258,7 @@ class Fleet:
     async def delete(self, ref: str) -> InstanceRow:
         row = self.get(ref)
         self.store.update(row.uuid, deleting=1)  # from now on the proxy refuses it (57P03)
-        rt = self.runtime(row.uuid)
-        async with rt.lock:
+        async with self.locked(row.uuid) as rt:
             self._cancel_idle_timer(rt)
             rt.backend = None
             if self.backups is not None:  # its backups outlive it: archive its last WAL first
@@ -237,10 +299,10 @@ class Fleet:
         it running when their turn comes.
         """
         row = self.get(ref)
-        rt = self.runtime(row.uuid)
-        if row.state == State.RUNNING and rt.backend is not None:
+        rt = self.rt.get(row.uuid)
+        if row.state == State.RUNNING and rt is not None and rt.backend is not None:
             return rt.backend
-        async with rt.lock:
+        async with self.locked(row.uuid):
             row = self.get(row.uuid)
             if row.deleting:
                 raise Unavailable(f"database {row.name!r} is being deleted")
@@ -256,6 +318,10 @@ class Fleet:
             return rt.backend
         if row.state not in (State.STANDBY, State.STOPPED):
             raise Unavailable(f"database {row.name!r} is {row.state}")
+        async with self._start_slots:
+            return await self._start_admitted(row, rt, reason)
+
+    async def _start_admitted(self, row: InstanceRow, rt: Runtime, reason: str) -> Backend:
         self._move(row.uuid, row.state, State.STARTING, reason)
         started = time.monotonic()
         try:
@@ -296,8 +362,7 @@ class Fleet:
     async def _shut(self, ref: str, target: State, reason: str, drain_timeout_s: float,
                     only_if_idle: bool) -> InstanceRow:
         row = self.get(ref)
-        rt = self.runtime(row.uuid)
-        async with rt.lock:
+        async with self.locked(row.uuid) as rt:
             row = self.get(row.uuid)
             rt.policy = row.stz_policy
             if only_if_idle and (self._in_use(rt) or row.state != State.RUNNING
@@ -359,6 +424,7 @@ class Fleet:
             if rt.clients == 0:
                 rt.drained.set()
                 self._arm_idle_timer(uuid)
+                self._forget_if_unused(uuid, rt)
 
     def _move(self, uuid: str, from_state: str, to_state: State, reason: str | None = None, **changes) -> None:
         """Every lifecycle transition: legal in the state machine, committed before acting."""
@@ -445,8 +511,7 @@ class Fleet:
     async def _handle_exit(self, uuid: str, reason: str) -> None:
         """The instance died on its own: it becomes standby (the next client wakes it and
         Postgres recovers from its WAL); an instance that never scales to zero restarts."""
-        rt = self.runtime(uuid)
-        async with rt.lock:
+        async with self.locked(uuid) as rt:
             row = self.store.get(uuid)
             if row is None or row.state != State.RUNNING:
                 return
@@ -481,40 +546,60 @@ class Fleet:
 
     # --- daemon start and stop -----------------------------------------------------------
     async def recover(self) -> None:
-        """Bring the store and the host into agreement after a (possibly unclean) restart."""
-        for row in self.store.all():
-            spec = self.spec(row)
-            rt = self.runtime(row.uuid)
-            if not row.provisioned:
-                log.warning("rolling back %s: its creation never finished", row.name)
-                await self.driver.destroy(spec)
-                self.store.delete(row.uuid)
-                self.rt.pop(row.uuid, None)
-                continue
-            if row.deleting:
-                log.warning("finishing the deletion of %s", row.name)
-                await self.driver.destroy(spec)
-                self.store.delete(row.uuid)
-                self.rt.pop(row.uuid, None)
-                continue
-            backend = await self.driver.recover(spec)
-            state = State(row.state)
-            if backend is not None and state in (State.RUNNING, State.STARTING, State.DRAINING):
-                if state != State.RUNNING:
-                    self._move(row.uuid, state, State.RUNNING, "recovered")
-                rt.backend = backend
-                rt.last_active = time.monotonic()
-                self._arm_idle_timer(row.uuid)
-                log.info("re-attached to running %s", row.name)
-                continue
-            if backend is not None:  # alive although it should not be: stop it
-                await self.driver.suspend(spec)
-            if state in states.LIVE:
-                target = State.STOPPED if (state == State.STOPPING and row.stop_reason == "stop") else State.STANDBY
-                self._force_state(row, target, "recovered after daemon restart")
-            if row.stz_policy == "off" and self.get(row.uuid).state == State.STANDBY:
-                await self.ensure_running(row.uuid)
+        """Bring the store and the host into agreement after a (possibly unclean) restart.
+
+        One scan of the host tells which instances have processes; a database in standby or
+        stopped without any costs nothing here (no driver call, no Runtime), so a restart
+        with 10,000 defined does work only for the few that were running."""
+        rows = self.store.all()
+        alive = await self.driver.recover_scan([self.spec(r) for r in rows])
+        keep_up: list[str] = []
+        try:
+            for row in rows:
+                if (alive is not None and row.provisioned and not row.deleting
+                        and State(row.state) not in states.LIVE and row.uuid not in alive):
+                    if row.stz_policy == "off" and row.state == State.STANDBY:
+                        keep_up.append(row.uuid)
+                    continue
+                await self._recover_one(row, keep_up)
+        finally:
+            self.driver.recover_done()
+        results = await asyncio.gather(*(self.ensure_running(u) for u in keep_up), return_exceptions=True)
+        for uuid, res in zip(keep_up, results):
+            if isinstance(res, BaseException):
+                log.error("starting %s (scale to zero off) after recovery failed: %s", uuid, res)
         await self._notify()
+
+    async def _recover_one(self, row: InstanceRow, keep_up: list[str]) -> None:
+        spec = self.spec(row)
+        if not row.provisioned:
+            log.warning("rolling back %s: its creation never finished", row.name)
+            await self.driver.destroy(spec)
+            self.store.delete(row.uuid)
+            return
+        if row.deleting:
+            log.warning("finishing the deletion of %s", row.name)
+            await self.driver.destroy(spec)
+            self.store.delete(row.uuid)
+            return
+        backend = await self.driver.recover(spec)
+        state = State(row.state)
+        if backend is not None and state in (State.RUNNING, State.STARTING, State.DRAINING):
+            if state != State.RUNNING:
+                self._move(row.uuid, state, State.RUNNING, "recovered")
+            rt = self.runtime(row.uuid)
+            rt.backend = backend
+            rt.last_active = time.monotonic()
+            self._arm_idle_timer(row.uuid)
+            log.info("re-attached to running %s", row.name)
+            return
+        if backend is not None:  # alive although it should not be: stop it
+            await self.driver.suspend(spec)
+        if state in states.LIVE:
+            target = State.STOPPED if (state == State.STOPPING and row.stop_reason == "stop") else State.STANDBY
+            self._force_state(row, target, "recovered after daemon restart")
+        if row.stz_policy == "off" and self.get(row.uuid).state == State.STANDBY:
+            keep_up.append(row.uuid)
 
     def _force_state(self, row: InstanceRow, target: State, reason: str) -> None:
         """Recovery only: after a crash the stored state (say `draining`) may name a step

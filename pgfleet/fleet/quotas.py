@@ -62,14 +62,7 @@ class Quotas:
 
     @staticmethod
     def usage(fleet: "Fleet") -> dict[str, int]:
-        rows = fleet.list()
-        live = [r for r in rows if r.state in states.LIVE]
-        return {
-            "instances": len(rows),
-            "live_instances": len(live),
-            "live_memory_mb": sum(r.memory_mb for r in live),
-            "live_vcpus": sum(r.vcpus for r in live),
-        }
+        return fleet.store.live_usage(states.LIVE)
 
     def check_create(self, fleet: "Fleet", memory_mb: int) -> None:
         """A create starts the database, so it needs room in every limit."""

@@ -12,7 +12,7 @@ import sqlite3
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 SCHEMA_VERSION = 1
 
@@ -142,6 +142,43 @@ class Store:
 
     def all(self) -> list[InstanceRow]:
         return [InstanceRow.from_sql(r) for r in self.db.execute("SELECT * FROM instances ORDER BY created_at, name")]
+
+    def page(self, *, limit: int | None = None, after: str | None = None,
+             state: str | None = None) -> list[InstanceRow]:
+        """Instances by name, `limit` at most, those named after `after` (a cursor), only in
+        `state` if given ("deleting" selects those being deleted): one indexed query, so a
+        page costs the same with 10 databases or 10,000."""
+        where, args = [], []
+        if after is not None:
+            where.append("name > ?")
+            args.append(after)
+        if state == "deleting":
+            where.append("deleting = 1")
+        elif state is not None:
+            where.append("state = ? AND deleting = 0")
+            args.append(state)
+        sql = "SELECT * FROM instances" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY name"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        return [InstanceRow.from_sql(r) for r in self.db.execute(sql, args)]
+
+    def count_by_state(self) -> dict[str, int]:
+        """How many instances are in each state (those being deleted count as "deleting")."""
+        rows = self.db.execute(
+            "SELECT CASE WHEN deleting THEN 'deleting' ELSE state END AS s, count(*) FROM instances GROUP BY s"
+        )
+        return {state: n for state, n in rows}
+
+    def live_usage(self, live_states: Iterable[str]) -> dict[str, int]:
+        """Count, memory and vCPUs of the instances in `live_states`, summed by SQLite."""
+        live = list(live_states)
+        marks = ",".join("?" for _ in live)
+        total, count, memory, vcpus = self.db.execute(
+            f"SELECT (SELECT count(*) FROM instances), count(*), coalesce(sum(memory_mb), 0), "
+            f"coalesce(sum(vcpus), 0) FROM instances WHERE state IN ({marks})", live,
+        ).fetchone()
+        return {"instances": total, "live_instances": count, "live_memory_mb": memory, "live_vcpus": vcpus}
 
     def update(self, uuid: str, **changes: Any) -> None:
         if not changes:

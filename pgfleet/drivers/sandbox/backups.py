@@ -29,7 +29,8 @@ class SandboxBackups:
     async def archive(self, spec: InstanceSpec, repo: Path, *, stopped: bool) -> None:
         data = self.data_dir(spec)
         if stopped:
-            await asyncio.to_thread(archive.ingest_after_stop, data, repo)
+            with self.data_mounted(spec):  # a stopped copy-on-write database is not mounted
+                await asyncio.to_thread(archive.ingest_after_stop, data, repo)
         else:
             await asyncio.to_thread(archive.ingest_spool, data, repo)
 
@@ -53,8 +54,9 @@ class SandboxBackups:
         runs; a plain copy of a cleanly stopped data directory otherwise."""
         data = self.data_dir(spec)
         if not self.is_running(spec):
-            stats = await asyncio.to_thread(safecopy.copy_tree, data, dest, uid, archive.exclude_from_copy)
-            control = await asyncio.to_thread(archive.read_control, data)
+            with self.data_mounted(spec):  # a stopped copy-on-write database is not mounted
+                stats = await asyncio.to_thread(safecopy.copy_tree, data, dest, uid, archive.exclude_from_copy)
+                control = await asyncio.to_thread(archive.read_control, data)
             _report(spec, stats)
             return {"start_segment": archive.segment_name(control.timeline, control.redo_lsn),
                     "timeline": control.timeline, "consistent_at": control.time, "online": False}
@@ -86,7 +88,8 @@ class SandboxBackups:
         meta = await self._consistent_copy(parent, parent_repo, partial, uid=self.uid_of(child))
         if not meta["online"]:
             # a cleanly stopped cluster copied with its WAL starts as it is
-            await asyncio.to_thread(_copy_wal_dir, self.data_dir(parent), partial, self.uid_of(child))
+            with self.data_mounted(parent):
+                await asyncio.to_thread(_copy_wal_dir, self.data_dir(parent), partial, self.uid_of(child))
             await asyncio.to_thread(safecopy.syncfs, partial)
             partial.rename(self.data_dir(child))
             return await self._launch(child)

@@ -7,6 +7,8 @@ under cgroup limits. Standby means the postmaster has shut down: no process, no 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import logging
 import os
 import shutil
@@ -15,13 +17,15 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from ..base import Backend, Driver, DriverError, InstanceSpec, admin_connect
 from ..pgbin import PostgresInstall, find_postgres
 from ..roles import check_role_name, tenant_role_sql
 from . import archive, cgroups
 from .backups import SandboxBackups
-from .procscan import find_postmaster
+from .procscan import find_postmaster, find_postmasters
+from .storage import OverlayStorage, ensure_lower, mounted_data_dirs, overlay_supported
 from .template import ensure_template
 
 log = logging.getLogger(__name__)
@@ -44,6 +48,7 @@ class _Running:
 class SandboxDriver(SandboxBackups, Driver):
     name = "sandbox"
     keeps_sessions_across_suspend = False
+    can_provision = True
 
     def __init__(self, state_dir: Path, on_exit=None, postgres_major: int | None = None,
                  cache_dir: Path | None = None) -> None:
@@ -53,7 +58,9 @@ class SandboxDriver(SandboxBackups, Driver):
         self.cache_dir = cache_dir or default_cache()
         self.pg: PostgresInstall = find_postgres(postgres_major)
         self.template: Path | None = None
+        self.storage: OverlayStorage | None = None
         self._running: dict[str, _Running] = {}
+        self._scanned: dict[str, int] | None = None  # postmasters by data dir, during a recovery
         self.home_tag = _home_tag(state_dir)
         self.cgroup_parent = f"{CGROUP_PARENT}/{self.home_tag}"
 
@@ -84,19 +91,32 @@ class SandboxDriver(SandboxBackups, Driver):
         if os.geteuid() != 0:
             raise DriverError("the sandbox driver needs root (namespaces, cgroups, per-database uids)")
         self.template = await ensure_template(self.pg, self.cache_dir / "templates")
+        lower = await ensure_lower(self.template) if overlay_supported() else None
+        self.storage = OverlayStorage(lower)
 
     async def create(self, spec: InstanceSpec) -> Backend:
+        await self.provision(spec)
+        return await self.start(spec)
+
+    async def provision(self, spec: InstanceSpec) -> None:
+        """The database's data directory, without starting it: an overlay over the template
+        (a few directories: ~1 ms), or a full copy where overlayfs is missing. Its role is
+        made at its first start."""
         try:
             check_role_name(spec.role)
         except ValueError as exc:
             raise DriverError(str(exc)) from None
-        if self.template is None:
+        if self.storage is None:
             await self.prepare()
-        assert self.template is not None
-        await self._clone(spec)
-        backend = await self.start(spec)
-        await self._personalise(spec, backend)
-        return backend
+        assert self.storage is not None
+        if self.storage.lower is None:
+            await self._clone(spec)
+            return
+        self.storage.provision(spec.home, UID_BASE + spec.slot)
+        _check_traversable(spec.home)
+
+    def _personalised_marker(self, spec: InstanceSpec) -> Path:
+        return spec.home / "personalised"
 
     async def _clone(self, spec: InstanceSpec) -> None:
         uid = UID_BASE + spec.slot
@@ -161,14 +181,50 @@ class SandboxDriver(SandboxBackups, Driver):
         return ["-c", f"hba_file={d / 'pg_hba.conf'}", "-c", f"ident_file={d / 'pg_ident.conf'}"]
 
     async def start(self, spec: InstanceSpec) -> Backend:
-        return await self._launch(spec)
+        backend = await self._launch(spec)
+        # the tenant's role is made (or brought up to date) at the first start after a
+        # create without a start, and again whenever the role's definition changes
+        wanted = hashlib.sha256(tenant_role_sql(spec.role).encode()).hexdigest()
+        marker = self._personalised_marker(spec)
+        try:
+            done = marker.read_text() == wanted
+        except OSError:
+            done = False
+        if not done:
+            try:
+                await self._personalise(spec, backend)
+            except BaseException:
+                await self._shutdown(spec, signal.SIGINT)
+                raise
+            _write_root_file(marker, wanted)
+        return backend
+
+    @contextlib.contextmanager
+    def data_mounted(self, spec: InstanceSpec) -> Iterator[Path]:
+        """data_dir(spec) with the database's files in it meanwhile, even while it is
+        stopped (its overlay is mounted for the time and unmounted after)."""
+        data = self.data_dir(spec)
+        if self.storage is None or spec.uuid in self._running or os.path.ismount(data):
+            yield data
+            return
+        self.storage.mount(spec.home)
+        try:
+            yield data
+        finally:
+            if spec.uuid not in self._running:
+                self.storage.unmount(spec.home)
 
     async def _launch(self, spec: InstanceSpec, extra_args: list[str] | None = None,
                       ready_timeout_s: float = READY_TIMEOUT_S) -> Backend:
         if spec.uuid in self._running:
             return self.backend(spec)
         data = self.data_dir(spec)
+        if self.storage is None:
+            await self.prepare()
+        assert self.storage is not None
+        self.storage.mount(spec.home)
         if not (data / "PG_VERSION").exists():
+            self.storage.unmount(spec.home)
             raise DriverError(f"database {spec.name} has no data directory at {data}")
         uid = UID_BASE + spec.slot
         run = self.socket_dir(spec)
@@ -213,6 +269,7 @@ class SandboxDriver(SandboxBackups, Driver):
                 proc.kill()
                 await proc.wait()
             cg.remove()
+            self.storage.unmount(spec.home)
             raise
         self._watch(spec, pm_pid, proc.wait())
         return self.backend(spec)
@@ -275,6 +332,8 @@ class SandboxDriver(SandboxBackups, Driver):
             await exited
             entry = self._running.pop(spec.uuid, None)
             self._cgroup(spec).remove()
+            if self.storage is not None:
+                self.storage.unmount(spec.home)
             if entry is not None and not entry.stopping:
                 log.warning("postgres of %s exited on its own: %s", spec.name, self._log_tail(spec))
                 self.on_exit(spec, "exited")
@@ -308,11 +367,35 @@ class SandboxDriver(SandboxBackups, Driver):
     async def destroy(self, spec: InstanceSpec) -> None:
         await self.stop(spec)
         self._cgroup(spec).remove()
-        shutil.rmtree(spec.home, ignore_errors=True)
+        if self.storage is not None:
+            self.storage.unmount(spec.home)
+        shutil.rmtree(spec.home, ignore_errors=True)  # fd-based: never follows a tenant's symlink
         shutil.rmtree(self.socket_dir(spec), ignore_errors=True)
 
+    async def recover_scan(self, specs: list[InstanceSpec]) -> set[str] | None:
+        self._scanned = await asyncio.to_thread(find_postmasters)
+        real = {p: os.path.realpath(p) for p in {s.home.parent for s in specs}}  # one per instances dir
+        by_dir = {os.path.join(real[s.home.parent], s.home.name, self.data_dir(s).name): s for s in specs}
+        alive = {by_dir[d].uuid for d in self._scanned if d in by_dir}
+        # data directories a crash left mounted with no Postgres on them: unmount (one
+        # pass over the mount table, not one look per database)
+        for parent in real:
+            for data in mounted_data_dirs(parent):
+                spec = by_dir.get(str(data))
+                if spec is not None and spec.uuid not in alive and self.storage is not None:
+                    self.storage.unmount(spec.home)
+        return alive
+
+    def recover_done(self) -> None:
+        self._scanned = None
+
+    def _postmaster_of(self, spec: InstanceSpec) -> int | None:
+        if self._scanned is not None:
+            return self._scanned.get(os.path.realpath(self.data_dir(spec)))
+        return find_postmaster(self.data_dir(spec))
+
     async def recover(self, spec: InstanceSpec) -> Backend | None:
-        pm = find_postmaster(self.data_dir(spec))
+        pm = self._postmaster_of(spec)
         if pm is None:
             self._cgroup(spec).remove()
             return None
@@ -326,6 +409,11 @@ class SandboxDriver(SandboxBackups, Driver):
             return self.backend(spec)
         await self._shutdown(spec, signal.SIGINT)
         return None
+
+    async def disk_bytes(self, spec: InstanceSpec) -> int | None:
+        if self.storage is None:
+            return None
+        return await asyncio.to_thread(self.storage.disk_bytes, spec.home)
 
     async def usage(self, spec: InstanceSpec) -> dict[str, int]:
         if spec.uuid not in self._running:
@@ -353,6 +441,15 @@ def _hba_token(role: str) -> str:
     if not role or any(not (c.isalnum() or c in "-_") for c in role):
         raise DriverError(f"role name {role!r} cannot be written into pg_ident.conf")
     return role
+
+
+def _write_root_file(path: Path, text: str) -> None:
+    """A small root-owned 0600 file in an instance's (root-owned) home, replaced atomically."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def _home_tag(state_dir: Path) -> str:

@@ -12,27 +12,30 @@ from pathlib import Path
 
 def find_postmaster(data_dir: Path) -> int | None:
     """Host PID of the postmaster serving `data_dir`, or None."""
-    target = os.path.realpath(data_dir)
-    found: list[int] = []
+    return find_postmasters().get(os.path.realpath(data_dir))
+
+
+def find_postmasters() -> dict[str, int]:
+    """Every live postmaster on the host, by its (real) data directory: one pass over /proc
+    however many databases are asked about."""
+    postgres: dict[int, tuple[str, int]] = {}  # pid -> (cwd, parent pid)
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         try:
-            if os.readlink(f"/proc/{entry.name}/cwd") != target:
-                continue
             stat = Path(f"/proc/{entry.name}/stat").read_text()
-        except OSError:
+            if stat[stat.index("(") + 1 : stat.rindex(")")] != "postgres":
+                continue
+            cwd = os.readlink(f"/proc/{entry.name}/cwd")
+        except (OSError, ValueError):
             continue
-        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
-        if comm != "postgres":
-            continue
-        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-        found.append(int(entry.name))
+        postgres[int(entry.name)] = (cwd, int(stat[stat.rindex(")") + 2 :].split()[1]))
+    found: dict[str, int] = {}
+    for pid, (cwd, ppid) in sorted(postgres.items()):
         # the postmaster is the one whose parent is not another postgres of this data dir
-        try:
-            parent_cwd = os.readlink(f"/proc/{ppid}/cwd")
-        except OSError:
-            parent_cwd = ""
-        if parent_cwd != target:
-            return int(entry.name)
-    return found[0] if found else None
+        parent = postgres.get(ppid)
+        if parent is None or parent[0] != cwd:
+            found[cwd] = pid
+        else:
+            found.setdefault(cwd, pid)
+    return found

@@ -1,0 +1,109 @@
+"""Density: a control plane that stays cheap with thousands of databases defined (paging,
+no per-database objects for idle ones, recovery that skips standby databases, bounded
+start admission)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from pgfleet.drivers.sandbox.driver import SandboxDriver
+from pgfleet.fleet.manager import Fleet
+from pgfleet.fleet.states import State
+from pgfleet.store import Store
+
+
+def test_db_list_pages_and_filters(daemon):
+    for name in ("d1", "d2", "d3", "d4"):
+        daemon.cli("db", "create", name, "--no-start", "--no-save-password")
+    daemon.cli("db", "resume", "d3")
+
+    first = daemon.cli("db", "list", "--limit", "3", "--json")
+    assert [r["name"] for r in json.loads(first.stdout)] == ["d1", "d2", "d3"]
+    assert "--cursor d3" in first.stderr
+    rest = daemon.json("db", "list", "--limit", "3", "--cursor", "d3")
+    assert [r["name"] for r in rest] == ["d4"]
+    assert [r["name"] for r in daemon.json("db", "list", "--limit", "1", "--all")] == ["d1", "d2", "d3", "d4"]
+    assert [r["name"] for r in daemon.json("db", "list", "--state", "running")] == ["d3"]
+    assert [r["name"] for r in daemon.json("db", "list", "--state", "standby")] == ["d1", "d2", "d4"]
+
+    bad = daemon.cli("db", "list", "--state", "asleep", check=False)
+    assert bad.returncode != 0 and "unknown state" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    status = daemon.json("status")
+    assert status["databases"] == 4 and status["states"] == {"running": 1, "standby": 3}
+
+
+async def test_runtime_objects_only_for_databases_in_use(env):
+    fleet = env.fleet
+    made = await fleet.create("inuse", autostart=False)
+    uuid = made.row.uuid
+    assert fleet.get("inuse").state == State.STANDBY
+    assert uuid not in fleet.rt, "a database in standby keeps no in-memory object"
+
+    await fleet.ensure_running(uuid)
+    assert fleet.rt[uuid].backend is not None
+    async with fleet.lease(uuid):
+        pass
+    await fleet.suspend(uuid)
+    assert uuid not in fleet.rt, "dropped again once it is back in standby"
+
+    await fleet.resume(uuid)
+    await fleet.stop(uuid)
+    assert uuid not in fleet.rt
+
+
+async def test_recovery_touches_only_running_databases(env):
+    fleet = env.fleet
+    names = ["rec-a", "rec-b", "rec-c"]
+    for name in names:
+        await fleet.create(name, autostart=False)
+    await fleet.ensure_running("rec-b")
+
+    # a second daemon life on the same home (the first one's postmaster is still up)
+    store = Store(env.home / "state.db")
+    again = Fleet(store, SandboxDriver(env.home / "sandbox"), env.home)
+    try:
+        await again.driver.prepare()
+        await again.recover()
+        b = again.get("rec-b").uuid
+        assert set(again.rt) == {b}, "only the running database gets a Runtime"
+        assert again.rt[b].backend is not None
+        assert {again.get(n).state for n in ("rec-a", "rec-c")} == {State.STANDBY}
+        assert again.driver.is_running(again.spec(again.get("rec-b")))
+    finally:
+        await again.shutdown()  # suspends rec-b through the second life's driver
+        store.close()
+
+
+async def test_wake_storm_is_admitted_through_a_bounded_queue(env, monkeypatch):
+    """More databases woken at once than there are start slots: all are served, and never
+    more than the bound start at the same time."""
+    fleet = Fleet(env.fleet.store, env.fleet.driver, env.home, start_concurrency=2)
+    names = [f"storm{i}" for i in range(6)]
+    for name in names:
+        await fleet.create(name, autostart=False)
+    driver = fleet.driver
+    starting, peak = 0, 0
+    real_start = SandboxDriver.start
+
+    async def counted_start(self, spec):
+        nonlocal starting, peak
+        starting += 1
+        peak = max(peak, starting)
+        try:
+            return await real_start(self, spec)
+        finally:
+            starting -= 1
+
+    monkeypatch.setattr(SandboxDriver, "start", counted_start)
+    try:
+        backends = await asyncio.wait_for(asyncio.gather(*(fleet.ensure_running(n) for n in names)), 120)
+        assert all(b is not None for b in backends)
+        assert peak == 2, f"{peak} starts ran at once with 2 slots"
+        assert {fleet.get(n).state for n in names} == {State.RUNNING}
+    finally:
+        for name in names:
+            await fleet.delete(name)
+    assert driver is env.fleet.driver
