@@ -221,6 +221,7 @@ class Fleet:
         """Create without starting: the driver lays out the data (no Postgres start), the
         database is complete in standby and its first connection wakes it. No global lock:
         concurrent creates only share SQLite's short write transactions."""
+        started = time.monotonic()
         async with self.locked(row.uuid):
             try:
                 await self.driver.provision(self.spec(row))
@@ -229,6 +230,9 @@ class Fleet:
                 raise
             self._move(row.uuid, State.STARTING, State.STANDBY, "created", provisioned=1,
                        stopped_at=time.time(), stop_reason="created without autostart")
+        # an event but no per-database telemetry object: untouched databases cost no memory
+        self.events.emit("created", row.name, latency_ms=round((time.monotonic() - started) * 1000, 1),
+                         memory_mb=row.memory_mb, image=row.image, started=False)
         await self._notify()
         return Created(self.store.get(row.uuid), password)  # type: ignore[arg-type]
 
