@@ -129,6 +129,7 @@ async def serve(opts: DaemonOptions, ready: asyncio.Future | None = None) -> Non
         from pgfleet.fleet.branches import Backups
 
         Backups(fleet).start()  # continuous archiving, base backups, retention
+    warn_host_limits(opts.home)
 
     routing = None
     if opts.kubeconfig:
@@ -232,6 +233,16 @@ def _tls(opts: DaemonOptions, hosts: list[str]):
     names = [h for h in hosts if h not in ("0.0.0.0", "::", "")]
     files = ensure_local_ca(opts.home / "tls", opts.domain, names)
     return server_context(files), files.ca
+
+
+def warn_host_limits(home: Path) -> None:
+    """A clear warning for each host limit too low for the configured quotas."""
+    from pgfleet import hostlimits
+    from pgfleet.fleet.quotas import Quotas
+
+    quotas = Quotas.load(home)
+    for problem in hostlimits.problems(hostlimits.checks(home, quotas.instances, quotas.live_instances)):
+        log.warning("this host cannot hold the configured fleet: %s", problem)
 
 
 def raise_open_files_limit() -> int:

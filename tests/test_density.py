@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import pytest
 
@@ -14,8 +15,22 @@ from pgfleet.fleet.manager import Fleet
 from pgfleet.fleet.states import State
 from pgfleet.store import Store
 
+from .conftest import start_daemon, stop_daemon
 
-def test_db_list_pages_and_filters(daemon):
+
+@pytest.fixture
+def big_fleet_daemon(daemon_env):
+    """A daemon configured for more awake databases than any test host has pids for."""
+    env = dict(daemon_env, PGFLEET_QUOTA_LIVE_INSTANCES="5000000")
+    d = start_daemon(Path(env["PGFLEET_HOME"]), env)
+    try:
+        yield d
+    finally:
+        stop_daemon(d)
+
+
+def test_db_list_pages_and_filters_and_host_limits(big_fleet_daemon):
+    daemon = big_fleet_daemon
     for name in ("d1", "d2", "d3", "d4"):
         daemon.cli("db", "create", name, "--no-start", "--no-save-password")
     daemon.cli("db", "resume", "d3")
@@ -33,6 +48,22 @@ def test_db_list_pages_and_filters(daemon):
     assert bad.returncode != 0 and "unknown state" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     status = daemon.json("status")
     assert status["databases"] == 4 and status["states"] == {"running": 1, "standby": 3}
+
+    # host limits: 5,000,000 awake databases need more pids than this host has
+    short = {c["name"] for c in status["host_limits"] if not c["ok"]}
+    assert "kernel.pid_max" in short and "open files (daemon)" in short
+    assert "host limit too low: kernel.pid_max" in daemon.cli("status").stdout
+    assert "cannot hold the configured fleet: kernel.pid_max" in (daemon.home / "daemon.log").read_text()
+
+
+def test_host_limit_checks_hold_a_small_fleet(tmp_path):
+    from pgfleet import hostlimits
+
+    small = hostlimits.checks(tmp_path, instances=10, live_instances=2)
+    assert {c.name for c in small} >= {"open files (daemon)", "kernel.pid_max", "disk free (MiB)"}
+    assert hostlimits.problems(small) == [], "a 2-core CI host holds ten databases"
+    huge = hostlimits.problems(hostlimits.checks(tmp_path, instances=10**9, live_instances=10**7))
+    assert any(p.startswith("disk free (MiB)") for p in huge) and any("kernel.pid_max" in p for p in huge)
 
 
 async def test_runtime_objects_only_for_databases_in_use(env):

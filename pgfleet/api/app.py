@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pydantic
 
@@ -10,7 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pgfleet import __version__
+from pgfleet import __version__, hostlimits
 from pgfleet.drivers.base import DriverError
 from pgfleet.fleet.errors import FleetError
 
@@ -91,12 +92,15 @@ def create_app(ctx: ApiContext) -> FastAPI:
     @app.get("/v1/status", tags=["meta"])
     async def status():
         by_state = ctx.fleet.count_by_state()
+        quotas = ctx.fleet.quotas
+        limits = hostlimits.checks(Path(ctx.home), quotas.instances, quotas.live_instances)
         stats = ctx.proxy_stats
         return envelope({
             "version": __version__, "driver": ctx.driver, "home": ctx.home,
             "listen": f"{ctx.public_host}:{ctx.port}", "listen_pooled": f"{ctx.public_host}:{ctx.pooled_port}",
             "tls_ca_file": ctx.ca_file, "domain": ctx.domain,
             "databases": sum(by_state.values()), "states": by_state,
+            "host_limits": [c.to_json() for c in limits],
             "proxy": stats() if stats else None,
         })
 

@@ -194,6 +194,15 @@ def status(as_json: bool = JsonOpt) -> None:
         out.print(f"TLS CA: {data['tls_ca_file']}   (sslmode=verify-full sslrootcert=<that file>; SNI NAME.{data['domain']})")
     states = ", ".join(f"{n} {s}" for s, n in sorted(data["states"].items())) or "none"
     out.print(f"databases: {data['databases']} ({states})")
+    limits = data.get("host_limits") or []
+    short = [c for c in limits if not c["ok"]]
+    for c in short:
+        out.print(f"[red]host limit too low:[/red] {c['name']}: {c['have']} available, {c['need']} needed "
+                  f"for the configured fleet ({c['what']})", highlight=False)
+    if limits and not short:
+        tight = min(limits, key=lambda c: c["have"] / max(c["need"], 1))
+        out.print(f"host limits: all hold the configured fleet (least headroom: {tight['name']}, "
+                  f"{tight['have']} for {tight['need']})", highlight=False)
 
 
 @app.command()

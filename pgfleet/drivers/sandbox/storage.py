@@ -33,6 +33,7 @@ import json
 import os
 import shutil
 import stat
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,19 +84,25 @@ async def ensure_lower(template: Path) -> Path:
     lower = template.with_name(template.name + LOWER_SUFFIX)
     if (lower / "PG_VERSION").exists():
         return lower
-    work = template.with_name(f".{lower.name}.building")
-    shutil.rmtree(work, ignore_errors=True)
+    # a private work directory: daemons starting at once each build their own, one rename wins
+    work = Path(tempfile.mkdtemp(prefix=f".{lower.name}.", dir=template.parent)) / "tree"
     proc = await asyncio.create_subprocess_exec(
         "cp", "-a", str(template), str(work), stderr=asyncio.subprocess.PIPE)
     _, err = await proc.communicate()
-    if proc.returncode != 0:
-        shutil.rmtree(work, ignore_errors=True)
-        raise DriverError(f"making the shared template layer failed: {err.decode(errors='replace').strip()}")
-    await asyncio.to_thread(_open_modes, work)
-    os.chown(work, 0, 0)
-    os.chmod(work, 0o700)
-    os.sync()
-    work.rename(lower)
+    try:
+        if proc.returncode != 0:
+            raise DriverError(f"making the shared template layer failed: {err.decode(errors='replace').strip()}")
+        await asyncio.to_thread(_open_modes, work)
+        os.chown(work, 0, 0)
+        os.chmod(work, 0o700)
+        os.sync()
+        try:
+            work.rename(lower)
+        except OSError:
+            if not (lower / "PG_VERSION").exists():  # not another daemon's finished layer
+                raise
+    finally:
+        shutil.rmtree(work.parent, ignore_errors=True)
     return lower
 
 
