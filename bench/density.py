@@ -37,7 +37,7 @@ import httpx
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import PGFLEET, machine, summarise, write_results  # noqa: E402
+from bench.common import PGFLEET, BenchDaemon, machine, summarise, write_results  # noqa: E402
 
 TARGETS = {
     "disk_per_fresh_database_mb": ("<=", 2.0),
@@ -55,7 +55,7 @@ class Daemon:
     def __init__(self, home: Path, env: dict) -> None:
         self.home, self.env = home, env
         self.info: dict = {}
-        self.http: httpx.Client | None = None
+        self.client: BenchDaemon | None = None
 
     def up(self) -> float:
         """Start it (on the same ports after the first time); seconds until it serves."""
@@ -72,17 +72,13 @@ class Daemon:
             raise SystemExit(f"pgfleet up failed: {proc.stderr.strip()}")
         self.info = json.loads((self.home / "daemon.json").read_text())
         token = (self.home / "token").read_text().strip()
-        self.http = httpx.Client(base_url=self.info["api_url"], headers={"Authorization": f"Bearer {token}"},
-                                 timeout=600)
+        http = httpx.Client(base_url=self.info["api_url"], headers={"Authorization": f"Bearer {token}"}, timeout=600)
+        self.client = BenchDaemon(self.home, self.info, http)
         return took
 
     def api(self, method: str, path: str, body=None) -> dict:
-        assert self.http is not None
-        r = self.http.request(method, path, json=body)
-        data = r.json()
-        if r.status_code >= 400:
-            raise RuntimeError(f"{method} {path}: {r.status_code} {data.get('message')}")
-        return data["data"]
+        assert self.client is not None
+        return self.client.api(method, path, body)
 
     @property
     def pid(self) -> int:
