@@ -80,7 +80,19 @@ async def test_branch_of_now_is_independent(fb):
     parent = await env.fleet.create("app")
     pw = parent.password
     await sql(env, "app", pw, "CREATE TABLE t(x int); INSERT INTO t SELECT generate_series(1, 1000)")
-    running = await branches.branch("app", "app-copy")
+    # a client of the parent keeps its session and is answered throughout the branch
+    async with await psycopg.AsyncConnection.connect(**env.conninfo("app", pw), autocommit=True) as client:
+        answered, done = [], asyncio.Event()
+
+        async def keep_querying() -> None:
+            while not done.is_set():
+                answered.append((await (await client.execute("SELECT count(*) FROM t")).fetchone())[0])
+
+        querying = asyncio.create_task(keep_querying())
+        running = await branches.branch("app", "app-copy")
+        done.set()
+        await querying
+        assert answered and set(answered) == {1000}
     assert await sql(env, "app-copy", running.password, "SELECT count(*) FROM t") == [(1000,)]
     await sql(env, "app-copy", running.password, "INSERT INTO t VALUES (-1)")
     await sql(env, "app", pw, "INSERT INTO t VALUES (-2)")

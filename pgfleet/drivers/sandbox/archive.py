@@ -238,6 +238,43 @@ def ingest_after_stop(data: Path, repo: Path) -> int:
     return moved
 
 
+def archive_from_pg_wal(data: Path, repo: Path, last: str) -> int:
+    """Copy the finished segments up to `last` (inclusive, same timeline) that the repository
+    lacks straight from pg_wal. The archiver runs as the tenant, who can break it; a backup or
+    a flush never waits on it: the host takes what it needs itself. Returns how many."""
+    dfd = safecopy.open_dir(data)
+    try:
+        wfd = safecopy.open_dir("pg_wal", dfd)
+    finally:
+        os.close(dfd)
+    rfd = _wal_repo(repo)
+    copied = 0
+    try:
+        archived = {n for n in os.listdir(rfd) if SEGMENT_RE.match(n)}
+        newest = max((n for n in archived if n[:8] == last[:8]), default="")
+        for name in sorted(os.listdir(wfd)):
+            if not SEGMENT_RE.match(name) or name[:8] != last[:8] or name <= newest or name > last:
+                continue
+            safecopy.copy_file(name, wfd, rfd, None, max_bytes=WAL_SEGMENT_BYTES, overwrite=True, fsync=True)
+            copied += 1
+        missing = _gaps(newest, last, archived | set(os.listdir(rfd))) if newest else []
+        if missing:
+            raise DriverError(f"{data}: WAL segments {missing[0]}..{missing[-1]} are neither archived nor in pg_wal")
+        os.fsync(rfd)
+    finally:
+        os.close(rfd)
+        os.close(wfd)
+    return copied
+
+
+def _gaps(after: str, last: str, have: set[str]) -> list[str]:
+    tli = int(after[:8], 16)
+    first_no = int(after[8:16], 16) * SEGMENTS_PER_XLOGID + int(after[16:], 16) + 1
+    last_no = int(last[8:16], 16) * SEGMENTS_PER_XLOGID + int(last[16:], 16)
+    names = (f"{tli:08X}{n // SEGMENTS_PER_XLOGID:08X}{n % SEGMENTS_PER_XLOGID:08X}" for n in range(first_no, last_no + 1))
+    return [n for n in names if n not in have]
+
+
 # --- base backups and restores ----------------------------------------------------------
 def write_meta(path: Path, meta: dict) -> None:
     tmp = path.with_suffix(".tmp")
