@@ -228,13 +228,10 @@ def plot(result: dict, path: Path) -> None:
     a.legend(fontsize=8)
     a.set_title("branch of now vs parent size")
     b.plot([r["wal_mb"] for r in result["restore"]], [r["restore_s"] for r in result["restore"]], marker="o")
-    b.set_xlabel("WAL replayed (MB)")
-    b.set_ylabel("branch --at (s)")
-    b.set_title("point-in-time restore vs WAL volume")
+    b.set(xlabel="WAL replayed (MB)", ylabel="branch --at (s)", title="point-in-time restore vs WAL volume")
     cost = result["archiving_tpcb"]["mean_tps"]
     c.bar(list(cost), list(cost.values()), color=["tab:gray", "tab:blue"])
-    c.set_ylabel("TPC-B tps (pgbench -c 4)")
-    c.set_title(f"archiving cost: {result['archiving_tpcb']['archived_over_plain']}x")
+    c.set(ylabel="TPC-B tps (pgbench -c 4)", title=f"archiving cost: {result['archiving_tpcb']['archived_over_plain']}x")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -209,39 +209,16 @@ def ingest_after_stop(data: Path, repo: Path) -> int:
     except (OSError, DriverError) as exc:
         log.warning("%s: cannot read pg_control after stop (%s); WAL tail not archived", data, exc)
         return moved
-    last = segment_name(control.timeline, control.checkpoint_lsn)
-    dfd = safecopy.open_dir(data)
-    try:
-        wfd = safecopy.open_dir("pg_wal", dfd)
-    finally:
-        os.close(dfd)
-    rfd = _wal_repo(repo)
-    try:
-        archived = {n for n in os.listdir(rfd) if SEGMENT_RE.match(n)}
-        newest = max((n for n in archived if n[:8] == last[:8]), default="")
-        for name in sorted(os.listdir(wfd)):
-            if HISTORY_RE.match(name) and name not in os.listdir(rfd):
-                safecopy.copy_file(name, wfd, rfd, None, max_bytes=HISTORY_MAX_BYTES, overwrite=True, fsync=True)
-            if not SEGMENT_RE.match(name) or name[:8] != last[:8] or name <= newest or name > last:
-                continue
-            target = f"{name}.partial" if name == last else name
-            try:
-                safecopy.copy_file(name, wfd, rfd, None, max_bytes=WAL_SEGMENT_BYTES, dst_name=target,
-                                   overwrite=True, fsync=True)
-                moved += 1
-            except OSError as exc:
-                log.warning("%s: cannot archive pg_wal/%s: %s", data, name, exc)
-        os.fsync(rfd)
-    finally:
-        os.close(rfd)
-        os.close(wfd)
-    return moved
+    return moved + archive_from_pg_wal(data, repo, segment_name(control.timeline, control.checkpoint_lsn),
+                                       last_is_partial=True)
 
 
-def archive_from_pg_wal(data: Path, repo: Path, last: str) -> int:
-    """Copy the finished segments up to `last` (inclusive, same timeline) that the repository
-    lacks straight from pg_wal. The archiver runs as the tenant, who can break it; a backup or
-    a flush never waits on it: the host takes what it needs itself. Returns how many."""
+def archive_from_pg_wal(data: Path, repo: Path, last: str, last_is_partial: bool = False) -> int:
+    """Copy the segments up to `last` (inclusive, same timeline) that the repository lacks,
+    and the timeline history files, straight from pg_wal; `last_is_partial`: `last` is the
+    unfinished segment of a stopped cluster, kept as `<last>.partial`. The archiver runs as
+    the tenant, who can break it: a backup, a flush or a stop never waits on it, the host
+    takes what it needs itself. Returns how many segments were copied."""
     dfd = safecopy.open_dir(data)
     try:
         wfd = safecopy.open_dir("pg_wal", dfd)
@@ -250,14 +227,19 @@ def archive_from_pg_wal(data: Path, repo: Path, last: str) -> int:
     rfd = _wal_repo(repo)
     copied = 0
     try:
-        archived = {n for n in os.listdir(rfd) if SEGMENT_RE.match(n)}
-        newest = max((n for n in archived if n[:8] == last[:8]), default="")
+        have = set(os.listdir(rfd))
+        newest = max((n for n in have if SEGMENT_RE.match(n) and n[:8] == last[:8]), default="")
         for name in sorted(os.listdir(wfd)):
+            if HISTORY_RE.match(name) and name not in have:
+                safecopy.copy_file(name, wfd, rfd, None, max_bytes=HISTORY_MAX_BYTES, overwrite=True, fsync=True)
             if not SEGMENT_RE.match(name) or name[:8] != last[:8] or name <= newest or name > last:
                 continue
-            safecopy.copy_file(name, wfd, rfd, None, max_bytes=WAL_SEGMENT_BYTES, overwrite=True, fsync=True)
+            target = f"{name}.partial" if last_is_partial and name == last else name
+            safecopy.copy_file(name, wfd, rfd, None, max_bytes=WAL_SEGMENT_BYTES, dst_name=target,
+                               overwrite=True, fsync=True)
             copied += 1
-        missing = _gaps(newest, last, archived | set(os.listdir(rfd))) if newest else []
+        have = set(os.listdir(rfd)) | ({f"{last}"} if last_is_partial else set())
+        missing = _gaps(newest, last, have) if newest else []
         if missing:
             raise DriverError(f"{data}: WAL segments {missing[0]}..{missing[-1]} are neither archived nor in pg_wal")
         os.fsync(rfd)
