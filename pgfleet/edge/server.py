@@ -134,17 +134,16 @@ class EdgeServer:
         raw_text = headers.get("Neon-Raw-Text-Output", "").lower() == _TRUE
         array_mode = headers.get("Neon-Array-Mode", "").lower() == _TRUE
         batch_opts = _batch_options(headers)
+        # the password before the body: a stranger's body is never read (it waits in the socket)
+        if target.password is None or target.user != row.role or not await self.passwords.check(
+                row.verifier, target.password):
+            self.pooled.note_auth_failure(row, target.user, "http", request.remote)
+            raise HttpError(400, f'password authentication failed for user "{target.user}"', "28P01")
         try:
             queries, is_batch = q.parse_body(await request.read(), self.settings.max_batch)
             payload, readies = q.messages(queries, batch_opts if is_batch else None)
         except q.BadRequest as exc:
             raise HttpError(400, str(exc), "08P01")
-        if target.password is None or target.user != row.role or not await self.passwords.check(
-                row.verifier, target.password):
-            self.pooled.stats.auth_failures += 1
-            self.fleet.events.emit("auth_failure", row.name, user=target.user[:64], listener="http",
-                                   peer=request.remote)
-            raise HttpError(400, f'password authentication failed for user "{target.user}"', "28P01")
         answers = await self._run(row, payload, readies, dirty=any(q.changes_session(x.sql) for x in queries))
         if answers.error is not None:
             raise q.QueryFailed(answers.error)

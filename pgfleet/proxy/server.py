@@ -210,12 +210,8 @@ class ProxyServer:
                     else:
                         await scram_authenticate(reader, writer, verifier)
             except AuthFailed:
-                self.stats.auth_failures += 1
-                failures = self.stats.auth_failures_by_db
-                failures[row.uuid] = failures.get(row.uuid, 0) + 1
-                self.fleet.events.emit("auth_failure", row.name, user=startup.user[:64],
-                                       listener="pooled" if self.mode == "transaction" else "direct",
-                                       peer=_peer(writer))
+                self.note_auth_failure(row, startup.user, "pooled" if self.mode == "transaction" else "direct",
+                                       _peer(writer))
                 raise ClientError("28P01", f'password authentication failed for user "{startup.user}"')
             writer.write(m.authentication(m.AUTH_OK))
             async with self.fleet.lease(row.uuid):
@@ -230,6 +226,13 @@ class ProxyServer:
                 wake.cancel()
             elif not wake.cancelled():
                 wake.exception()  # retrieved: a failed wake was already reported to the client
+
+    def note_auth_failure(self, row: InstanceRow, user: str, listener: str, peer) -> None:
+        """Count and report a failed login (also SQL over HTTP's, on the pooled listener's stats)."""
+        self.stats.auth_failures += 1
+        failures = self.stats.auth_failures_by_db
+        failures[row.uuid] = failures.get(row.uuid, 0) + 1
+        self.fleet.events.emit("auth_failure", row.name, user=user[:64], listener=listener, peer=peer)
 
     async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         tls_used = False

@@ -124,6 +124,7 @@ async def test_bad_password_unknown_database_missing_header(edge, db):
     name, password = db
     r = await post(edge, {"query": "SELECT 1"}, neon_headers(name, password + "x"))
     assert r.status_code == 400 and r.json()["code"] == "28P01"
+    assert sum(edge.pooled.stats.auth_failures_by_db.values()) == 1  # counted as the proxy counts logins
     r = await post(edge, {"query": "SELECT 1"}, neon_headers("nosuchdb", password))
     assert r.status_code == 400 and r.json()["code"] == "3D000"
     r = await post(edge, {"query": "SELECT 1"}, {})
