@@ -31,6 +31,7 @@ sys.path.insert(0, str(_HERE.parent))
 import argparse
 import asyncio
 import json
+import os
 import socket
 import time
 
@@ -141,6 +142,12 @@ async def throughput_http(c: Clients, seconds: float, concurrency: int) -> float
     return done / (time.perf_counter() - t)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (the daemon: proxy and HTTP listener alike)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=300)
@@ -161,11 +168,16 @@ def main() -> None:
                 t = time.perf_counter()
                 getattr(c, kind)()
                 samples[kind].append((time.perf_counter() - t) * 1000)
-        throughput = {}
+        throughput: dict[str, float] = {}
+        cpu_us: dict[str, float] = {}  # the daemon's CPU per query: robust on a loaded machine
+        pid = d.info["pid"]
         for rnd in range(2):  # interleaved twice, the best of each
             for name, fn in (("pooled_open", throughput_pooled), ("http", throughput_http)):
+                before = cpu_seconds(pid)
                 qps = asyncio.run(fn(c, args.seconds, args.concurrency))
+                per_query = (cpu_seconds(pid) - before) / (qps * args.seconds) * 1e6
                 throughput[name] = max(throughput.get(name, 0.0), round(qps, 1))
+                cpu_us[name] = round(min(cpu_us.get(name, 1e9), per_query), 1)
         summary = {k: summarise(v) for k, v in samples.items()}
         ratio = summary["http"]["p50"] / summary["pooled_open"]["p50"]
         verdict = {
@@ -175,6 +187,8 @@ def main() -> None:
             "http_p50_over_pooled_new_p50": round(summary["http"]["p50"] / summary["pooled_new"]["p50"], 3),
             "http_new_p50_over_pooled_new_p50": round(summary["http_new"]["p50"] / summary["pooled_new"]["p50"], 3),
             "throughput_http_over_pooled_open": round(throughput["http"] / throughput["pooled_open"], 2),
+            "daemon_cpu_us_per_query": cpu_us,
+            "load_average": os.getloadavg()[0],
         }
         data = {"machine": machine(), "query": QUERY, "rounds": args.rounds, "latency_ms": summary,
                 "throughput_qps": throughput, "concurrency": args.concurrency, "verdict": verdict}

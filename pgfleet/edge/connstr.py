@@ -40,8 +40,7 @@ def parse(text: str) -> ConnectionString:
         raise BadConnectionString("the connection string names no user")
     password = unquote(parts.password) if parts.password is not None else None
     database = unquote(parts.path.lstrip("/")) or user
-    query = parse_qs(parts.query, keep_blank_values=True)
-    options = query.get("options", [None])[-1]
+    options = parse_qs(parts.query, keep_blank_values=True).get("options", [None])[-1] if parts.query else None
     for value in (user, database, password or "", options or ""):
         if "\0" in value:
             raise BadConnectionString("the connection string holds a NUL character")

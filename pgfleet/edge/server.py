@@ -181,7 +181,7 @@ class EdgeServer:
         pool = self.pooled.pool_for(row)
         conn = None
         try:
-            async with self.fleet.lease(uuid):
+            async with self.fleet.lease(uuid, fresh=False):
                 try:
                     conn = await pool.acquire()
                 except HttpError:

@@ -413,8 +413,10 @@ class Fleet:
 
     # --- client sessions and scale to zero ---------------------------------------------
     @asynccontextmanager
-    async def lease(self, uuid: str) -> AsyncIterator[Runtime]:
-        """Count one client session; while any exists the instance is not scaled to zero."""
+    async def lease(self, uuid: str, *, fresh: bool = True) -> AsyncIterator[Runtime]:
+        """Count one client session; while any exists the instance is not scaled to zero.
+        `fresh=False` (a session per HTTP request) trusts the settings cached in the runtime
+        when re-arming the countdown, as session_busy does, instead of reading SQLite."""
         rt = self.runtime(uuid)
         rt.clients += 1
         rt.total_connections += 1
@@ -427,7 +429,7 @@ class Fleet:
             rt.last_active = time.monotonic()
             if rt.clients == 0:
                 rt.drained.set()
-                self._arm_idle_timer(uuid)
+                self._arm_idle_timer(uuid, fresh=fresh)
                 self._forget_if_unused(uuid, rt)
 
     def _move(self, uuid: str, from_state: str, to_state: State, reason: str | None = None, **changes) -> None:
