@@ -33,10 +33,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
-import psycopg
+# the repository root instead of bench/ first on the path: bench/http.py must not shadow http
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
+import httpx  # noqa: E402
+import psycopg  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import PGFLEET, BenchDaemon, machine, summarise, write_results  # noqa: E402
 
 TARGETS = {

@@ -96,6 +96,17 @@ def test_scram_verifier_round_trip_and_format():
         Verifier.decode("md5abc")
 
 
+@pytest.mark.parametrize("password", ["secret", "p\u00e4ssw\u00f6rd with spaces", "x" * 200])
+def test_scram_verifier_matches_scramp_reference(password):
+    """The fast (hashlib) verifier is bit for bit what the scramp reference makes."""
+    from scramp import ScramMechanism
+
+    salt = bytes(range(16))
+    ref = ScramMechanism("SCRAM-SHA-256").make_auth_info(password, 4096, salt=salt)
+    v = Verifier.from_password(password, salt=salt)
+    assert (v.salt, v.stored_key, v.server_key, v.iterations) == ref
+
+
 def test_generated_passwords_are_distinct_and_uri_safe():
     pw = {generate_password() for _ in range(100)}
     assert len(pw) == 100

@@ -149,6 +149,12 @@ class OverlayStorage:
     def _lower_of(self, lay: Layout) -> str:
         try:
             lower = json.loads(lay.record.read_text())["lower"]
+        except FileNotFoundError:
+            # not fsynced at create (SQLite's commit right after flushes ext4's journal
+            # with it); should a crash still lose it, today's layer is the likeliest one
+            if self.lower is None:
+                raise DriverError(f"{lay.record} is missing") from None
+            lower = str(self.lower)
         except (OSError, ValueError, KeyError) as exc:
             raise DriverError(f"{lay.record}: unreadable storage record: {exc}") from None
         if not (Path(lower) / "PG_VERSION").exists():
