@@ -96,7 +96,7 @@ def test_scram_verifier_round_trip_and_format():
         Verifier.decode("md5abc")
 
 
-@pytest.mark.parametrize("password", ["secret", "p\u00e4ssw\u00f6rd with spaces", "x" * 200])
+@pytest.mark.parametrize("password", ["secret", "p\u00e4ssw\u00f6rd with spaces", "x" * 200, "nbsp\u00a0inside"])
 def test_scram_verifier_matches_scramp_reference(password):
     """The fast (hashlib) verifier is bit for bit what the scramp reference makes."""
     from scramp import ScramMechanism

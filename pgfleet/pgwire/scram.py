@@ -52,7 +52,9 @@ class Verifier:
         # SCRAM's Hi() is PBKDF2-HMAC-SHA-256: hashlib's C loop takes ~2 ms where a
         # Python loop (scramp's) takes ~30 ms of CPU, which bounded the create rate
         salt = secrets.token_bytes(16) if salt is None else salt
-        salted = hashlib.pbkdf2_hmac("sha256", saslprep(password).encode("utf-8"), salt, iterations)
+        # SASLprep leaves printable ASCII (every generated password) as it is, and is slow
+        prepared = password if password.isascii() and password.isprintable() else saslprep(password)
+        salted = hashlib.pbkdf2_hmac("sha256", prepared.encode("utf-8"), salt, iterations)
         client_key = hmac.new(salted, b"Client Key", hashlib.sha256).digest()
         server_key = hmac.new(salted, b"Server Key", hashlib.sha256).digest()
         return cls(salt, hashlib.sha256(client_key).digest(), server_key, iterations)
