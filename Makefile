@@ -19,6 +19,7 @@ bench: deps
 	$(VENV)/bin/python bench/wake.py
 	$(VENV)/bin/python bench/proxy.py
 	$(VENV)/bin/python bench/microvm.py
+	$(VENV)/bin/python bench/http_sql.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,6 +1,6 @@
 """Benchmark: one-shot SQL over HTTP against the pooled listener, for the same query.
 
-    .venv/bin/python bench/http.py [--rounds 300] [--seconds 3] [--concurrency 8]
+    .venv/bin/python bench/http_sql.py [--rounds 300] [--seconds 3] [--concurrency 8]
 
 One daemon (sandbox driver), one database, the query `SELECT $1::int + 1` with a parameter.
 Latency, sampled interleaved round by round (the machine is noisy), each sample until the
@@ -14,7 +14,7 @@ The HTTP client is a plain socket writing a prepared request and reading Content
 so that the client's own cost stays small next to the server's. Throughput: `--concurrency`
 clients for `--seconds` each, asyncio (psycopg AsyncConnection; raw asyncio streams for HTTP).
 Target: http p50 <= 2x pooled_open p50, and well under pooled_new p50.
-Writes bench/results/http.json and bench/results/http.png.
+Writes bench/results/http_sql.json and bench/results/http_sql.png.
 """
 
 from __future__ import annotations
@@ -22,11 +22,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# this file's name is the standard library's `http`: run as a script, its directory must not
-# shadow it (httpx imports http.client)
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import argparse
 import asyncio
@@ -192,8 +188,8 @@ def main() -> None:
         }
         data = {"machine": machine(), "query": QUERY, "rounds": args.rounds, "latency_ms": summary,
                 "throughput_qps": throughput, "concurrency": args.concurrency, "verdict": verdict}
-        path = write_results("http", data)
-        plot(samples, summary, throughput, RESULTS / "http.png")
+        path = write_results("http_sql", data)
+        plot(samples, summary, throughput, RESULTS / "http_sql.png")
         print(json.dumps({"latency_p50_ms": {k: v["p50"] for k, v in summary.items()},
                           "throughput_qps": throughput, "verdict": verdict}, indent=2))
         print(f"written: {path}", file=sys.stderr)
