@@ -138,3 +138,19 @@ async def test_wake_storm_is_admitted_through_a_bounded_queue(env, monkeypatch):
         for name in names:
             await fleet.delete(name)
     assert driver is env.fleet.driver
+
+
+async def test_create_without_start_is_one_commit_and_a_cut_short_one_is_swept(env):
+    """A database created without a start is recorded complete in one step; a provision
+    that a crash cut short (directory, no row) is removed at the next recovery."""
+    fleet = env.fleet
+    made = await fleet.create("onecommit", autostart=False)
+    history = fleet.store.history(made.row.uuid)
+    assert [(e["from_state"], e["to_state"]) for e in history] == [(None, "standby")]
+    assert fleet.get("onecommit").provisioned == 1
+
+    orphan = env.home / "instances" / "0d5e1c4b-cut-short"
+    fleet.driver.storage.provision(orphan, 3_999_000)
+    await fleet.recover()
+    assert not orphan.exists()
+    assert fleet.get("onecommit").state == State.STANDBY

@@ -185,6 +185,10 @@ class Driver(abc.ABC):
     @abc.abstractmethod
     async def recover(self, spec: InstanceSpec) -> Backend | None: ...
 
+    async def remove_orphan(self, home: Path) -> None:
+        """Recovery found `home` (an instance directory) with no database recorded for it: a
+        provision() cut short by a crash. Remove it if it is one; leave anything else."""
+
     async def recover_scan(self, specs: list[InstanceSpec]) -> set[str] | None:
         """Before a recovery: the uuids among `specs` that have processes on this host, found
         in one pass, or None if the driver cannot tell (then every instance is recovered one

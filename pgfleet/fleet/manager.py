@@ -23,7 +23,7 @@ from pgfleet.pgwire.scram import Verifier, generate_password
 from pgfleet.store import InstanceRow, Store
 
 from . import states
-from .errors import AlreadyExists, InvalidRequest, NotFound, QuotaExceeded, Unavailable
+from .errors import AlreadyExists, FleetError, InvalidRequest, NotFound, QuotaExceeded, Unavailable
 from .events import EventLog
 from .names import validate_name
 from .states import State
@@ -83,6 +83,7 @@ class Fleet:
         self.rt: dict[str, Runtime] = {}
         self._changed = asyncio.Condition()
         self._tasks: set[asyncio.Task] = set()
+        self._reserved_slots: set[int] = set()  # taken by creates not yet in the store
         #: admission of starts (wakes and creates): bounded, first come first served, so a
         #: storm of wakes queues instead of thrashing and every database gets its turn
         self._start_slots = asyncio.Semaphore(start_concurrency or default_start_concurrency())
@@ -188,12 +189,12 @@ class Fleet:
             cooldown_ms=cooldown_ms, created_at=time.time(), tags=tags or {}, require_tls=int(require_tls),
             pool_size=pool_size, max_pooled_clients=max_pooled_clients, max_direct_clients=max_direct_clients,
         )
+        if not autostart and self.driver.can_provision and populate is None:
+            return await self._create_cold(row, password)
         try:
             self.store.insert(row)  # provisioned=0: recovery rolls it back if we crash now
         except Exception as exc:  # the UNIQUE constraint lost a race
             raise AlreadyExists(f"database {name!r} already exists") from exc
-        if not autostart and self.driver.can_provision and populate is None:
-            return await self._create_cold(row, password)
         async with self.locked(row.uuid) as rt:
             started = time.monotonic()
             try:
@@ -221,23 +222,40 @@ class Fleet:
         return Created(self.store.get(row.uuid), password)  # type: ignore[arg-type]
 
     async def _create_cold(self, row: InstanceRow, password: str) -> Created:
-        """Create without starting: the driver lays out the data (no Postgres start), the
-        database is complete in standby and its first connection wakes it. No global lock:
-        concurrent creates only share SQLite's short write transactions."""
+        """Create without starting: the driver lays out the data (no Postgres start), then
+        ONE commit records the database complete, in standby; its first connection wakes it.
+        Nothing to undo is recorded first: a crash in between leaves only a directory with no
+        row, which recovery removes (remove_orphan). No global lock: concurrent creates share
+        only SQLite's short write transaction (the slot is held in memory meanwhile)."""
         started = time.monotonic()
-        async with self.locked(row.uuid):
+        spec = self.spec(row)
+        self._reserved_slots.add(row.slot)
+        try:
             try:
-                await self.driver.provision(self.spec(row))
+                await self.driver.provision(spec)
             except BaseException as exc:
-                await self._rollback_create(row, exc)
+                log.error("creating %s failed: %s", row.name, exc)
+                self.events.emit("create_failed", row.name, error=str(exc)[:500])
+                await asyncio.shield(self.driver.destroy(spec))
                 raise
-            self._move(row.uuid, State.STARTING, State.STANDBY, "created", provisioned=1,
-                       stopped_at=time.time(), stop_reason="created without autostart")
+            row.state, row.provisioned = State.STANDBY, 1
+            row.stopped_at, row.stop_reason = time.time(), "created without autostart"
+            try:
+                if self.quotas is not None:  # again: others may have been created meanwhile
+                    self.quotas.check_create(self, row.memory_mb)
+                self.store.insert(row)
+            except Exception as exc:
+                await asyncio.shield(self.driver.destroy(spec))
+                if isinstance(exc, FleetError):
+                    raise
+                raise AlreadyExists(f"database {row.name!r} already exists") from exc  # lost a race
+        finally:
+            self._reserved_slots.discard(row.slot)
         # an event but no per-database telemetry object: untouched databases cost no memory
         self.events.emit("created", row.name, latency_ms=round((time.monotonic() - started) * 1000, 1),
                          memory_mb=row.memory_mb, image=row.image, started=False)
         await self._notify()
-        return Created(self.store.get(row.uuid), password)  # type: ignore[arg-type]
+        return Created(row, password)
 
     async def _rollback_create(self, row: InstanceRow, exc: BaseException) -> None:
         log.error("creating %s failed, rolling back: %s", row.name, exc)
@@ -256,7 +274,7 @@ class Fleet:
             )
 
     def _free_slot(self) -> int:
-        used = self.store.used_slots()
+        used = self.store.used_slots() | self._reserved_slots
         slot = 1
         while slot in used:
             slot += 1
@@ -562,6 +580,10 @@ class Fleet:
         stopped without any costs nothing here (no driver call, no Runtime), so a restart
         with 10,000 defined does work only for the few that were running."""
         rows = self.store.all()
+        known = {r.uuid for r in rows}
+        instances = self.home / "instances"
+        for orphan in (p for p in (instances.iterdir() if instances.is_dir() else []) if p.name not in known):
+            await self.driver.remove_orphan(orphan)  # a create without a start cut short
         alive = await self.driver.recover_scan([self.spec(r) for r in rows])
         keep_up: list[str] = []
         try:

@@ -372,6 +372,15 @@ class SandboxDriver(SandboxBackups, Driver):
         shutil.rmtree(spec.home, ignore_errors=True)  # fd-based: never follows a tenant's symlink
         shutil.rmtree(self.socket_dir(spec), ignore_errors=True)
 
+    async def remove_orphan(self, home: Path) -> None:
+        if self.storage is None or not self.storage.is_overlay(home):
+            return  # not a provision() of ours
+        if find_postmaster(home / "data") is not None:
+            log.error("%s has no database recorded but a live postgres: left alone", home)
+            return
+        log.warning("removing %s: a create cut short (no database was recorded for it)", home)
+        self.storage.destroy(home)
+
     async def recover_scan(self, specs: list[InstanceSpec]) -> set[str] | None:
         self._scanned = await asyncio.to_thread(find_postmasters)
         real = {p: os.path.realpath(p) for p in {s.home.parent for s in specs}}  # one per instances dir
