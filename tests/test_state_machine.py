@@ -84,3 +84,16 @@ def test_the_fleet_refuses_an_illegal_transition_and_writes_nothing(tmp_path):
         fleet._move(row.uuid, State.STANDBY, State.RUNNING, "skipping starting")
     assert store.get(row.uuid).state == State.STANDBY
     assert [h["to_state"] for h in store.history(row.uuid)] == ["standby", "starting"]
+
+
+async def test_find_sees_every_write_of_the_store(env):
+    """find() answers from memory between writes; any write (rotation, rename, delete) is seen."""
+    created = await env.fleet.create("seen", autostart=False)
+    first = env.fleet.find("seen")
+    assert first is env.fleet.find("seen")  # no write in between: the same row
+    await env.fleet.rotate_password("seen", "another-password-123")
+    assert env.fleet.find("seen").verifier != created.row.verifier
+    env.fleet.store.db.execute("UPDATE instances SET name='renamed' WHERE uuid=?", (created.row.uuid,))
+    assert env.fleet.find("seen") is None and env.fleet.find("renamed") is not None
+    await env.fleet.delete(created.row.uuid)
+    assert env.fleet.find("renamed") is None
