@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import stat
 import time
 
 import psycopg
@@ -101,10 +102,21 @@ async def test_branch_of_now_is_independent(fb):
     # the branch's role owns what the parent's role owned
     assert await sql(env, "app-copy", running.password, "SELECT tableowner FROM pg_tables WHERE tablename='t'") == [("app-copy",)]
 
+    # files of the template layer the parent dropped (REINDEX: new relfilenodes) stay dropped
+    await sql(env, "app", pw, "REINDEX SYSTEM postgres")
     await env.fleet.suspend("app")
     standby = await branches.branch("app", "app-copy2")
     assert env.fleet.get("app").state == State.STANDBY
     assert await sql(env, "app-copy2", standby.password, "SELECT count(*) FROM t") == [(1001,)]
+    storage = env.fleet.driver.storage
+    if storage is not None and storage.is_overlay(env.fleet.spec(env.fleet.get("app")).home):
+        def whiteouts(name: str) -> set[str]:
+            upper = storage.layout(env.fleet.spec(env.fleet.get(name)).home).upper
+            return {str(p.relative_to(upper)) for p in upper.rglob("*")
+                    if stat.S_ISCHR(p.lstat().st_mode) and p.lstat().st_rdev == 0}
+
+        dropped = {w for w in whiteouts("app") if w.startswith("base/")}  # (pg_stat/ is the server's own)
+        assert dropped and dropped <= whiteouts("app-copy2")
 
 
 async def test_restore_in_place_and_after_delete(fb):

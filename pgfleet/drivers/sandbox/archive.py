@@ -73,6 +73,14 @@ def exclude_from_copy(path: str, is_dir: bool) -> bool:
     return top in _EMPTIED_DIRS or "pgsql_tmp" in path
 
 
+def exclude_keeping_wal(path: str, is_dir: bool) -> bool:
+    """For a cleanly stopped cluster copied to start as it is: its WAL is kept (not the
+    archive status of the parent's segments)."""
+    if path.startswith("pg_wal/"):
+        return path.startswith("pg_wal/archive_status/")
+    return exclude_from_copy(path, is_dir)
+
+
 # --- the spool (tenant side) -> the repository (host side) ----------------------------
 def prepare_spool(data: Path, uid: int) -> None:
     """Make `data/pgfleet_archive/` a directory owned by the tenant (replace anything else)."""

@@ -25,13 +25,19 @@ class SandboxBackups:
 
     supports_branches = True
 
+    def _repo_lock(self, repo: Path) -> asyncio.Lock:
+        """One archiving step at a time per repository (the schedule and a flush may meet)."""
+        locks = self.__dict__.setdefault("_repo_locks", {})
+        return locks.setdefault(str(repo), asyncio.Lock())
+
     async def archive(self, spec: InstanceSpec, repo: Path, *, stopped: bool) -> None:
         data = self.data_dir(spec)
-        if stopped:
-            with self.data_mounted(spec):  # a stopped copy-on-write database is not mounted
-                await asyncio.to_thread(archive.ingest_after_stop, data, repo)
-        else:
-            await asyncio.to_thread(archive.ingest_spool, data, repo)
+        async with self._repo_lock(repo):
+            if stopped:
+                with self.data_mounted(spec):  # a stopped copy-on-write database is not mounted
+                    await asyncio.to_thread(archive.ingest_after_stop, data, repo)
+            else:
+                await asyncio.to_thread(archive.ingest_spool, data, repo)
 
     async def flush_archive(self, spec: InstanceSpec, repo: Path) -> None:
         """A commit record stamped now (so that a recovery to any earlier moment finds its
@@ -46,28 +52,34 @@ class SandboxBackups:
 
     async def _archive_up_to(self, spec: InstanceSpec, repo: Path, last: str) -> None:
         data = self.data_dir(spec)
-        await asyncio.to_thread(archive.ingest_spool, data, repo)
-        await asyncio.to_thread(archive.archive_from_pg_wal, data, repo, last)
+        async with self._repo_lock(repo):
+            await asyncio.to_thread(archive.ingest_spool, data, repo)
+            await asyncio.to_thread(archive.archive_from_pg_wal, data, repo, last)
 
     async def base_backup(self, spec: InstanceSpec, repo: Path, dest: Path) -> dict:
-        return await self._consistent_copy(spec, repo, dest, uid=None)
+        with self.data_mounted(spec):  # a stopped copy-on-write database is not mounted
+            return await self._consistent_copy(spec, repo, self.data_dir(spec), dest, uid=None)
 
-    async def _consistent_copy(self, spec: InstanceSpec, repo: Path, dest: Path, uid: int | None) -> dict:
-        """Online (pg_backup_start/stop around the copy: the parent's clients go on) while it
-        runs; a plain copy of a cleanly stopped data directory otherwise."""
-        data = self.data_dir(spec)
+    async def _consistent_copy(self, spec: InstanceSpec, repo: Path, src: Path, dest: Path, uid: int | None,
+                               keep_wal: bool = False, overlay: bool = False) -> dict:
+        """Copy `src` (the data directory, or a copy-on-write database's upper layer) to the
+        new `dest`: online (pg_backup_start/stop around the copy: the database's clients go
+        on) while it runs; a plain copy of a cleanly stopped cluster otherwise (with its WAL
+        if `keep_wal`: such a copy starts as it is)."""
         if not self.is_running(spec):
-            with self.data_mounted(spec):  # a stopped copy-on-write database is not mounted
-                stats = await asyncio.to_thread(safecopy.copy_tree, data, dest, uid, archive.exclude_from_copy)
-                control = await asyncio.to_thread(archive.read_control, data)
+            exclude = archive.exclude_keeping_wal if keep_wal else archive.exclude_from_copy
+            stats = await asyncio.to_thread(safecopy.copy_tree, src, dest, uid, exclude, overlay)
             _report(spec, stats)
+            if keep_wal:
+                return {"online": False}
+            control = await asyncio.to_thread(archive.read_control, src)
             return {"start_segment": archive.segment_name(control.timeline, control.redo_lsn),
                     "timeline": control.timeline, "consistent_at": control.time, "online": False}
         conn = await admin_connect(self.backend(spec))
         try:
             await conn.query("SELECT pg_backup_start('pgfleet', true)")
             try:
-                stats = await asyncio.to_thread(safecopy.copy_tree, data, dest, uid, archive.exclude_from_copy)
+                stats = await asyncio.to_thread(safecopy.copy_tree, src, dest, uid, archive.exclude_from_copy, overlay)
             except BaseException:
                 await conn.query("SELECT pg_backup_stop(false)")
                 raise
@@ -88,17 +100,40 @@ class SandboxBackups:
                 "consistent_at": consistent_at, "online": True}
 
     async def branch(self, parent: InstanceSpec, parent_repo: Path, child: InstanceSpec) -> Backend:
-        partial = self._fresh_partial(child)
-        meta = await self._consistent_copy(parent, parent_repo, partial, uid=self.uid_of(child))
-        if not meta["online"]:
-            # a cleanly stopped cluster copied with its WAL starts as it is
+        """A copy-on-write parent (template layer + its upper layer) gets a child over the
+        same template layer with a copy of its upper layer: the cost is what the parent
+        changed, not its whole size. Otherwise the whole data directory is copied."""
+        uid = self.uid_of(child)
+        if self.storage is not None and self.storage.is_overlay(parent.home):
+            src, ready = self.storage.layout(parent.home).upper, self._adopt_upper
+            partial = self._fresh_partial(child, "upper.partial")
+            meta = await self._consistent_copy(parent, parent_repo, src, partial, uid, keep_wal=True, overlay=True)
+        else:
+            src, ready = self.data_dir(parent), self._adopt_data
+            partial = self._fresh_partial(child)
             with self.data_mounted(parent):
-                await asyncio.to_thread(_copy_wal_dir, self.data_dir(parent), partial, self.uid_of(child))
-            await asyncio.to_thread(safecopy.syncfs, partial)
-            partial.rename(self.data_dir(child))
-            return await self._launch(child)
-        partial.rename(self.data_dir(child))
+                meta = await self._consistent_copy(parent, parent_repo, src, partial, uid, keep_wal=True)
+        await asyncio.to_thread(safecopy.syncfs, partial)
+        ready(parent, child, partial)
+        if not meta["online"]:
+            return await self._launch(child)  # a cleanly stopped cluster copied with its WAL
         return await self._recover(child, parent_repo, meta, RecoveryTarget("immediate"))
+
+    def _adopt_data(self, parent: InstanceSpec, child: InstanceSpec, partial: Path) -> None:
+        partial.rename(self.data_dir(child))
+
+    def _adopt_upper(self, parent: InstanceSpec, child: InstanceSpec, partial: Path) -> None:
+        """The child's overlay layout: the parent's template layer (its storage record),
+        the copied upper layer, an empty work directory and mount point."""
+        theirs, mine = self.storage.layout(parent.home), self.storage.layout(child.home)
+        for path in (mine.work, mine.data):
+            path.mkdir(mode=0o700, exist_ok=True)
+        record = mine.record.with_suffix(".tmp")
+        fd = os.open(record, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(theirs.record.read_bytes())
+        os.replace(record, mine.record)
+        partial.rename(mine.upper)
 
     async def restore(self, child: InstanceSpec, backup: Path, meta: dict, repo: Path,
                       target: RecoveryTarget) -> Backend:
@@ -110,9 +145,10 @@ class SandboxBackups:
 
     async def _recover(self, child: InstanceSpec, repo: Path, meta: dict, target: RecoveryTarget) -> Backend:
         data, uid = self.data_dir(child), self.uid_of(child)
-        staged = await asyncio.to_thread(archive.stage_wal, repo, data, meta["start_segment"], uid)
+        with self.data_mounted(child):
+            staged = await asyncio.to_thread(archive.stage_wal, repo, data, meta["start_segment"], uid)
+            _write_owned(data / "recovery.signal", "", uid)
         log.info("%s: recovering to %s from %d WAL segments", child.name, target, staged)
-        _write_owned(data / "recovery.signal", "", uid)
         log_start = _size(self.log_path(child))
         try:
             backend = await self._launch(child, archive.recovery_args(target), RECOVERY_TIMEOUT_S)
@@ -144,29 +180,14 @@ class SandboxBackups:
         finally:
             await conn.close()
 
-    def _fresh_partial(self, child: InstanceSpec) -> Path:
-        if (self.data_dir(child) / "PG_VERSION").exists():
+    def _fresh_partial(self, child: InstanceSpec, name: str = "data.partial") -> Path:
+        if (self.data_dir(child) / "PG_VERSION").exists() or (child.home / "upper").exists():
             raise DriverError(f"database {child.name} already has data")
         child.home.mkdir(parents=True, exist_ok=True)
         os.chmod(child.home, 0o711)
-        partial = child.home / "data.partial"
+        partial = child.home / name
         safecopy.remove_tree(partial)
         return partial
-
-
-def _copy_wal_dir(src_data: Path, dst_data: Path, uid: int) -> None:
-    """pg_wal of a stopped cluster (segments and history files; archive_status starts empty)."""
-    sfd = safecopy.open_dir(src_data / "pg_wal")
-    dfd = safecopy.open_dir(dst_data / "pg_wal")
-    try:
-        os.mkdir("archive_status", 0o700, dir_fd=dfd)
-        os.chown("archive_status", uid, uid, dir_fd=dfd)
-        for name in os.listdir(sfd):
-            if archive.SEGMENT_RE.match(name) or archive.HISTORY_RE.match(name):
-                safecopy.copy_file(name, sfd, dfd, uid, max_bytes=archive.WAL_SEGMENT_BYTES)
-    finally:
-        os.close(sfd)
-        os.close(dfd)
 
 
 def _write_owned(path: Path, text: str, uid: int | None) -> None:

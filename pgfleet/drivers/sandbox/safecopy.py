@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -81,7 +82,7 @@ def copy_file(name: str, src_dir: int, dst_dir: int, uid: int | None, max_bytes:
         target = dst_name or name
         flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
         if overwrite:
-            tmp = f".{target}.tmp"
+            tmp = f".{target}.{os.getpid()}.{threading.get_ident()}.tmp"  # copies may race: each its own
             try:
                 os.unlink(tmp, dir_fd=dst_dir)
             except FileNotFoundError:
@@ -104,9 +105,12 @@ def copy_file(name: str, src_dir: int, dst_dir: int, uid: int | None, max_bytes:
         os.close(fd)
 
 
-def copy_tree(src: Path, dst: Path, uid: int | None, exclude: Exclude | None = None) -> CopyStats:
+def copy_tree(src: Path, dst: Path, uid: int | None, exclude: Exclude | None = None,
+              overlay: bool = False) -> CopyStats:
     """Copy directory `src` to the new directory `dst` (which must not exist), files and
-    directories only, every copy owned by `uid` (None: root) with owner-only modes."""
+    directories only, every copy owned by `uid` (None: root) with owner-only modes.
+    `overlay`: `src` is an overlayfs upper layer: its whiteouts (0/0 character devices: a
+    file deleted from the layer below) and opaque directories are kept as such."""
     stats = CopyStats()
     os.mkdir(dst, 0o700)
     src_fd = open_dir(src)
@@ -115,7 +119,7 @@ def copy_tree(src: Path, dst: Path, uid: int | None, exclude: Exclude | None = N
         try:
             if uid is not None:
                 os.fchown(dst_fd, uid, uid)
-            _copy_dir(src_fd, dst_fd, "", uid, exclude, stats)
+            _copy_dir(src_fd, dst_fd, "", uid, exclude, stats, overlay)
         finally:
             os.close(dst_fd)
     finally:
@@ -123,8 +127,11 @@ def copy_tree(src: Path, dst: Path, uid: int | None, exclude: Exclude | None = N
     return stats
 
 
+OPAQUE_XATTR = "trusted.overlay.opaque"
+
+
 def _copy_dir(src_fd: int, dst_fd: int, rel: str, uid: int | None, exclude: Exclude | None,
-              stats: CopyStats) -> None:
+              stats: CopyStats, overlay: bool = False) -> None:
     for name in sorted(os.listdir(src_fd)):
         path = f"{rel}{name}"
         try:
@@ -148,7 +155,9 @@ def _copy_dir(src_fd: int, dst_fd: int, rel: str, uid: int | None, exclude: Excl
                 try:
                     if uid is not None:
                         os.fchown(out, uid, uid)
-                    _copy_dir(child, out, path + "/", uid, exclude, stats)
+                    if overlay:
+                        _copy_opaque(child, out)
+                    _copy_dir(child, out, path + "/", uid, exclude, stats, overlay)
                 finally:
                     os.close(out)
             finally:
@@ -161,8 +170,20 @@ def _copy_dir(src_fd: int, dst_fd: int, rel: str, uid: int | None, exclude: Excl
                 continue
             except OSError:  # became a symlink, FIFO, ... between stat and open
                 stats.skipped.append(path)
+        elif overlay and stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+            os.mknod(name, stat.S_IFCHR | 0o600, 0, dir_fd=dst_fd)  # a whiteout: root made it, root copies it
+            if uid is not None:
+                os.chown(name, uid, uid, dir_fd=dst_fd, follow_symlinks=False)
         else:
             stats.skipped.append(path)
+
+
+def _copy_opaque(src_fd: int, dst_fd: int) -> None:
+    try:
+        value = os.getxattr(src_fd, OPAQUE_XATTR)
+    except OSError:
+        return
+    os.setxattr(dst_fd, OPAQUE_XATTR, value)
 
 
 def syncfs(path: Path) -> None:
