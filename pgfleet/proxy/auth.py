@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 
 from scramp import ScramException, ScramMechanism
@@ -52,11 +51,14 @@ async def scram_authenticate(
 
 
 def password_matches(password: str, verifier: Verifier) -> bool:
-    """A cleartext password against a stored SCRAM verifier: StoredKey = H(HMAC(SaltedPassword,
-    "Client Key")), compared in constant time. Costs one PBKDF2 of the verifier's iterations."""
-    salted = hashlib.pbkdf2_hmac("sha256", password.encode("utf-8"), verifier.salt, verifier.iterations)
-    client_key = hmac.digest(salted, b"Client Key", "sha256")
-    return hmac.compare_digest(hashlib.sha256(client_key).digest(), verifier.stored_key)
+    """A cleartext password against a stored SCRAM verifier: the verifier it makes with the
+    same salt and iterations (SASLprep included) has the same StoredKey, compared in constant
+    time. Costs one PBKDF2 of the verifier's iterations."""
+    try:
+        candidate = Verifier.from_password(password, verifier.iterations, verifier.salt)
+    except (ScramException, ValueError, UnicodeError):  # SASLprep refuses prohibited characters
+        return False
+    return hmac.compare_digest(candidate.stored_key, verifier.stored_key)
 
 
 async def cleartext_authenticate(
