@@ -33,7 +33,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-# the repository root instead of bench/ first on the path: bench/http.py must not shadow http
+# the repository root instead of bench/ first on the path (bench.common, and no module in
+# bench/ can shadow the standard library)
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
 import httpx  # noqa: E402
 import psycopg  # noqa: E402
@@ -167,7 +168,7 @@ async def storm(d: Daemon, names: list[str], passwords: dict[str, str]) -> tuple
             errors.append(f"{name}: {exc}")
 
     await asyncio.gather(*(client(n) for n in names))
-    return latencies, len(errors), conns
+    return latencies, errors, conns
 
 
 def main() -> None:
@@ -224,7 +225,8 @@ def main() -> None:
         lat, errors, conns = loop.run_until_complete(storm(d, storm_names, passwords))
         storm_wall = time.perf_counter() - t
         procs, pss = pss_of_processes_under(home)
-        result["storm"] = {"k": args.storm, "served": len(lat), "errors": errors, "wall_s": round(storm_wall, 1),
+        result["storm"] = {"k": args.storm, "served": len(lat), "errors": len(errors),
+                           "first_errors": errors[:10], "wall_s": round(storm_wall, 1),
                            "latency_ms": summarise(lat)}
         result["awake"] = {"databases": len(lat), "processes": procs - before_n,
                            "pss_mib_total": round(pss - before_pss, 1),

@@ -154,3 +154,30 @@ async def test_create_without_start_is_one_commit_and_a_cut_short_one_is_swept(e
     await fleet.recover()
     assert not orphan.exists()
     assert fleet.get("onecommit").state == State.STANDBY
+
+
+async def test_clients_of_a_wake_storm_wait_their_turn_and_are_all_served(env, monkeypatch):
+    """One start at a time and each start slowed down: the last client waits for every
+    start before its own, and is served, not refused."""
+    import psycopg
+
+    from pgfleet.proxy import server
+
+    monkeypatch.setattr(env.fleet, "_start_slots", asyncio.Semaphore(1))
+    made = [await env.fleet.create(f"queue{i}", autostart=False) for i in range(5)]
+    real_start = SandboxDriver.start
+
+    async def slow_start(self, spec):
+        await asyncio.sleep(0.4)  # a loaded host: each start takes a while
+        return await real_start(self, spec)
+
+    monkeypatch.setattr(SandboxDriver, "start", slow_start)
+    monkeypatch.setattr(server, "WAKE_TIMEOUT_S", 0.5)  # shorter than the queue: must not matter
+
+    async def client(c):
+        conn = await psycopg.AsyncConnection.connect(**env.conninfo(c.row.name, c.password), autocommit=True)
+        async with conn:
+            return (await (await conn.execute("SELECT current_user")).fetchone())[0]
+
+    got = await asyncio.wait_for(asyncio.gather(*(client(c) for c in made)), 120)
+    assert got == [c.row.name for c in made]

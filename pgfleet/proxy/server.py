@@ -218,8 +218,9 @@ class ProxyServer:
                 if self.mode == "transaction":
                     await self._pooled_session(startup, route, row, wake, reader, writer)
                 else:
-                    backend = wake.result() if wake.done() else await asyncio.wait_for(
-                        asyncio.shield(wake), WAKE_TIMEOUT_S)
+                    # no deadline of the proxy's own: in a wake storm the start waits its turn
+                    # in the fleet's queue (never refused); each start is bounded by the driver
+                    backend = wake.result() if wake.done() else await asyncio.shield(wake)
                     await self._direct_session(startup, route, row, backend, reader, writer)
         finally:
             if not wake.done():
@@ -355,7 +356,7 @@ class ProxyServer:
                               writer: asyncio.StreamWriter) -> None:
         pool = self.pool_for(row)
         if not wake.done():
-            await asyncio.wait_for(asyncio.shield(wake), WAKE_TIMEOUT_S)
+            await asyncio.shield(wake)  # queued starts wait their turn (see _authenticated_session)
         wake.result()  # its error, if the database could not be woken
         if not pool.params:  # the first client learns the server's parameters for everyone
             conn = await pool.acquire()
