@@ -9,7 +9,7 @@ import pytest
 
 from pgfleet.drivers.base import InstanceSpec, admin_connect
 from pgfleet.drivers.sandbox import cgroups
-from pgfleet.drivers.sandbox.driver import UID_BASE, SandboxDriver
+from pgfleet.drivers.sandbox.driver import SandboxDriver
 from pgfleet.drivers.sandbox.procscan import find_postmaster
 
 from .conftest import SANDBOX_SKIP
@@ -51,7 +51,7 @@ async def test_postgres_is_isolated(driver, tmp_path):
     assert pm is not None
     status = Path(f"/proc/{pm}/status").read_text()
     uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
-    assert uid_line.split()[1] == str(UID_BASE + 11), "postgres must run as its own unprivileged uid"
+    assert uid_line.split()[1] == str(driver.uid_of(spec)), "postgres must run as its own unprivileged uid"
     for ns in ("mnt", "pid", "ipc", "uts", "net"):
         assert os.readlink(f"/proc/{pm}/ns/{ns}") != os.readlink(f"/proc/self/ns/{ns}"), f"{ns} namespace shared"
     # inside its PID namespace the postmaster is PID 1 and sees no host processes
@@ -68,7 +68,7 @@ async def test_postgres_is_isolated(driver, tmp_path):
     assert str(pm) in (mem_dir / "cgroup.procs").read_text().split()
     # the data directory belongs to that uid alone
     st = os.stat(driver.data_dir(spec))
-    assert st.st_uid == UID_BASE + 11 and st.st_mode & 0o077 == 0
+    assert st.st_uid == driver.uid_of(spec) and st.st_mode & 0o077 == 0
 
 
 async def test_tenant_role_is_owner_not_superuser(driver, tmp_path):

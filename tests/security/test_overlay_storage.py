@@ -12,7 +12,6 @@ import psycopg
 import pytest
 
 from pgfleet.drivers.sandbox import storage
-from pgfleet.drivers.sandbox.driver import UID_BASE
 
 from ..conftest import SANDBOX_SKIP
 
@@ -28,7 +27,7 @@ async def test_tenant_uid_cannot_reach_the_shared_template_layer(env):
     row = (await env.fleet.create("lowerx", autostart=False)).row
     lower = env.fleet.driver.storage.lower
     before = (lower / "PG_VERSION").read_bytes()
-    uid = UID_BASE + row.slot
+    uid = env.fleet.driver.uid_of(env.fleet.spec(row))
     for argv in (["cat", str(lower / "PG_VERSION")], ["sh", "-c", f"echo x >> {lower}/PG_VERSION"],
                  ["ls", str(lower)]):
         proc = as_uid(uid, *argv)
@@ -46,7 +45,7 @@ async def test_disk_bytes_never_follows_symlinks_the_tenant_plants(env):
     big = env.home / "host-big-file"
     with open(big, "wb") as f:
         f.write(os.urandom(4 << 20))  # 4 MiB the tenant does not own
-    uid = UID_BASE + row.slot
+    uid = env.fleet.driver.uid_of(env.fleet.spec(row))
     for name, target in (("to-root", "/"), ("to-big", str(big)), ("loop", ".")):
         os.symlink(target, upper / name)
         os.lchown(upper / name, uid, uid)

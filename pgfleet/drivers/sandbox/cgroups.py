@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +67,22 @@ class Cgroup:
             return int((d / name).read_text())
         except (OSError, ValueError):
             return None
+
+    def kill(self) -> None:
+        """SIGKILL every process in the cgroup(s) (cgroup.kill on v2, else one by one)."""
+        for d in self.dirs.values():
+            if (d / "cgroup.kill").exists():
+                _write(d / "cgroup.kill", "1", optional=True)
+                continue
+            try:
+                pids = (d / "cgroup.procs").read_text().split()
+            except OSError:
+                continue
+            for pid in pids:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
     def remove(self) -> None:
         """Remove the (empty) cgroups; an instance in standby keeps nothing here."""

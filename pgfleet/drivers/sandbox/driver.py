@@ -22,18 +22,21 @@ from typing import Iterator
 from ..base import Backend, Driver, DriverError, InstanceSpec, admin_connect
 from ..pgbin import PostgresInstall, find_postgres
 from ..roles import check_role_name, tenant_role_sql
+from ..untrusted import read_head, read_tail
 from . import archive, cgroups
 from .backups import SandboxBackups
+from .jail import ensure_jail, jail_argv
 from .procscan import find_postmaster, find_postmasters
 from .storage import OverlayStorage, ensure_lower, mounted_data_dirs, overlay_supported
+from .uids import UidRegistry
 from .template import ensure_template
 
 log = logging.getLogger(__name__)
 
-UID_BASE = 3_000_000  # per-instance uids/gids: UID_BASE + slot; no passwd entry needed
 PORT = 5432  # names the socket file only: the network namespace has no interfaces
 READY_TIMEOUT_S = 60.0
 SHUTDOWN_TIMEOUT_S = 30.0
+QUIT_TIMEOUT_S = 5.0  # after SIGQUIT, then every process of the instance's cgroup is SIGKILLed
 CGROUP_PARENT = "pgfleet"
 SOCKET_ROOT = Path("/run/pgfleet")
 
@@ -59,6 +62,10 @@ class SandboxDriver(SandboxBackups, Driver):
         self.pg: PostgresInstall = find_postgres(postgres_major)
         self.template: Path | None = None
         self.storage: OverlayStorage | None = None
+        self.jail: Path | None = None
+        self.uids = UidRegistry()
+        self._uids: dict[str, int] = {}  # instance uuid -> its uid
+        self._stopping: set[asyncio.Task] = set()  # background stops of strays found by recover()
         self._running: dict[str, _Running] = {}
         self._scanned: dict[str, int] | None = None  # postmasters by data dir, during a recovery
         self.home_tag = _home_tag(state_dir)
@@ -68,10 +75,6 @@ class SandboxDriver(SandboxBackups, Driver):
     @staticmethod
     def data_dir(spec: InstanceSpec) -> Path:
         return spec.home / "data"
-
-    @staticmethod
-    def uid_of(spec: InstanceSpec) -> int:
-        return UID_BASE + spec.slot
 
     def socket_dir(self, spec: InstanceSpec) -> Path:
         # Not under the home: a unix socket path must stay within 107 bytes.
@@ -93,6 +96,7 @@ class SandboxDriver(SandboxBackups, Driver):
         self.template = await ensure_template(self.pg, self.cache_dir / "templates")
         lower = await ensure_lower(self.template) if overlay_supported() else None
         self.storage = OverlayStorage(lower)
+        self.jail = await ensure_jail(self.cache_dir)
 
     async def create(self, spec: InstanceSpec) -> Backend:
         await self.provision(spec)
@@ -112,20 +116,16 @@ class SandboxDriver(SandboxBackups, Driver):
         if self.storage.lower is None:
             await self._clone(spec)
             return
-        self.storage.provision(spec.home, UID_BASE + spec.slot)
-        _check_traversable(spec.home)
+        self.storage.provision(spec.home, self.uid_of(spec))
 
     def _personalised_marker(self, spec: InstanceSpec) -> Path:
         return spec.home / "personalised"
 
     async def _clone(self, spec: InstanceSpec) -> None:
-        uid = UID_BASE + spec.slot
         data = self.data_dir(spec)
         if (data / "PG_VERSION").exists():
             return  # an earlier, interrupted create already cloned it
-        spec.home.mkdir(parents=True, exist_ok=True)
-        os.chmod(spec.home, 0o711)
-        _check_traversable(spec.home)
+        uid = self.uid_of(spec)
         partial = spec.home / "data.partial"
         shutil.rmtree(partial, ignore_errors=True)
         # cp -a keeps sparse files and modes; chown hands the copy to the instance's uid.
@@ -152,6 +152,45 @@ class SandboxDriver(SandboxBackups, Driver):
     def auth_dir(self, spec: InstanceSpec) -> Path:
         """Root-owned pg_hba.conf / pg_ident.conf, outside the tenant-writable data directory."""
         return spec.home / "auth"
+
+    def uid_of(self, spec: InstanceSpec) -> int:
+        """The instance's uid (and gid): allocated host-wide (uids.py) the first time it is
+        asked for, recorded in its home. An instance made before that record keeps the uid
+        its files have (and has it registered)."""
+        uid = self._uids.get(spec.uuid)
+        if uid is not None:
+            return uid
+        record = spec.home / "uid"
+        try:
+            uid = int(record.read_text())
+        except FileNotFoundError:
+            uid = self._legacy_uid(spec)
+            try:
+                if uid is not None:
+                    self.uids.claim(uid, spec.home)
+                else:
+                    # the home exists first: the registry takes an entry whose home is
+                    # missing for a stale one
+                    spec.home.mkdir(parents=True, exist_ok=True)
+                    os.chmod(spec.home, 0o700)
+                    uid = self.uids.allocate(spec.home)
+            except RuntimeError as exc:
+                raise DriverError(str(exc)) from None
+            _write_root_file(record, f"{uid}\n")
+        self._uids[spec.uuid] = uid
+        return uid
+
+    def _legacy_uid(self, spec: InstanceSpec) -> int | None:
+        """The owner of an existing instance's files (its overlay's upper directory, or its
+        data directory), from before uids were recorded."""
+        for path in (spec.home / "upper", self.data_dir(spec)):
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                continue
+            if st.st_uid != 0:
+                return st.st_uid
+        return None
 
     def _write_auth_files(self, spec: InstanceSpec) -> list[str]:
         """Who may log in over the instance's socket: host root only (the daemon: admin
@@ -216,7 +255,10 @@ class SandboxDriver(SandboxBackups, Driver):
 
     async def _launch(self, spec: InstanceSpec, extra_args: list[str] | None = None,
                       ready_timeout_s: float = READY_TIMEOUT_S) -> Backend:
-        if spec.uuid in self._running:
+        entry = self._running.get(spec.uuid)
+        if entry is not None and entry.stopping:
+            await asyncio.shield(entry.waiter)  # a stop in progress (a stray after a restart)
+        elif entry is not None:
             return self.backend(spec)
         data = self.data_dir(spec)
         if self.storage is None:
@@ -226,7 +268,7 @@ class SandboxDriver(SandboxBackups, Driver):
         if not (data / "PG_VERSION").exists():
             self.storage.unmount(spec.home)
             raise DriverError(f"database {spec.name} has no data directory at {data}")
-        uid = UID_BASE + spec.slot
+        uid = self.uid_of(spec)
         run = self.socket_dir(spec)
         run.parent.mkdir(mode=0o711, parents=True, exist_ok=True)
         run.mkdir(mode=0o700, exist_ok=True)
@@ -246,7 +288,8 @@ class SandboxDriver(SandboxBackups, Driver):
         procs_files = cg.procs_files()
         shared_buffers = max(16, spec.memory_mb // 8)
         argv = self._sandboxed(spec, [
-            str(self.pg.postgres), "-D", str(data), "-k", str(run), "-p", str(PORT),
+            # canonical paths: the jail binds them at exactly these paths in its private root
+            str(self.pg.postgres), "-D", os.path.realpath(data), "-k", os.path.realpath(run), "-p", str(PORT),
             "-c", f"shared_buffers={shared_buffers}MB",
             "-c", f"cluster_name={spec.name}",
             *self._write_auth_files(spec),
@@ -274,16 +317,13 @@ class SandboxDriver(SandboxBackups, Driver):
         self._watch(spec, pm_pid, proc.wait())
         return self.backend(spec)
 
-    def _sandboxed(self, spec: InstanceSpec, argv: list[str]) -> list[str]:
+    def _sandboxed(self, spec: InstanceSpec, argv: list[str], wait_detach: bool = False) -> list[str]:
         """`argv` run the way every process of the instance runs: as its uid, in fresh
-        namespaces. The caller joins the instance's cgroups between fork and exec."""
-        uid = UID_BASE + spec.slot
-        return [
-            "unshare", "--mount", "--pid", "--fork", "--ipc", "--uts", "--net",
-            "--kill-child", "--mount-proc",
-            "--setuid", str(uid), "--setgid", str(uid),
-            "--", *argv,
-        ]
+        namespaces, in a private root holding only its own directories (jail.c). The caller
+        joins the instance's cgroups between fork and exec."""
+        assert self.jail is not None, "prepare() first"
+        return jail_argv(self.jail, self.uid_of(spec), _tmpfs_mb(spec), self.data_dir(spec),
+                         self.socket_dir(spec), self.auth_dir(spec), argv, wait_detach)
 
     def exec_as_tenant(self, spec: InstanceSpec, argv: list[str], timeout: float = 60.0,
                        input: str | None = None) -> subprocess.CompletedProcess:
@@ -294,23 +334,18 @@ class SandboxDriver(SandboxBackups, Driver):
         cg.create(cgroups.CgroupLimits(memory_bytes=spec.memory_mb * 1024 * 1024))
         procs_files = cg.procs_files()
         return subprocess.run(
-            self._sandboxed(spec, argv), input=input, capture_output=True, text=True, timeout=timeout,
+            self._sandboxed(spec, argv, wait_detach=True), input=input, capture_output=True, text=True, timeout=timeout,
             preexec_fn=lambda: (cgroups.join(procs_files), os.setsid()),
         )
 
     async def _wait_ready(self, spec: InstanceSpec, proc: asyncio.subprocess.Process,
                           timeout_s: float = READY_TIMEOUT_S) -> int:
         """Wait until the postmaster reports 'ready' in postmaster.pid; returns its host pid."""
-        pidfile = self.data_dir(spec) / "postmaster.pid"
         deadline = time.monotonic() + timeout_s
         while True:
             if proc.returncode is not None:
                 raise DriverError(f"postgres for {spec.name} exited during start: {self._log_tail(spec)}")
-            try:
-                lines = pidfile.read_text().splitlines()
-            except FileNotFoundError:
-                lines = []
-            if len(lines) >= 8 and lines[7].strip() == "ready":
+            if _is_ready(self.data_dir(spec)):
                 pm = _child_of(proc.pid)
                 if pm is not None:
                     return pm
@@ -321,11 +356,10 @@ class SandboxDriver(SandboxBackups, Driver):
             await asyncio.sleep(0.001)
 
     def _log_tail(self, spec: InstanceSpec) -> str:
-        try:
-            text = self.log_path(spec).read_text(errors="replace")
-        except OSError:
+        data = read_tail(self.log_path(spec), 4096)  # the tenant writes it: bounded
+        if data is None:
             return "(no log)"
-        return " | ".join(text.strip().splitlines()[-3:])
+        return " | ".join(data.decode(errors="replace").strip().splitlines()[-3:])
 
     def _watch(self, spec: InstanceSpec, pm_pid: int, exited) -> None:
         async def waiter() -> None:
@@ -348,7 +382,10 @@ class SandboxDriver(SandboxBackups, Driver):
     async def stop(self, spec: InstanceSpec) -> None:
         await self._shutdown(spec, signal.SIGINT)
 
-    async def _shutdown(self, spec: InstanceSpec, sig: signal.Signals) -> None:
+    async def _shutdown(self, spec: InstanceSpec, sig: signal.Signals,
+                        timeout: float = SHUTDOWN_TIMEOUT_S) -> None:
+        """Send `sig`; if the postmaster is still there after `timeout`, SIGQUIT; after
+        QUIT_TIMEOUT_S more, SIGKILL every process of its cgroup. Never waits for ever."""
         entry = self._running.get(spec.uuid)
         if entry is None:
             stale = find_postmaster(self.data_dir(spec))
@@ -357,20 +394,32 @@ class SandboxDriver(SandboxBackups, Driver):
             return
         entry.stopping = True
         _kill(entry.postmaster_pid, sig)
-        try:
-            await asyncio.wait_for(asyncio.shield(entry.waiter), SHUTDOWN_TIMEOUT_S)
-        except asyncio.TimeoutError:
-            log.error("postgres of %s ignored shutdown for %ss; sending SIGQUIT", spec.name, SHUTDOWN_TIMEOUT_S)
+        if await _exits_within(entry, timeout):
+            return
+        if sig != signal.SIGQUIT:
+            log.error("postgres of %s ignored shutdown for %ss; sending SIGQUIT", spec.name, timeout)
             _kill(entry.postmaster_pid, signal.SIGQUIT)
-            await entry.waiter
+            if await _exits_within(entry, QUIT_TIMEOUT_S):
+                return
+        # e.g. blocked for ever on a FIFO the tenant put in place of its own lock file
+        log.error("postgres of %s ignored SIGQUIT for %ss; killing its cgroup", spec.name, QUIT_TIMEOUT_S)
+        self._cgroup(spec).kill()
+        await entry.waiter
 
     async def destroy(self, spec: InstanceSpec) -> None:
         await self.stop(spec)
         self._cgroup(spec).remove()
+        try:
+            uid: int | None = int((spec.home / "uid").read_text())
+        except (OSError, ValueError):
+            uid = None  # never got that far, or made before the host-wide registry
         if self.storage is not None:
             self.storage.unmount(spec.home)
         shutil.rmtree(spec.home, ignore_errors=True)  # fd-based: never follows a tenant's symlink
         shutil.rmtree(self.socket_dir(spec), ignore_errors=True)
+        if uid is not None:
+            self.uids.release(uid, spec.home)
+        self._uids.pop(spec.uuid, None)
 
     async def remove_orphan(self, home: Path) -> None:
         if self.storage is None or not self.storage.is_overlay(home):
@@ -408,7 +457,18 @@ class SandboxDriver(SandboxBackups, Driver):
         if pm is None:
             self._cgroup(spec).remove()
             return None
-        return await self._adopt_or_stop(spec, pm, keep=True)
+        if _is_ready(self.data_dir(spec)):
+            return await self._adopt_or_stop(spec, pm, keep=True)
+        # Alive but not ready (or its lock file is not one: the tenant controls it): stop it
+        # in the background, so that one tenant never holds up the daemon's start. A start
+        # of this instance in the meantime waits for that stop (same waiter).
+        if spec.uuid not in self._running:
+            self._watch(spec, pm, _wait_pid_exit(pm))
+        # immediate shutdown: it was not serving, and WAL recovery makes the next start whole
+        task = asyncio.create_task(self._shutdown(spec, signal.SIGQUIT, QUIT_TIMEOUT_S))
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
+        return None
 
     async def _adopt_or_stop(self, spec: InstanceSpec, pm_pid: int, keep: bool) -> Backend | None:
         """A postmaster we did not start in this daemon's life: watch it, or stop it."""
@@ -467,14 +527,10 @@ def _home_tag(state_dir: Path) -> str:
     return hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:10]
 
 
-def _check_traversable(path: Path) -> None:
-    """Every database runs as its own uid, which must be able to reach its directory."""
-    for p in [path, *path.parents]:
-        if p.stat().st_mode & 0o001 == 0:
-            raise DriverError(
-                f"{p} is not traversable by other users (mode {p.stat().st_mode & 0o777:o}); "
-                f"per-database users cannot reach their data: chmod o+x {p} or choose another home"
-            )
+def _tmpfs_mb(spec: InstanceSpec) -> int:
+    """Size of each of the instance's private /tmp and /dev/shm (both charged to its memory
+    cgroup, so together they can never hold more than memory_mb anyway)."""
+    return max(16, spec.memory_mb // 2)
 
 
 def _child_of(pid: int) -> int | None:
@@ -493,11 +549,19 @@ def _kill(pid: int, sig: signal.Signals) -> None:
 
 
 def _is_ready(data: Path) -> bool:
-    try:
-        lines = (data / "postmaster.pid").read_text().splitlines()
-    except OSError:
-        return False
+    """postmaster.pid says "ready". The tenant owns that file: read without trusting it
+    (a FIFO, a symlink or a huge file is simply "not ready")."""
+    head = read_head(data / "postmaster.pid")
+    lines = head.decode(errors="replace").splitlines() if head is not None else []
     return len(lines) >= 8 and lines[7].strip() == "ready"
+
+
+async def _exits_within(entry: _Running, timeout: float) -> bool:
+    try:
+        await asyncio.wait_for(asyncio.shield(entry.waiter), timeout)
+    except asyncio.TimeoutError:
+        return False
+    return True
 
 
 async def _wait_pid_exit(pid: int) -> None:

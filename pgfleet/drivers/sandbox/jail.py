@@ -1,0 +1,60 @@
+"""pgfleet-jail (jail.c): the private root, privilege drop and seccomp filter every process of a
+sandboxed database starts under. Compiled once per source version into the cache (a C program:
+it runs on every wake, where an interpreter's start-up would cost more than the whole jail).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+from ..base import DriverError, DriverUnavailable
+
+SOURCE = Path(__file__).with_name("jail.c")
+
+
+def jail_path(cache_dir: Path) -> Path:
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    return cache_dir / "bin" / f"pgfleet-jail-{digest}"
+
+
+async def ensure_jail(cache_dir: Path) -> Path:
+    """The compiled jail for this source, built (atomically) if missing."""
+    final = jail_path(cache_dir)
+    if final.exists():
+        return final
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise DriverUnavailable("the sandbox driver needs a C compiler to build its jail (run `make deps`)")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(final.parent, 0o755)
+    tmp = final.with_name(f".{final.name}.{os.getpid()}")
+    # static: nothing is loaded from the host's library path while the jail runs as root
+    for extra in (["-static"], []):
+        proc = await asyncio.create_subprocess_exec(
+            cc, "-O2", "-Wall", *extra, "-o", str(tmp), str(SOURCE),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )
+        out, _ = await proc.communicate()
+        if proc.returncode == 0:
+            break
+    else:
+        raise DriverError(f"building pgfleet-jail failed: {out.decode(errors='replace').strip()[-500:]}")
+    os.chmod(tmp, 0o755)
+    tmp.rename(final)
+    return final
+
+
+def jail_argv(jail: Path, uid: int, tmp_mb: int, data: Path, sockets: Path, auth: Path,
+              argv: list[str], wait_detach: bool = False) -> list[str]:
+    """`argv` in fresh namespaces (unshare: PID 1 of a new PID namespace, killed with its
+    parent), jailed (see jail.c). The caller joins the instance's cgroups before exec, so the
+    cgroup namespace is rooted at the instance's own cgroup."""
+    return [
+        "unshare", "--mount", "--pid", "--fork", "--ipc", "--uts", "--net", "--cgroup", "--kill-child",
+        "--", str(jail), *(["-w"] if wait_detach else []), str(uid), str(tmp_mb),
+        os.path.realpath(data), os.path.realpath(sockets), os.path.realpath(auth), "--", *argv,
+    ]

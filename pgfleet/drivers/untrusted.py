@@ -1,0 +1,48 @@
+"""Reading files a tenant controls (anything in a data directory, logs it writes) as root,
+without trusting them: a FIFO must not block the daemon, a symlink must not lead it to
+/dev/zero or another file, and a huge file must not fill its memory."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+PIDFILE_LIMIT = 4096  # postmaster.pid is ~100 bytes
+LOG_TAIL_LIMIT = 64 * 1024
+
+
+def _open_regular(path: Path) -> int | None:
+    """A read descriptor for `path` if it is a regular file (not through a symlink), else None.
+    O_NONBLOCK: opening a FIFO without a writer returns at once (and fstat then refuses it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:  # absent, a symlink (ELOOP), a socket (ENXIO), no permission...
+        return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    return fd
+
+
+def read_head(path: Path, limit: int = PIDFILE_LIMIT) -> bytes | None:
+    """At most `limit` bytes from the start of a regular file; None if it is not one."""
+    fd = _open_regular(path)
+    if fd is None:
+        return None
+    try:
+        return os.read(fd, limit)
+    finally:
+        os.close(fd)
+
+
+def read_tail(path: Path, limit: int = LOG_TAIL_LIMIT) -> bytes | None:
+    """At most the last `limit` bytes of a regular file; None if it is not one."""
+    fd = _open_regular(path)
+    if fd is None:
+        return None
+    try:
+        size = os.fstat(fd).st_size
+        return os.pread(fd, limit, max(0, size - limit))
+    finally:
+        os.close(fd)
