@@ -62,7 +62,7 @@ class Prober(threading.Thread):
 
 
 def branch_times(d, parent: str, conninfo: dict, reps: int, tag: str) -> dict:
-    out = {"running_s": [], "standby_s": [], "stall_ms": []}
+    out = {"running_s": [], "standby_s": [], "stall_ms": [], "idle_stall_ms": []}
     for i in range(reps):
         d.api("PUT", f"/v1/databases/{parent}/resume")
         prober = Prober(conninfo)
@@ -70,10 +70,18 @@ def branch_times(d, parent: str, conninfo: dict, reps: int, tag: str) -> dict:
         time.sleep(0.2)
         t = time.perf_counter()
         d.api("POST", f"/v1/databases/{parent}/branches", {"name": f"{tag}-r{i}"})
-        out["running_s"].append(time.perf_counter() - t)
+        seconds = time.perf_counter() - t
+        out["running_s"].append(seconds)
         prober.stop.set()
         prober.join()
         out["stall_ms"].append(prober.worst_ms)
+        # the control: the same client for as long, no branch made (the machine's own noise)
+        control = Prober(conninfo)
+        control.start()
+        time.sleep(seconds + 0.2)
+        control.stop.set()
+        control.join()
+        out["idle_stall_ms"].append(control.worst_ms)
         d.api("DELETE", f"/v1/databases/{tag}-r{i}")
         d.api("PUT", f"/v1/databases/{parent}/suspend")
         t = time.perf_counter()
@@ -179,10 +187,12 @@ def main() -> None:
             branch[str(mb)] = {"parent_bytes": size, **times,
                                "running": summarise([s * 1000 for s in times["running_s"]]),
                                "standby": summarise([s * 1000 for s in times["standby_s"]]),
-                               "stall": summarise(times["stall_ms"])}
+                               "stall": summarise(times["stall_ms"]),
+                               "idle_stall": summarise(times["idle_stall_ms"])}
             d.api("DELETE", f"/v1/databases/{name}")
             print(f"{mb} MB parent ({size / 1e6:.0f} MB): branch running p50 {branch[str(mb)]['running']['p50']:.0f} ms, "
-                  f"standby p50 {branch[str(mb)]['standby']['p50']:.0f} ms, parent stall max {max(times['stall_ms']):.0f} ms")
+                  f"standby p50 {branch[str(mb)]['standby']['p50']:.0f} ms, parent stall max {max(times['stall_ms']):.0f} ms "
+                  f"(same client without a branch: {max(times['idle_stall_ms']):.0f} ms)")
         restores = restore_times(d, host, port, [int(x) for x in args.wal_mb.split(",")])
         for r in restores:
             print(f"restore with {r['wal_mb']} MB of WAL: {r['restore_s']:.2f} s")
@@ -194,7 +204,7 @@ def main() -> None:
     worst_branch = max(max(v["running_s"] + v["standby_s"]) for v in branch.values())
     worst_stall = max(max(v["stall_ms"]) for v in branch.values())
     result = {
-        "benchmark": "branches", "machine": machine(), "load_average": os.getloadavg(),
+        "benchmark": "branches", "machine": machine(), "load_average": os.getloadavg(), "args": vars(args),
         "branch_of_now": branch, "restore": restores, "archiving_tpcb": cost,
         "targets": {
             "branch_now_s": {"measured": round(worst_branch, 3), "target": TARGETS["branch_now_s"],

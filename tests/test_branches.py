@@ -137,6 +137,11 @@ async def test_restore_in_place_and_after_delete(fb):
     assert await sql(env, "ledger-undo", gone.password, "SELECT x FROM t ORDER BY x") == [(1,), (2,)]
     with pytest.raises(NotFound):
         await branches.branch(kept.name, "ledger-now")  # a deleted database has no "now"
+    # once its retention has passed, a deleted database's repository goes
+    await backups.tick(now=time.time() + backups.archive(kept.uuid).retention_s + 60)
+    assert not backups.repo(kept.uuid).exists()
+    with pytest.raises(NotFound):
+        backups.find(kept.name)
 
 
 def test_cli_branch_backups_restore_purge(daemon):
