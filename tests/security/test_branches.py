@@ -47,7 +47,7 @@ async def test_a_tampered_spool_is_never_followed_or_trusted(fb):  # noqa: F811
     assert victim_control.exists()
     # a broken archiver (the tenant's) stalls no base backup: the host takes the WAL from pg_wal
     backup = await asyncio.wait_for(backups.take_base_backup("evil"), 120)
-    assert (backup.path / "data" / "PG_VERSION").exists()
+    assert (backup.path / "data" / "global" / "pg_control").exists()
     # and the next start makes it a real directory of the tenant's again
     await env.fleet.suspend("evil")
     await env.fleet.resume("evil")

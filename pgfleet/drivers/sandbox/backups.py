@@ -7,6 +7,7 @@ starting Postgres with extra settings (_launch) and its bookkeeping of running i
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
@@ -57,8 +58,17 @@ class SandboxBackups:
             await asyncio.to_thread(archive.archive_from_pg_wal, data, repo, last)
 
     async def base_backup(self, spec: InstanceSpec, repo: Path, dest: Path) -> dict:
+        """A copy-on-write database's backup is its upper layer and the name of its template
+        layer (a few MB, not the 27 of a whole data directory)."""
         with self.data_mounted(spec):  # a stopped copy-on-write database is not mounted
+            if self._overlay(spec):
+                upper, record = self.storage.layout(spec.home).upper, self.storage.layout(spec.home).record
+                meta = await self._consistent_copy(spec, repo, upper, dest, uid=None, overlay=True)
+                return {**meta, "lower": json.loads(record.read_text())["lower"]}
             return await self._consistent_copy(spec, repo, self.data_dir(spec), dest, uid=None)
+
+    def _overlay(self, spec: InstanceSpec) -> bool:
+        return self.storage is not None and self.storage.is_overlay(spec.home)
 
     async def _consistent_copy(self, spec: InstanceSpec, repo: Path, src: Path, dest: Path, uid: int | None,
                                keep_wal: bool = False, overlay: bool = False) -> dict:
@@ -72,7 +82,7 @@ class SandboxBackups:
             _report(spec, stats)
             if keep_wal:
                 return {"online": False}
-            control = await asyncio.to_thread(archive.read_control, src)
+            control = await asyncio.to_thread(archive.read_control, self.data_dir(spec))  # (mounted)
             return {"start_segment": archive.segment_name(control.timeline, control.redo_lsn),
                     "timeline": control.timeline, "consistent_at": control.time, "online": False}
         conn = await admin_connect(self.backend(spec))
@@ -104,43 +114,48 @@ class SandboxBackups:
         same template layer with a copy of its upper layer: the cost is what the parent
         changed, not its whole size. Otherwise the whole data directory is copied."""
         uid = self.uid_of(child)
-        if self.storage is not None and self.storage.is_overlay(parent.home):
+        if self._overlay(parent):
             src, ready = self.storage.layout(parent.home).upper, self._adopt_upper
             partial = self._fresh_partial(child, "upper.partial")
+            lower = json.loads(self.storage.layout(parent.home).record.read_text())["lower"]
             meta = await self._consistent_copy(parent, parent_repo, src, partial, uid, keep_wal=True, overlay=True)
+            meta["lower"] = lower
         else:
             src, ready = self.data_dir(parent), self._adopt_data
             partial = self._fresh_partial(child)
             with self.data_mounted(parent):
                 meta = await self._consistent_copy(parent, parent_repo, src, partial, uid, keep_wal=True)
         await asyncio.to_thread(safecopy.syncfs, partial)
-        ready(parent, child, partial)
+        ready(child, partial, meta)
         if not meta["online"]:
             return await self._launch(child)  # a cleanly stopped cluster copied with its WAL
         return await self._recover(child, parent_repo, meta, RecoveryTarget("immediate"))
 
-    def _adopt_data(self, parent: InstanceSpec, child: InstanceSpec, partial: Path) -> None:
+    def _adopt_data(self, child: InstanceSpec, partial: Path, meta: dict) -> None:
         partial.rename(self.data_dir(child))
 
-    def _adopt_upper(self, parent: InstanceSpec, child: InstanceSpec, partial: Path) -> None:
-        """The child's overlay layout: the parent's template layer (its storage record),
-        the copied upper layer, an empty work directory and mount point."""
-        theirs, mine = self.storage.layout(parent.home), self.storage.layout(child.home)
+    def _adopt_upper(self, child: InstanceSpec, partial: Path, meta: dict) -> None:
+        """The child's overlay layout: the parent's template layer (meta["lower"]), the
+        copied upper layer, an empty work directory and mount point."""
+        mine = self.storage.layout(child.home)
         for path in (mine.work, mine.data):
             path.mkdir(mode=0o700, exist_ok=True)
         record = mine.record.with_suffix(".tmp")
         fd = os.open(record, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(theirs.record.read_bytes())
+        with os.fdopen(fd, "w") as f:
+            json.dump({"kind": "overlay", "lower": meta["lower"]}, f)
         os.replace(record, mine.record)
         partial.rename(mine.upper)
 
     async def restore(self, child: InstanceSpec, backup: Path, meta: dict, repo: Path,
                       target: RecoveryTarget) -> Backend:
-        partial = self._fresh_partial(child)
-        stats = await asyncio.to_thread(safecopy.copy_tree, backup, partial, self.uid_of(child))
+        layered = "lower" in meta  # an upper layer over a template layer
+        if layered and not (Path(meta["lower"]) / "PG_VERSION").exists():
+            raise DriverError(f"the template layer {meta['lower']} of this backup is gone")
+        partial = self._fresh_partial(child, "upper.partial" if layered else "data.partial")
+        stats = await asyncio.to_thread(safecopy.copy_tree, backup, partial, self.uid_of(child), None, layered)
         _report(child, stats)
-        partial.rename(self.data_dir(child))
+        (self._adopt_upper if layered else self._adopt_data)(child, partial, meta)
         return await self._recover(child, repo, meta, target)
 
     async def _recover(self, child: InstanceSpec, repo: Path, meta: dict, target: RecoveryTarget) -> Backend:
