@@ -19,9 +19,10 @@ from pgfleet import __version__
 from pgfleet.api.app import create_app
 from pgfleet.api.common import ApiContext
 from pgfleet.config import DaemonInfo, ensure_token, parse_hostport
-from pgfleet.drivers import make_driver
+from pgfleet.drivers import make_driver, swap
 from pgfleet.edge.settings import EdgeSettings
 from pgfleet.fleet.manager import Fleet
+from pgfleet.fleet.memory import MemoryManager
 from pgfleet.proxy.server import ProxyServer
 from pgfleet.store import Store
 
@@ -52,6 +53,10 @@ class DaemonOptions:
     http: EdgeSettings = dataclasses.field(default_factory=EdgeSettings)
     #: TLS on the HTTP listener: "on", "off", or "auto" (on unless it listens on loopback only)
     http_tls: str = "auto"
+    #: warm standby: a swap file of this size (and zswap) made at start, removed at stop
+    swap_bytes: int | None = None
+    #: the fleet's memory budget (default: a share of host RAM)
+    memory_budget_bytes: int | None = None
 
 
 class _Uvicorn(uvicorn.Server):
@@ -118,6 +123,7 @@ async def serve(opts: DaemonOptions, ready: asyncio.Future | None = None) -> Non
     http_addr = parse_hostport(opts.listen_http, "--listen-http") if opts.listen_http else None
     token = ensure_token(opts.home)
 
+    swap_setup = swap.enable(opts.home / "swapfile", opts.swap_bytes) if opts.swap_bytes else None
     store = Store(opts.home / "state.db")
     make_private(opts.home)
     driver = make_driver(opts.driver, opts.home)
@@ -130,6 +136,10 @@ async def serve(opts: DaemonOptions, ready: asyncio.Future | None = None) -> Non
 
         Backups(fleet).start()  # continuous archiving, base backups, retention
     warn_host_limits(opts.home)
+    fleet.memory = MemoryManager(fleet, opts.memory_budget_bytes)
+    fleet.memory.start()
+    log.info("standby: %s; memory budget %.0f MiB", fleet.warm.status()["explain"],
+             fleet.memory.budget_bytes / 2**20)
 
     routing = None
     if opts.kubeconfig:
@@ -144,6 +154,7 @@ async def serve(opts: DaemonOptions, ready: asyncio.Future | None = None) -> Non
                          mode="transaction", tls=tls_ctx, domain=opts.domain)
     fleet.on_delete.append(pooled.forget_database)
     fleet.on_delete.append(direct.forget_database)
+    fleet.warm.on_freeze.append(pooled.close_idle_server_connections)
     await direct.start()
     await pooled.start()
     edge = None
@@ -200,7 +211,10 @@ async def serve(opts: DaemonOptions, ready: asyncio.Future | None = None) -> Non
         api.should_exit = True
         if fleet.backups is not None:
             await fleet.backups.close()
+        await fleet.memory.close()
         await fleet.shutdown()
+        if swap_setup is not None:
+            swap_setup.undo()  # the host as it was (no frozen database is left to need it)
         await api_task
         if routing is not None:
             await routing.close()

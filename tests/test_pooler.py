@@ -289,11 +289,11 @@ async def test_never_scaled_to_zero_mid_transaction(env, servers, listener):
 @pytest.mark.parametrize("listener", ["direct", "pooled"])
 async def test_sessions_are_tracked_per_transaction_where_sessions_survive_suspend(env, servers, monkeypatch,
                                                                                  listener):
-    """Where a driver keeps sessions across a suspend (microVM), both listeners read the
-    transaction state: busy inside a transaction only. The sandbox is told it keeps them so
-    the tracking paths run against a real Postgres here."""
+    """Where a driver keeps sessions across a suspend (microVM; the sandbox's warm standby)
+    and the policy is `idle`, both listeners read the transaction state: busy inside a
+    transaction only."""
     monkeypatch.setattr(env.fleet.driver, "keeps_sessions_across_suspend", True)
-    created = await env.fleet.create("tracked")
+    created = await env.fleet.create("tracked", policy="idle")
     c = await aconnect(servers[listener], "tracked", created.password)
     try:
         rt = env.fleet.rt[created.row.uuid]
@@ -307,9 +307,11 @@ async def test_sessions_are_tracked_per_transaction_where_sessions_survive_suspe
         await c.close()
 
 
-async def test_idle_policy_needs_a_driver_that_keeps_sessions(env):
+async def test_idle_policy_needs_a_driver_that_keeps_sessions(env, monkeypatch):
     from pgfleet.fleet.errors import InvalidRequest
 
+    # the sandbox keeps them where it can freeze (warm standby): pretend it cannot
+    monkeypatch.setattr(env.fleet.driver, "keeps_sessions_across_suspend", False)
     with pytest.raises(InvalidRequest, match="idle"):
         await env.fleet.create("idler", policy="idle")
     assert env.fleet.find("idler") is None

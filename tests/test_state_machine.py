@@ -38,6 +38,17 @@ def test_illegal(a, b):
         states.check(a, b)
 
 
+@pytest.mark.parametrize("b", [State.RUNNING, State.STANDBY, State.STARTING, State.STOPPED])
+def test_warm_standby_may_thaw_or_go_cold(b):
+    states.check(State.STANDBY, b, tier=states.WARM)
+
+
+@pytest.mark.parametrize("b", [State.RUNNING, State.STANDBY])
+def test_cold_standby_must_start(b):
+    with pytest.raises(states.IllegalTransition):
+        states.check(State.STANDBY, b, tier=states.COLD)
+
+
 def test_transition_is_compare_and_set(tmp_path):
     store = Store(tmp_path / "s.db")
     store.insert(_row())

@@ -9,7 +9,7 @@ from urllib.parse import quote
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from pgfleet.fleet.manager import DEFAULT_COOLDOWN_MS, DEFAULT_MEMORY_MB
+from pgfleet.fleet.manager import DEFAULT_COLD_AFTER_MS, DEFAULT_COOLDOWN_MS, DEFAULT_MEMORY_MB
 from pgfleet.fleet.states import State
 from pgfleet.store import InstanceRow
 
@@ -22,6 +22,8 @@ class ScaleToZero(BaseModel):
     model_config = ConfigDict(extra="forbid")
     policy: Literal["on", "off", "idle"] = "on"
     cooldown_ms: int = Field(DEFAULT_COOLDOWN_MS, ge=0, le=30 * 86_400_000)
+    #: warm standby this long, then cold
+    cold_after_ms: int = Field(DEFAULT_COLD_AFTER_MS, ge=0, le=30 * 86_400_000)
 
 
 class Pooling(BaseModel):
@@ -51,6 +53,8 @@ class PatchDatabase(BaseModel):
 class SuspendRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     drain_timeout_ms: int = Field(10_000, ge=0, le=3_600_000)
+    #: cold: stopped (sessions end); warm: frozen, sessions kept (refused while one is busy)
+    tier: Literal["warm", "cold"] = "cold"
 
 
 def uris(ctx: ApiContext, row: InstanceRow, password: str | None = None) -> dict[str, str]:
@@ -71,7 +75,9 @@ def database_json(ctx: ApiContext, row: InstanceRow, password: str | None = None
         "driver": row.driver,
         "image": row.image,
         "memory_mb": row.memory_mb,
-        "scale_to_zero": {"policy": row.stz_policy, "cooldown_ms": row.cooldown_ms},
+        "scale_to_zero": {"policy": row.stz_policy, "cooldown_ms": row.cooldown_ms,
+                          "cold_after_ms": row.cold_after_ms},
+        "standby_tier": (row.standby_tier or "cold") if row.state == State.STANDBY else None,
         "role": row.role,
         "created_at": iso(row.created_at),
         "started_at": iso(row.started_at),
@@ -85,6 +91,8 @@ def database_json(ctx: ApiContext, row: InstanceRow, password: str | None = None
                     "max_direct_clients": row.max_direct_clients},
         **uris(ctx, row, password),
     }
+    charged, swapped = ctx.fleet.memory_charged(row)
+    out["memory_charged_bytes"], out["memory_swapped_bytes"] = charged, swapped
     if backend is not None:
         out["backend"] = backend.describe()
         out["backend_user"] = backend.admin_user
@@ -106,6 +114,7 @@ async def create_database(body: CreateDatabase, request: Request):
         policy=body.scale_to_zero.policy, image=body.image, autostart=body.autostart,
         require_tls=body.require_tls, pool_size=body.pooling.pool_size,
         max_pooled_clients=body.pooling.max_pooled_clients, max_direct_clients=body.pooling.max_direct_clients,
+        cold_after_ms=body.scale_to_zero.cold_after_ms,
     )
     return envelope(database_json(ctx, created.row, created.password), started, status=201)
 
@@ -149,6 +158,7 @@ async def patch_database(ref: str, body: PatchDatabase, request: Request):
     row = await ctx.fleet.update(
         ref, memory_mb=body.memory_mb,
         cooldown_ms=stz.cooldown_ms if stz else None, policy=stz.policy if stz else None,
+        cold_after_ms=stz.cold_after_ms if stz else None,
     )
     return envelope(database_json(ctx, row), started)
 
@@ -166,7 +176,8 @@ async def suspend_database(ref: str, request: Request, body: SuspendRequest | No
     started = time.perf_counter()
     ctx = _ctx(request)
     drain = (body.drain_timeout_ms if body else 10_000) / 1000
-    row = await ctx.fleet.suspend(ref, reason="suspended by user", drain_timeout_s=drain)
+    row = await ctx.fleet.suspend(ref, reason="suspended by user", drain_timeout_s=drain,
+                                  tier=body.tier if body else "cold")
     return envelope(database_json(ctx, row), started)
 
 

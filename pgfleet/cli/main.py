@@ -87,6 +87,10 @@ def up(
     log_format: str = typer.Option("text", help="daemon.log lines: text or json"),
     detach: bool = typer.Option(False, "--detach", "-d", help="run in the background; return once it serves"),
     timeout: float = typer.Option(120.0, help="with --detach: seconds to wait for the daemon"),
+    swap: Optional[str] = typer.Option(None, help="make and enable a swap file of this size (and zswap) for "
+                                                  "warm standby, e.g. 4G; removed at stop"),
+    memory_budget: Optional[str] = typer.Option(None, help="memory the databases may use, e.g. 16G "
+                                                           "(default: 75% of RAM); beyond it idle ones are demoted"),
 ) -> None:
     """Run the pgfleet daemon (foreground; Ctrl-C suspends databases and stops cleanly)."""
     from pgfleet.config import parse_hostport
@@ -118,9 +122,18 @@ def up(
         raise CliError(f"--ws-session must be direct or pooled, not {ws_session!r}")
     if http_max_request_mb < 1 or http_max_response_mb < 1:
         raise CliError("--http-max-request-mb and --http-max-response-mb must be at least 1")
+    from pgfleet.drivers.swap import parse_size
+
+    sizes: dict[str, int | None] = {}
+    for flag, value in (("--swap", swap), ("--memory-budget", memory_budget)):
+        try:
+            sizes[flag] = parse_size(value) if value is not None else None
+        except ValueError as exc:
+            raise CliError(f"{flag}: {exc}") from None
     extra = [f"--domain={domain}", "--tls" if tls else "--no-tls", f"--log-format={log_format}",
              f"--listen-http={listen_http}", f"--http-max-request-mb={http_max_request_mb}",
              f"--http-max-response-mb={http_max_response_mb}", f"--ws-session={ws_session}", f"--http-tls={http_tls}"]
+    extra += [f"{flag}={value}" for flag, value in (("--swap", swap), ("--memory-budget", memory_budget)) if value]
     if tls_cert and tls_key:
         extra += [f"--tls-cert={tls_cert.absolute()}", f"--tls-key={tls_key.absolute()}"]
     if detach:
@@ -135,7 +148,8 @@ def up(
     try:
         run(DaemonOptions(home=h, listen=listen, listen_pooled=listen_pooled, api=api, driver=driver,
                           tls_cert=tls_cert, tls_key=tls_key, tls=tls, domain=domain, log_format=log_format,
-                          listen_http=listen_http if http_on else None, http=http, http_tls=http_tls))
+                          listen_http=listen_http if http_on else None, http=http, http_tls=http_tls,
+                          swap_bytes=sizes["--swap"], memory_budget_bytes=sizes["--memory-budget"]))
     except AlreadyRunning as exc:
         raise CliError(str(exc)) from None
 
@@ -203,6 +217,13 @@ def status(as_json: bool = JsonOpt) -> None:
         tight = min(limits, key=lambda c: c["have"] / max(c["need"], 1))
         out.print(f"host limits: all hold the configured fleet (least headroom: {tight['name']}, "
                   f"{tight['have']} for {tight['need']})", highlight=False)
+    standby, memory = data.get("standby"), data.get("memory")
+    if standby:
+        out.print(f"standby: {standby['explain']}; swap {standby['swap_bytes'] >> 20} MiB"
+                  + ("" if standby["zswap"] is None else f", zswap {'on' if standby['zswap'] else 'off'}"))
+    if memory:
+        out.print(f"memory: {memory['charged_bytes'] >> 20} MiB charged of a {memory['budget_bytes'] >> 20} MiB budget"
+                  + ("" if memory["pressure_some_avg10"] is None else f", pressure {memory['pressure_some_avg10']}%"))
 
 
 @app.command()
@@ -246,7 +267,8 @@ def db_create(
     name: str,
     cooldown_ms: int = typer.Option(300_000, help="scale to zero after this long without clients"),
     memory_mb: int = typer.Option(128, help="memory limit"),
-    policy: str = typer.Option("on", help="scale-to-zero policy: on, idle (microvm) or off"),
+    policy: str = typer.Option("on", help="scale-to-zero policy: on, idle (idle sessions do not keep it up) or off"),
+    cold_after_ms: int = typer.Option(3_600_000, help="warm standby this long, then cold"),
     require_tls: bool = typer.Option(False, "--require-tls", help="refuse plain-text connections"),
     pool_size: int = typer.Option(20, help="server connections of the pooled listener"),
     max_pooled: int = typer.Option(200, help="client connections allowed on the pooled listener"),
@@ -258,7 +280,8 @@ def db_create(
 ) -> None:
     """Create a database; it is ready when this returns. The password is shown once."""
     d = _client().call("POST", "/v1/databases", {
-        "name": name, "memory_mb": memory_mb, "scale_to_zero": {"policy": policy, "cooldown_ms": cooldown_ms},
+        "name": name, "memory_mb": memory_mb,
+        "scale_to_zero": {"policy": policy, "cooldown_ms": cooldown_ms, "cold_after_ms": cold_after_ms},
         "require_tls": require_tls, "autostart": start,
         "pooling": {"pool_size": pool_size, "max_pooled_clients": max_pooled, "max_direct_clients": max_direct},
     })
@@ -326,8 +349,8 @@ def db_show(name: str, as_json: bool = JsonOpt) -> None:
     out.print(t)
 
 
-def _action(verb: str, method: str, name: str, as_json: bool, done: str) -> dict:
-    d = _client().call(method, f"/v1/databases/{name}/{verb}")
+def _action(verb: str, method: str, name: str, as_json: bool, done: str, body: dict | None = None) -> dict:
+    d = _client().call(method, f"/v1/databases/{name}/{verb}", body)
     if as_json:
         _print_json(d)
     else:
@@ -336,9 +359,13 @@ def _action(verb: str, method: str, name: str, as_json: bool, done: str) -> dict
 
 
 @db_app.command("suspend")
-def db_suspend(name: str, as_json: bool = JsonOpt) -> None:
-    """Scale a database to zero now (waits for clients to leave, up to 10 s)."""
-    _action("suspend", "PUT", name, as_json, "suspended")
+def db_suspend(name: str, as_json: bool = JsonOpt,
+               tier: str = typer.Option("cold", help="cold: stopped, clients leave (up to 10 s); warm: frozen, "
+                                                     "sessions kept (refused while one is busy)")) -> None:
+    """Scale a database to zero now."""
+    if tier not in ("warm", "cold"):
+        raise CliError("--tier must be warm or cold")
+    _action("suspend", "PUT", name, as_json, f"suspended, {tier}", {"tier": tier})
 
 
 @db_app.command("resume")

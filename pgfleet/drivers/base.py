@@ -139,7 +139,8 @@ class Driver(abc.ABC):
       create()  : make the instance's data from a template, start it, personalise it
                   (its role exists); returns a running Backend.
       start()   : standby/stopped -> running (resume); returns the Backend.
-      suspend() : running -> standby: no process and no memory left, data kept.
+      suspend() : running -> (cold) standby: no process and no memory left, data kept.
+      freeze()/thaw(): running <-> warm standby, where the driver has it (warm_mode()).
       stop()    : running -> stopped (a full shutdown).
       destroy() : remove everything the instance owns. Stops it first if needed.
       recover() : after a daemon restart: adopt a live instance (returns its Backend)
@@ -148,7 +149,8 @@ class Driver(abc.ABC):
     """
 
     name: ClassVar[str]
-    #: open server sessions survive suspend/resume (a VM's TCP sessions do; a process's do not)
+    #: open server sessions survive a suspend (a VM's TCP sessions do; a frozen process's do,
+    #: a stopped one's do not)
     keeps_sessions_across_suspend: ClassVar[bool] = False
     #: provision() makes a database that is complete but not started (created in standby:
     #: its first connection starts it), so creating needs no Postgres start
@@ -197,6 +199,28 @@ class Driver(abc.ABC):
 
     def recover_done(self) -> None:
         """The recovery is over: forget what recover_scan() found."""
+    # --- warm standby (optional): processes kept but frozen, memory reclaimed ----------------
+    def warm_mode(self) -> str | None:
+        """What the warm tier does on this host: "reclaim" (frozen, memory pushed to swap),
+        "freeze" (frozen, memory stays charged: no swap), or None (cold standby only)."""
+        return None
+
+    async def freeze(self, spec: InstanceSpec) -> int:
+        """running -> warm: no CPU, memory reclaimed where it can be; sessions kept.
+        Returns the bytes still charged. DriverError if it cannot (the fleet goes cold)."""
+        raise DriverError(f"the {self.name} driver has no warm standby")
+
+    async def thaw(self, spec: InstanceSpec) -> Backend:
+        """warm -> running: limits restored, processes running again. DriverError if the
+        frozen processes are gone."""
+        raise DriverError(f"the {self.name} driver has no warm standby")
+
+    def is_frozen(self, spec: InstanceSpec) -> bool:
+        return False
+
+    def memory_charged(self, spec: InstanceSpec) -> tuple[int, int]:
+        """(memory charged, swap used) by the instance now, running or warm."""
+        return 0, 0
 
     def log_path(self, spec: InstanceSpec) -> Path | None:
         """The instance's console / server log file, if the driver keeps one."""

@@ -26,12 +26,16 @@ from . import states
 from .errors import AlreadyExists, FleetError, InvalidRequest, NotFound, QuotaExceeded, Unavailable
 from .events import EventLog
 from .names import validate_name
-from .states import State
+from .standby import WarmTier, is_warm
+from .states import COLD, WARM, State
 from .telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
 DEFAULT_COOLDOWN_MS = 300_000
+DEFAULT_COLD_AFTER_MS = 3_600_000  # an hour warm, then cold (or sooner when the host needs memory)
+MAX_DURATION_MS = 30 * 86_400_000
+STANDBY_TIERS = (WARM, COLD)
 DEFAULT_MEMORY_MB = 128
 MIN_MEMORY_MB, MAX_MEMORY_MB = 64, 16384
 POLICIES = ("on", "off", "idle")
@@ -59,6 +63,7 @@ class Runtime:
     running: bool = False
     last_active: float = field(default_factory=time.monotonic)
     idle_timer: asyncio.TimerHandle | None = None
+    cold_timer: asyncio.TimerHandle | None = None  # warm standby -> cold
     drained: asyncio.Event = field(default_factory=asyncio.Event)
     total_connections: int = 0
     holders: int = 0  # lifecycle operations holding or waiting for `lock`
@@ -67,7 +72,7 @@ class Runtime:
         """Nothing refers to this instance's in-memory facts: they can be dropped and made
         afresh on the next use (a fleet of 10,000 keeps objects only for those in use)."""
         return (self.holders == 0 and self.clients == 0 and self.busy == 0 and self.backend is None
-                and self.idle_timer is None)
+                and self.idle_timer is None and self.cold_timer is None)
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,8 @@ class Fleet:
         self._closing = False
         #: optional admission control (pgfleet.fleet.quotas.Quotas): checked before a create
         self.quotas = None
+        #: the host memory manager (pgfleet.fleet.memory), when the daemon runs one
+        self.memory = None
         #: called with a database's uuid once it is deleted (proxies drop their pools)
         self.on_delete: list[Callable[[str], None]] = []
         self._found: dict[str, InstanceRow] = {}  # find()'s rows, valid while _found_at holds
@@ -101,6 +108,7 @@ class Fleet:
         #: continuous archiving (pgfleet.fleet.branches.Backups attaches itself), or None
         self.backups = None
         driver.on_exit = self._on_driver_exit
+        self.warm = WarmTier(self)
 
     # --- queries -------------------------------------------------------------------
     def list(self) -> list[InstanceRow]:
@@ -165,6 +173,12 @@ class Fleet:
     def backend_of(self, uuid: str) -> Backend | None:
         return self.rt[uuid].backend if uuid in self.rt else None
 
+    def memory_charged(self, row: InstanceRow) -> tuple[int, int]:
+        """(bytes charged, bytes in swap) of a running or warm database; (0, 0) when cold."""
+        if row.state != State.RUNNING and not is_warm(row):
+            return 0, 0
+        return self.driver.memory_charged(self.spec(row))
+
     def spec(self, row: InstanceRow) -> InstanceSpec:
         return InstanceSpec(
             uuid=row.uuid, name=row.name, role=row.role, memory_mb=row.memory_mb,
@@ -179,11 +193,12 @@ class Fleet:
         pool_size: int = 20, max_pooled_clients: int = 200, max_direct_clients: int = 50,
         populate: Callable[[InstanceSpec], Awaitable[Backend]] | None = None, role: str | None = None,
         verifier: str | None = None,
+        cold_after_ms: int = DEFAULT_COLD_AFTER_MS,
     ) -> Created:
         """A new database, ready when this returns. `populate` makes its data and starts it
         instead of a template clone (branches); `role`/`verifier` keep given credentials."""
         validate_name(name)
-        validate_settings(memory_mb=memory_mb, cooldown_ms=cooldown_ms, policy=policy)
+        validate_settings(memory_mb=memory_mb, cooldown_ms=cooldown_ms, policy=policy, cold_after_ms=cold_after_ms)
         self._check_policy_supported(policy)
         if self.store.by_name(name) is not None:
             raise AlreadyExists(f"database {name!r} already exists")
@@ -203,6 +218,7 @@ class Fleet:
             verifier=verifier, stz_policy=policy,
             cooldown_ms=cooldown_ms, created_at=time.time(), tags=tags or {}, require_tls=int(require_tls),
             pool_size=pool_size, max_pooled_clients=max_pooled_clients, max_direct_clients=max_direct_clients,
+            cold_after_ms=cold_after_ms,
         )
         if not autostart and self.driver.can_provision and populate is None:
             return await self._create_cold(row, password)
@@ -300,6 +316,7 @@ class Fleet:
         self.store.update(row.uuid, deleting=1)  # from now on the proxy refuses it (57P03)
         async with self.locked(row.uuid) as rt:
             self._cancel_idle_timer(rt)
+            self.warm._cancel_cold_timer(rt)
             rt.backend = None
             if self.backups is not None:  # its backups outlive it: archive its last WAL first
                 await self.driver.stop(self.spec(row))
@@ -343,7 +360,7 @@ class Fleet:
         rt = self.rt.get(row.uuid)
         if row.state == State.RUNNING and rt is not None and rt.backend is not None:
             return rt.backend
-        async with self.locked(row.uuid):
+        async with self.locked(row.uuid) as rt:
             row = self.get(row.uuid)
             if row.deleting:
                 raise Unavailable(f"database {row.name!r} is being deleted")
@@ -351,6 +368,8 @@ class Fleet:
                 return rt.backend
             if row.state == State.STOPPED and not wake_stopped:
                 raise Unavailable(f"database {row.name!r} is stopped; start it first")
+            if is_warm(row):
+                return await self.warm.thaw_locked(row, rt, reason="wake")
             return await self._start_locked(row, reason="wake" if row.state == State.STANDBY else "start")
 
     async def _start_locked(self, row: InstanceRow, reason: str) -> Backend:
@@ -363,13 +382,13 @@ class Fleet:
             return await self._start_admitted(row, rt, reason)
 
     async def _start_admitted(self, row: InstanceRow, rt: Runtime, reason: str) -> Backend:
-        self._move(row.uuid, row.state, State.STARTING, reason)
+        self._move(row.uuid, row.state, State.STARTING, reason, standby_tier=None)
         started = time.monotonic()
         try:
             backend = await self.driver.start(self.spec(row))
         except BaseException as exc:
             self._move(row.uuid, State.STARTING, State.STANDBY, f"start failed: {exc}",
-                                  stop_reason="start failed", stopped_at=time.time())
+                                  stop_reason="start failed", stopped_at=time.time(), standby_tier=COLD)
             await self._notify()
             if isinstance(exc, DriverError):
                 raise Unavailable(f"database {row.name!r} failed to start: {exc}") from exc
@@ -394,14 +413,34 @@ class Fleet:
         return self.get(ref)
 
     async def suspend(self, ref: str, *, reason: str = "suspend", drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S,
-                      only_if_idle: bool = False) -> InstanceRow:
-        return await self._shut(ref, State.STANDBY, reason, drain_timeout_s, only_if_idle)
+                      only_if_idle: bool = False, tier: str = COLD, if_unused: bool = False) -> InstanceRow:
+        """Scale to zero now: cold (stopped), or warm (frozen; refused while a session is busy).
+        `if_unused`: leave it running if a session is in use; `only_if_idle`: also if it has
+        been idle for less than its cooldown."""
+        if tier not in STANDBY_TIERS:
+            raise InvalidRequest(f"standby tier must be one of {', '.join(STANDBY_TIERS)}")
+        if tier == WARM:
+            return await self._suspend_warm(ref, reason)
+        return await self._shut(ref, State.STANDBY, reason, drain_timeout_s, only_if_idle, if_unused)
+
+    async def _suspend_warm(self, ref: str, reason: str) -> InstanceRow:
+        row = self.get(ref)
+        if self.warm.mode is None:
+            raise InvalidRequest(f"the {self.driver.name} driver has no warm standby on this host")
+        if is_warm(row):
+            return row
+        if row.state != State.RUNNING:
+            raise Unavailable(f"database {row.name!r} is {row.state}")
+        if not await self.warm.enter(row.uuid, reason, only_if_idle=False):
+            raise Unavailable(f"database {row.name!r} has a busy session (a query or transaction); "
+                              f"it is never frozen mid-transaction")
+        return self.get(row.uuid)
 
     async def stop(self, ref: str, *, drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S) -> InstanceRow:
         return await self._shut(ref, State.STOPPED, "stop", drain_timeout_s, False)
 
     async def _shut(self, ref: str, target: State, reason: str, drain_timeout_s: float,
-                    only_if_idle: bool) -> InstanceRow:
+                    only_if_idle: bool, if_unused: bool = False) -> InstanceRow:
         row = self.get(ref)
         async with self.locked(row.uuid) as rt:
             row = self.get(row.uuid)
@@ -409,6 +448,11 @@ class Fleet:
             if only_if_idle and (self._in_use(rt) or row.state != State.RUNNING
                                  or not self._idle_long_enough(row, rt)):
                 return row
+            if if_unused and row.state == State.RUNNING and self._in_use(rt):
+                return row
+            if is_warm(row):  # an explicit cold suspend or a stop of a warm database
+                await self.warm._cold_locked(row, rt, reason)
+                row = self.get(row.uuid)
             if row.state in (State.STANDBY, State.STOPPED):
                 if row.state != target:
                     self._move(row.uuid, row.state, target, reason)
@@ -443,7 +487,8 @@ class Fleet:
                 log.exception("%s: driver failed to %s", row.name, reason)
                 raise
             finally:
-                self._move(row.uuid, State.STOPPING, target, reason, stopped_at=time.time())
+                self._move(row.uuid, State.STOPPING, target, reason, stopped_at=time.time(),
+                           standby_tier=COLD if target == State.STANDBY else None)
                 self.telemetry.suspended(row.uuid, time.monotonic() - shut_started)
                 await self._notify()
         return self.get(row.uuid)
@@ -469,10 +514,12 @@ class Fleet:
                 self._arm_idle_timer(uuid, fresh=fresh)
                 self._forget_if_unused(uuid, rt)
 
-    def _move(self, uuid: str, from_state: str, to_state: State, reason: str | None = None, **changes) -> None:
-        """Every lifecycle transition: legal in the state machine, committed before acting."""
-        states.check(State(from_state), to_state)
-        self.store.transition(uuid, from_state, to_state, reason, **changes)
+    def _move(self, uuid: str, from_state: str, to_state: State, reason: str | None = None, *,
+              tier: str | None = None, durable: bool = True, **changes) -> None:
+        """Every lifecycle transition: legal in the state machine, committed before acting.
+        `tier`: the standby tier being left (warm standby may thaw or go cold)."""
+        states.check(State(from_state), to_state, tier)
+        self.store.transition(uuid, from_state, to_state, reason, durable=durable, **changes)
         self._transition_event(uuid, from_state, to_state, reason)
 
     def _transition_event(self, uuid: str, from_state: str, to_state: str, reason: str | None) -> None:
@@ -516,6 +563,16 @@ class Fleet:
         due = max(0.0, rt.cooldown_ms / 1000 - (time.monotonic() - rt.last_active))
         rt.idle_timer = asyncio.get_running_loop().call_later(due, self._idle_due, uuid)
 
+    def in_use(self, uuid: str) -> bool:
+        """A session keeps this database from scaling to zero (see _in_use)."""
+        rt = self.rt.get(uuid)
+        if rt is None:
+            return False
+        if rt.policy is None:
+            row = self.store.get(uuid)
+            rt.policy = row.stz_policy if row else None
+        return self._in_use(rt)
+
     @staticmethod
     def _in_use(rt: Runtime) -> bool:
         """What keeps a database from scaling to zero: any client session (`on`), or
@@ -539,7 +596,10 @@ class Fleet:
             row = self.store.get(uuid)
             if row is None:
                 return
-            await self.suspend(uuid, reason="idle", drain_timeout_s=0, only_if_idle=True)
+            if self.warm.mode is not None:
+                await self.warm.enter(uuid, "idle", only_if_idle=True)
+            else:
+                await self.suspend(uuid, reason="idle", drain_timeout_s=0, only_if_idle=True)
         except Exception:
             log.exception("scale to zero of %s failed", uuid)
 
@@ -556,13 +616,19 @@ class Fleet:
         Postgres recovers from its WAL); an instance that never scales to zero restarts."""
         async with self.locked(uuid) as rt:
             row = self.store.get(uuid)
+            if row is not None and is_warm(row):  # its frozen processes died (killed): cold now
+                self.warm._cancel_cold_timer(rt)
+                self._move(uuid, State.STANDBY, State.STANDBY, f"exited while warm: {reason}", tier=WARM,
+                           standby_tier=COLD)
+                await self._notify()
+                return
             if row is None or row.state != State.RUNNING:
                 return
             rt.backend = None
             rt.running = False
             self._cancel_idle_timer(rt)
             self._move(uuid, State.RUNNING, State.STANDBY, f"crashed: {reason}",
-                                  stop_reason="crashed", stopped_at=time.time())
+                                  stop_reason="crashed", stopped_at=time.time(), standby_tier=COLD)
             await self._notify()
             if row.stz_policy == "off" and not self._closing:
                 await self._start_locked(self.store.get(uuid), reason="restart after crash")  # type: ignore[arg-type]
@@ -605,6 +671,9 @@ class Fleet:
             for row in rows:
                 if (alive is not None and row.provisioned and not row.deleting
                         and State(row.state) not in states.LIVE and row.uuid not in alive):
+                    if is_warm(row):  # its frozen processes are gone (a host reboot): cold
+                        self._move(row.uuid, State.STANDBY, State.STANDBY, "recovered: no process left",
+                                   tier=WARM, standby_tier=COLD)
                     if row.stz_policy == "off" and row.state == State.STANDBY:
                         keep_up.append(row.uuid)
                     continue
@@ -631,7 +700,12 @@ class Fleet:
             return
         backend = await self.driver.recover(spec)
         state = State(row.state)
+        if is_warm(row):
+            await self.warm.recover(row, backend)
+            return
         if backend is not None and state in (State.RUNNING, State.STARTING, State.DRAINING):
+            if self.driver.is_frozen(spec):  # the daemon died during a thaw
+                backend = await self.driver.thaw(spec)
             if state != State.RUNNING:
                 self._move(row.uuid, state, State.RUNNING, "recovered")
             rt = self.runtime(row.uuid)
@@ -651,7 +725,8 @@ class Fleet:
     def _force_state(self, row: InstanceRow, target: State, reason: str) -> None:
         """Recovery only: after a crash the stored state (say `draining`) may name a step
         that no process is taking any more; this records what is true, outside the graph."""
-        self.store.transition(row.uuid, row.state, target, reason, stopped_at=time.time())
+        self.store.transition(row.uuid, row.state, target, reason, stopped_at=time.time(),
+                              standby_tier=COLD if target == State.STANDBY else None)
         self._transition_event(row.uuid, row.state, target, reason)
 
     async def shutdown(self) -> None:
@@ -659,9 +734,11 @@ class Fleet:
         self._closing = True
         for rt in self.rt.values():
             self._cancel_idle_timer(rt)
+            self.warm._cancel_cold_timer(rt)
         running = [r for r in self.store.all() if r.state == State.RUNNING]
         results = await asyncio.gather(
             *(self.suspend(r.uuid, reason="daemon shutdown", drain_timeout_s=0) for r in running),
+            self.warm.all_to_cold("daemon shutdown"),  # no frozen processes outlive the daemon
             return_exceptions=True,
         )
         for row, res in zip(running, results):
@@ -673,10 +750,12 @@ class Fleet:
 
 
 def validate_settings(*, memory_mb: int | None = None, cooldown_ms: int | None = None,
-                      policy: str | None = None) -> None:
+                      policy: str | None = None, cold_after_ms: int | None = None) -> None:
     if memory_mb is not None and (not isinstance(memory_mb, int) or not MIN_MEMORY_MB <= memory_mb <= MAX_MEMORY_MB):
         raise InvalidRequest(f"memory_mb must be an integer from {MIN_MEMORY_MB} to {MAX_MEMORY_MB}")
     if cooldown_ms is not None and (not isinstance(cooldown_ms, int) or not 0 <= cooldown_ms <= 30 * 86_400_000):
         raise InvalidRequest("cooldown_ms must be an integer from 0 to 2592000000 (30 days)")
+    if cold_after_ms is not None and (not isinstance(cold_after_ms, int) or not 0 <= cold_after_ms <= MAX_DURATION_MS):
+        raise InvalidRequest("cold_after_ms must be an integer from 0 to 2592000000 (30 days)")
     if policy is not None and policy not in POLICIES:
         raise InvalidRequest(f"scale-to-zero policy must be one of {', '.join(POLICIES)}")

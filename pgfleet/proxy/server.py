@@ -271,6 +271,21 @@ class ProxyServer:
         except FleetError as exc:
             raise ClientError("57P03", str(exc))
 
+    def _tracks_transactions(self, row: InstanceRow) -> bool:
+        """Follow each transaction only where an idle session may outlive a suspend (the
+        `idle` policy, on a driver that keeps sessions); elsewhere an open session keeps its
+        database up anyway and counts as busy for its whole life, at no cost per message."""
+        return self.fleet.driver.keeps_sessions_across_suspend and row.stz_policy == "idle"
+
+    def close_idle_server_connections(self, uuid: str) -> None:
+        """The database is being frozen (warm standby): its idle pooled server connections
+        go, so their backends hold no memory while it is warm; the next transaction wakes
+        the database and opens a new one."""
+        pool = self.pools.get(uuid)
+        if pool is not None:
+            for conn in list(pool.idle):
+                pool.discard(conn)
+
     def _activity(self, uuid: str) -> SessionActivity:
         fleet = self.fleet
 
@@ -302,7 +317,7 @@ class ProxyServer:
             b_writer.write(m.startup_message(params))
             await self._forward_until_ready(b_reader, writer, backend, key)
             relay = Relay(writer.transport, b_writer.transport, self._activity(row.uuid),  # type: ignore[arg-type]
-                          track=self.fleet.driver.keeps_sessions_across_suspend)
+                          track=self._tracks_transactions(row))
             relay.start(_take_buffer(reader), _take_buffer(b_reader))
             live = self.relays.setdefault(row.uuid, set())
             live.add(relay)
@@ -373,9 +388,7 @@ class ProxyServer:
         out += [m.backend_key_data(*key), m.ready_for_query(b"I")]
         writer.write(b"".join(out))
         fleet, uuid = self.fleet, row.uuid
-        # per transaction where a suspended database keeps its sessions (the `idle` policy may
-        # apply); elsewhere an open session keeps it up anyway: busy for the session's life
-        per_tx = fleet.driver.keeps_sessions_across_suspend
+        per_tx = self._tracks_transactions(row)
         client = PooledClient(pool, writer.transport,  # type: ignore[arg-type]
                               (lambda busy: fleet.session_busy(uuid, busy)) if per_tx else _no_busy, pset)
         backend = self.fleet.backend_of(row.uuid)

@@ -42,7 +42,9 @@ CREATE TABLE IF NOT EXISTS instances (
     pool_size       INTEGER NOT NULL DEFAULT 20,
     max_pooled_clients INTEGER NOT NULL DEFAULT 200,
     max_direct_clients INTEGER NOT NULL DEFAULT 50,
-    require_tls     INTEGER NOT NULL DEFAULT 0
+    require_tls     INTEGER NOT NULL DEFAULT 0,
+    standby_tier    TEXT DEFAULT NULL,
+    cold_after_ms   INTEGER NOT NULL DEFAULT 3600000
 );
 CREATE TABLE IF NOT EXISTS transitions (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -84,6 +86,10 @@ class InstanceRow:
     max_pooled_clients: int = 200
     max_direct_clients: int = 50
     require_tls: int = 0
+    #: in standby: "warm" (processes frozen, memory reclaimed) or "cold" (stopped)
+    standby_tier: str | None = None
+    #: how long a database stays warm before it goes cold
+    cold_after_ms: int = 3_600_000
 
     @classmethod
     def from_sql(cls, row: sqlite3.Row) -> "InstanceRow":
@@ -205,11 +211,26 @@ class Store:
         with self.db:
             self.db.execute(f"UPDATE instances SET {sets} WHERE uuid=?", [*changes.values(), uuid])
 
-    def transition(self, uuid: str, from_state: str, to_state: str, reason: str | None = None, **changes: Any) -> None:
-        """Atomically move uuid from `from_state` to `to_state` (and apply `changes`)."""
+    def transition(self, uuid: str, from_state: str, to_state: str, reason: str | None = None,
+                   durable: bool = True, **changes: Any) -> None:
+        """Atomically move uuid from `from_state` to `to_state` (and apply `changes`).
+
+        `durable=False` commits without waiting for the disk (it survives a crash of the
+        daemon, not of the host): only for records a host crash makes moot anyway, such as
+        a warm database's thaw (after a host crash there are no processes to be warm)."""
         if "tags" in changes:
             changes["tags"] = json.dumps(changes["tags"])
         sets = ",".join(["state=?", *(f"{k}=?" for k in changes)])
+        if not durable:
+            self.db.execute("PRAGMA synchronous=NORMAL")  # WAL: no fsync at commit
+        try:
+            self._transition(uuid, from_state, to_state, reason, sets, changes)
+        finally:
+            if not durable:
+                self.db.execute("PRAGMA synchronous=FULL")
+
+    def _transition(self, uuid: str, from_state: str, to_state: str, reason: str | None, sets: str,
+                    changes: dict[str, Any]) -> None:
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
             cur = self.db.execute(

@@ -1,7 +1,8 @@
 """The `sandbox` driver: each database's postmaster runs natively, as its own unprivileged
 uid, in fresh mount, PID, IPC, UTS and network namespaces (the network namespace has no
 interfaces; Postgres listens only on a unix socket in the instance's private directory),
-under cgroup limits. Standby means the postmaster has shut down: no process, no memory.
+under cgroup limits. Cold standby means the postmaster has shut down: no process, no memory;
+warm standby means its processes are frozen and their memory reclaimed (freeze.py).
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from .. import swap
 from ..base import Backend, Driver, DriverError, InstanceSpec, admin_connect
 from ..pgbin import PostgresInstall, find_postgres
 from ..roles import check_role_name, tenant_role_sql
 from ..untrusted import read_head, read_tail
-from . import archive, cgroups
+from . import archive, cgroups, freeze
 from .backups import SandboxBackups
 from .jail import ensure_jail, jail_argv
 from .procscan import find_postmaster, find_postmasters
@@ -70,6 +72,8 @@ class SandboxDriver(SandboxBackups, Driver):
         self._scanned: dict[str, int] | None = None  # postmasters by data dir, during a recovery
         self.home_tag = _home_tag(state_dir)
         self.cgroup_parent = f"{CGROUP_PARENT}/{self.home_tag}"
+        # a frozen database keeps its server sessions (warm standby)
+        self.keeps_sessions_across_suspend = freeze.freezer_available()
 
     # --- paths ------------------------------------------------------------------
     @staticmethod
@@ -88,6 +92,13 @@ class SandboxDriver(SandboxBackups, Driver):
 
     def _cgroup(self, spec: InstanceSpec) -> cgroups.Cgroup:
         return cgroups.Cgroup(self.cgroup_parent, spec.uuid)
+
+    def _freezer(self, spec: InstanceSpec) -> freeze.Freezer:
+        return freeze.Freezer(self.cgroup_parent, spec.uuid)
+
+    @staticmethod
+    def _limits(spec: InstanceSpec) -> cgroups.CgroupLimits:
+        return cgroups.CgroupLimits(memory_bytes=spec.memory_mb * 1024 * 1024)
 
     # --- lifecycle --------------------------------------------------------------
     async def prepare(self) -> None:
@@ -284,8 +295,10 @@ class SandboxDriver(SandboxBackups, Driver):
             pidfile.unlink(missing_ok=True)
         archive.prepare_spool(data, uid)
         cg = self._cgroup(spec)
-        cg.create(cgroups.CgroupLimits(memory_bytes=spec.memory_mb * 1024 * 1024))
-        procs_files = cg.procs_files()
+        cg.create(self._limits(spec))
+        freezer = self._freezer(spec)
+        freezer.create()
+        procs_files = cg.procs_files() + freezer.procs_files()
         shared_buffers = max(16, spec.memory_mb // 8)
         argv = self._sandboxed(spec, [
             # canonical paths: the jail binds them at exactly these paths in its private root
@@ -313,6 +326,7 @@ class SandboxDriver(SandboxBackups, Driver):
                 await proc.wait()
             cg.remove()
             self.storage.unmount(spec.home)
+            freezer.remove()
             raise
         self._watch(spec, pm_pid, proc.wait())
         return self.backend(spec)
@@ -366,6 +380,7 @@ class SandboxDriver(SandboxBackups, Driver):
             await exited
             entry = self._running.pop(spec.uuid, None)
             self._cgroup(spec).remove()
+            self._freezer(spec).remove()
             if self.storage is not None:
                 self.storage.unmount(spec.home)
             if entry is not None and not entry.stopping:
@@ -386,6 +401,7 @@ class SandboxDriver(SandboxBackups, Driver):
                         timeout: float = SHUTDOWN_TIMEOUT_S) -> None:
         """Send `sig`; if the postmaster is still there after `timeout`, SIGQUIT; after
         QUIT_TIMEOUT_S more, SIGKILL every process of its cgroup. Never waits for ever."""
+        self._unfreeze(spec)  # a frozen process would not act on the signal
         entry = self._running.get(spec.uuid)
         if entry is None:
             stale = find_postmaster(self.data_dir(spec))
@@ -409,6 +425,7 @@ class SandboxDriver(SandboxBackups, Driver):
     async def destroy(self, spec: InstanceSpec) -> None:
         await self.stop(spec)
         self._cgroup(spec).remove()
+        self._freezer(spec).remove()
         try:
             uid: int | None = int((spec.home / "uid").read_text())
         except (OSError, ValueError):
@@ -456,6 +473,7 @@ class SandboxDriver(SandboxBackups, Driver):
         pm = self._postmaster_of(spec)
         if pm is None:
             self._cgroup(spec).remove()
+            self._freezer(spec).remove()
             return None
         if _is_ready(self.data_dir(spec)):
             return await self._adopt_or_stop(spec, pm, keep=True)
@@ -490,12 +508,62 @@ class SandboxDriver(SandboxBackups, Driver):
         current = self._cgroup(spec).memory_current()
         return {"rss_bytes": current} if current is not None else {}
 
+    # --- warm standby: frozen processes, memory reclaimed (freeze.py) --------------------
+    def warm_mode(self) -> str | None:
+        if not self.keeps_sessions_across_suspend:
+            return None
+        return "reclaim" if swap.total_bytes() > 0 else "freeze"
+
+    async def freeze(self, spec: InstanceSpec) -> int:
+        if spec.uuid not in self._running:
+            raise DriverError(f"database {spec.name} is not running")
+        try:
+            await self._freezer(spec).freeze()
+        except freeze.FreezeFailed as exc:
+            raise DriverError(f"database {spec.name} could not be frozen: {exc}") from exc
+        memory = self._memory_dir(spec)
+        if memory is None:
+            return 0
+        if self.warm_mode() == "reclaim":
+            return await asyncio.to_thread(freeze.reclaim, memory, self._cgroup(spec).v2)
+        return freeze.charged_bytes(memory, self._cgroup(spec).v2)[0]
+
+    async def thaw(self, spec: InstanceSpec) -> Backend:
+        if spec.uuid not in self._running:
+            raise DriverError(f"the processes of frozen database {spec.name} are gone")
+        self._unfreeze(spec)
+        return self.backend(spec)
+
+    def is_frozen(self, spec: InstanceSpec) -> bool:
+        return self._freezer(spec).is_frozen()
+
+    def memory_charged(self, spec: InstanceSpec) -> tuple[int, int]:
+        memory = self._memory_dir(spec)
+        if memory is None or spec.uuid not in self._running:
+            return 0, 0
+        return freeze.charged_bytes(memory, self._cgroup(spec).v2)
+
+    def _unfreeze(self, spec: InstanceSpec) -> None:
+        """Limit first, then thaw: the thawed processes fault their pages back in at once."""
+        freezer = self._freezer(spec)
+        if not freezer.is_frozen():
+            return
+        memory = self._memory_dir(spec)
+        if memory is not None:
+            freeze.restore_limit(memory, self._cgroup(spec).v2, self._limits(spec).memory_bytes)
+        freezer.thaw()
+
+    def _memory_dir(self, spec: InstanceSpec) -> Path | None:
+        dirs = self._cgroup(spec).dirs
+        return dirs.get("unified") or dirs.get("memory")
+
     async def close(self) -> None:
         """Remove this home's empty per-host directories (socket root, cgroup parents) so
         that homes that come and go leave nothing behind."""
         sockets = SOCKET_ROOT / self.home_tag
         slots = [d for d in sockets.iterdir() if d.is_dir()] if sockets.is_dir() else []
-        for d in [*slots, sockets, *cgroups.Cgroup(CGROUP_PARENT, self.home_tag).dirs.values()]:
+        freezer_parent = freeze.Freezer(CGROUP_PARENT, self.home_tag).dir
+        for d in [*slots, sockets, *cgroups.Cgroup(CGROUP_PARENT, self.home_tag).dirs.values(), freezer_parent]:
             try:
                 d.rmdir()
             except OSError:

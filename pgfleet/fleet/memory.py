@@ -1,0 +1,181 @@
+"""The host memory manager: the fleet's databases stay within a memory budget.
+
+Every few hundred milliseconds it sums what the running and warm databases have charged.
+Over the budget, or when the kernel reports memory pressure (PSI, /proc/pressure/memory,
+where present), the least recently used idle databases are demoted a tier: running -> warm
+(frozen, memory reclaimed) first, then warm -> cold (stopped). A database with a busy
+session (a query or transaction running, or under policy `on` any open session) is never
+touched. Without swap a freeze frees nothing, so running databases go straight to cold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .standby import is_warm
+from .states import State
+
+if TYPE_CHECKING:
+    from .manager import Fleet
+
+log = logging.getLogger(__name__)
+
+PSI_MEMORY = Path("/proc/pressure/memory")
+#: share of host RAM the fleet may use when no budget is given
+DEFAULT_BUDGET_SHARE = 0.75
+#: "some" stall share over 10 s (percent) above which the host is under pressure
+PSI_THRESHOLD = 10.0
+INTERVAL_S = 0.5
+#: what a freeze with reclaim is expected to leave charged (measured 2-8 MiB)
+WARM_RESIDUE_BYTES = 6 << 20
+
+
+def host_memory_bytes() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * 1024
+    raise OSError("no MemTotal in /proc/meminfo")
+
+
+def default_budget_bytes() -> int:
+    return int(host_memory_bytes() * DEFAULT_BUDGET_SHARE)
+
+
+def memory_pressure(path: Path = PSI_MEMORY) -> float | None:
+    """PSI `some avg10` (percent), or None where the kernel has no PSI."""
+    try:
+        first = path.read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return None
+    for word in first.split():
+        if word.startswith("avg10="):
+            return float(word[6:])
+    return None
+
+
+@dataclass
+class MemoryReport:
+    budget_bytes: int
+    charged_bytes: int = 0
+    pressure: float | None = None
+    demoted: list[tuple[str, str]] = field(default_factory=list)  # (name, "warm" | "cold")
+
+
+class MemoryManager:
+    def __init__(self, fleet: "Fleet", budget_bytes: int | None = None, interval_s: float = INTERVAL_S) -> None:
+        self.fleet = fleet
+        self.budget_bytes = budget_bytes if budget_bytes is not None else default_budget_bytes()
+        self.interval_s = interval_s
+        self.last = MemoryReport(self.budget_bytes)
+        self._task: asyncio.Task | None = None
+
+    def status(self) -> dict:
+        last = self.last
+        return {"budget_bytes": self.budget_bytes, "charged_bytes": last.charged_bytes,
+                "pressure_some_avg10": last.pressure}
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("memory manager tick failed")
+            await asyncio.sleep(self.interval_s)
+
+    def charged(self) -> dict[str, int]:
+        """uuid -> bytes charged, for every database with processes (running or warm)."""
+        fleet = self.fleet
+        out = {}
+        for row in fleet.store.all():
+            if row.state == State.RUNNING or is_warm(row):
+                out[row.uuid] = fleet.driver.memory_charged(fleet.spec(row))[0]
+        return out
+
+    async def tick(self) -> MemoryReport:
+        """One look at the host; demotes what it must. Returns what it saw and did."""
+        charged = self.charged()
+        report = MemoryReport(self.budget_bytes, sum(charged.values()), memory_pressure())
+        self.last = report
+        over = report.charged_bytes - self.budget_bytes
+        if report.pressure is not None and report.pressure > PSI_THRESHOLD:
+            over = max(over, 1)  # at least one step
+        if over <= 0:
+            return report
+        plan = self._plan(charged, over)
+        results = await asyncio.gather(*(self._demote(uuid, tier) for uuid, tier in plan), return_exceptions=True)
+        for (uuid, tier), res in zip(plan, results):
+            if isinstance(res, BaseException):
+                log.error("demoting %s to %s failed: %s", uuid, tier, res)
+            elif res:
+                row = self.fleet.store.get(uuid)
+                report.demoted.append((row.name if row else uuid, tier))
+        if report.demoted:
+            log.info("memory: %.0f MiB charged, budget %.0f MiB, pressure %s: demoted %s",
+                     report.charged_bytes / 2**20, self.budget_bytes / 2**20, report.pressure,
+                     ", ".join(f"{n} -> {t}" for n, t in report.demoted))
+        return report
+
+    def _plan(self, charged: dict[str, int], over: int) -> list[tuple[str, str]]:
+        """Least recently used first: idle running ones to warm (to cold without swap),
+        then warm ones to cold, until the expected saving covers `over`."""
+        fleet = self.fleet
+        reclaim = fleet.warm.mode == "reclaim"
+        running, warm = [], []
+        for uuid in charged:
+            rt = fleet.rt.get(uuid)
+            row = fleet.store.get(uuid)
+            if row is None or row.deleting:
+                continue
+            last = rt.last_active if rt is not None else 0.0
+            if row.state == State.RUNNING:
+                if rt is None or fleet.in_use(uuid):
+                    continue  # a busy session: never touched
+                running.append((last, uuid))
+            else:
+                warm.append((last, uuid))
+        plan: list[tuple[str, str]] = []
+        saved = 0
+        for _, uuid in sorted(running):
+            if saved >= over:
+                return plan
+            if reclaim:
+                plan.append((uuid, "warm"))
+                saved += max(0, charged[uuid] - WARM_RESIDUE_BYTES)
+            else:
+                plan.append((uuid, "cold"))
+                saved += charged[uuid]
+        for _, uuid in sorted(warm):
+            if saved >= over:
+                break
+            plan.append((uuid, "cold"))
+            saved += charged[uuid]
+        return plan
+
+    async def _demote(self, uuid: str, tier: str) -> bool:
+        fleet = self.fleet
+        row = fleet.store.get(uuid)
+        if row is None:
+            return False
+        if is_warm(row):
+            return await fleet.warm.to_cold(uuid, "host memory")
+        if tier == "warm":
+            return await fleet.warm.enter(uuid, "host memory", only_if_idle=False)
+        after = await fleet.suspend(uuid, reason="host memory", drain_timeout_s=0, if_unused=True)
+        return after.state == State.STANDBY

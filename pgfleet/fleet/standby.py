@@ -1,0 +1,174 @@
+"""Standby's warm tier: a database scaled to zero with its processes frozen, not stopped.
+
+running -> standby(warm): after `cooldown_ms` without busy sessions (or when the host needs
+memory), its processes are frozen and their memory reclaimed; open client sessions stay
+open. standby(warm) -> running: a thaw, about a millisecond; held sessions go on.
+standby(warm) -> standby(cold): after `cold_after_ms`, when the host needs the room, or
+at `pgfleet down`: a Postgres fast shutdown, as a cold suspend always was.
+
+The freeze is recorded (durably) before it happens. The thaw is recorded before it
+happens too, but without waiting for the disk: it is on the client's clock, and a host
+crash, the only thing that could lose the record, leaves no process to be warm anyway.
+Recovery trusts the host (is it frozen?), not the record alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from pgfleet.drivers.base import Backend, DriverError
+from pgfleet.store import InstanceRow
+
+from .states import COLD, WARM, State
+
+if TYPE_CHECKING:
+    from .manager import Fleet, Runtime
+
+log = logging.getLogger(__name__)
+
+
+class WarmTier:
+    def __init__(self, fleet: "Fleet") -> None:
+        self.fleet = fleet
+        #: called with a database's uuid as it is frozen: the pooled listener closes its idle
+        #: server connections (their backends would hold memory; a new one wakes the database)
+        self.on_freeze: list = []
+
+    @property
+    def mode(self) -> str | None:
+        """"reclaim", "freeze" (no swap: memory stays charged) or None (cold only)."""
+        return self.fleet.driver.warm_mode()
+
+    def status(self) -> dict:
+        """For `pgfleet status`: what standby does on this host, and why."""
+        from pgfleet.drivers import swap
+
+        mode = self.mode
+        explain = {
+            "reclaim": "warm: frozen, memory reclaimed to swap; cold after cold_after_ms or under memory pressure",
+            "freeze": "warm: frozen WITHOUT reclaim (no swap: memory stays charged; `pgfleet up --swap SIZE`)",
+            None: f"cold only (the {self.fleet.driver.name} driver cannot freeze here)",
+        }[mode]
+        return {"warm_mode": mode, "explain": explain, "swap_bytes": swap.total_bytes(),
+                "zswap": swap.zswap_enabled()}
+
+    # --- running -> warm ---------------------------------------------------------------
+    async def enter(self, uuid: str, reason: str, *, only_if_idle: bool) -> bool:
+        """Freeze a running database whose sessions are all idle. False if it was not
+        (busy, not running, or idle for less than its cooldown with `only_if_idle`)."""
+        fleet = self.fleet
+        async with fleet.locked(uuid) as rt:
+            row = fleet.store.get(uuid)
+            if row is None or row.state != State.RUNNING or row.deleting or rt.backend is None:
+                return False
+            rt.policy = row.stz_policy
+            if fleet._in_use(rt) or (only_if_idle and not fleet._idle_long_enough(row, rt)):
+                return False
+            # From here to the freeze nothing awaits: a packet arriving now finds no backend
+            # and waits for the thaw behind this lock, so no query runs into the freeze.
+            fleet._cancel_idle_timer(rt)
+            fleet._move(uuid, State.RUNNING, State.STANDBY, reason, standby_tier=WARM,
+                        stop_reason=reason, stopped_at=time.time())
+            rt.backend, rt.running = None, False
+            for callback in self.on_freeze:
+                callback(uuid)
+            try:
+                charged = await fleet.driver.freeze(fleet.spec(row))
+            except DriverError as exc:
+                log.warning("%s: %s; going cold instead", row.name, exc)
+                await self._cold_locked(fleet.store.get(uuid), rt, f"freeze failed: {exc}")  # type: ignore[arg-type]
+                await fleet._notify()
+                return True
+            log.info("%s: warm standby (%s), %.1f MiB still charged", row.name, reason, charged / 2**20)
+            self._arm_cold_timer(uuid, rt, row.cold_after_ms)
+        await fleet._notify()
+        return True
+
+    # --- warm -> running ---------------------------------------------------------------
+    async def thaw_locked(self, row: InstanceRow, rt: "Runtime", reason: str) -> Backend:
+        """Wake a warm database (the caller holds its lock). If its frozen processes are
+        gone, it is started cold."""
+        fleet = self.fleet
+        self._cancel_cold_timer(rt)
+        fleet._move(row.uuid, State.STANDBY, State.RUNNING, reason, tier=WARM, durable=False,
+                    standby_tier=None, stop_reason=None, started_at=time.time(), start_count=row.start_count + 1)
+        spec = fleet.spec(row)
+        try:
+            backend = await fleet.driver.thaw(spec)
+        except DriverError as exc:
+            log.warning("%s: thaw failed (%s); starting it cold", row.name, exc)
+            fleet._move(row.uuid, State.RUNNING, State.STOPPING, f"thaw failed: {exc}")
+            try:
+                await fleet.driver.suspend(spec)
+            finally:
+                fleet._move(row.uuid, State.STOPPING, State.STANDBY, "thaw failed", standby_tier=COLD,
+                            stopped_at=time.time())
+            return await fleet._start_locked(fleet.store.get(row.uuid), reason=reason)  # type: ignore[arg-type]
+        rt.backend, rt.running = backend, True
+        rt.last_active = time.monotonic()
+        fleet._arm_idle_timer(row.uuid)
+        await fleet._notify()
+        return backend
+
+    # --- warm -> cold ------------------------------------------------------------------
+    async def to_cold(self, uuid: str, reason: str) -> bool:
+        async with self.fleet.locked(uuid) as rt:
+            row = self.fleet.store.get(uuid)
+            if row is None or not is_warm(row):
+                return False
+            await self._cold_locked(row, rt, reason)
+        await self.fleet._notify()
+        return True
+
+    async def _cold_locked(self, row: InstanceRow, rt: "Runtime", reason: str) -> None:
+        """A Postgres fast shutdown (the driver thaws it first); held sessions end."""
+        self._cancel_cold_timer(rt)
+        self.fleet._move(row.uuid, State.STANDBY, State.STANDBY, reason, tier=WARM, standby_tier=COLD)
+        await self.fleet.driver.suspend(self.fleet.spec(row))
+        log.info("%s: cold standby (%s)", row.name, reason)
+
+    def _arm_cold_timer(self, uuid: str, rt: "Runtime", after_ms: int) -> None:
+        self._cancel_cold_timer(rt)
+        if self.fleet._closing:
+            return
+        rt.cold_timer = asyncio.get_running_loop().call_later(
+            after_ms / 1000, lambda: self.fleet._spawn(self._cold_due(uuid)))
+
+    @staticmethod
+    def _cancel_cold_timer(rt: "Runtime") -> None:
+        if rt.cold_timer is not None:
+            rt.cold_timer.cancel()
+            rt.cold_timer = None
+
+    async def _cold_due(self, uuid: str) -> None:
+        try:
+            await self.to_cold(uuid, "warm for cold_after_ms")
+        except Exception:
+            log.exception("moving %s to cold standby failed", uuid)
+
+    # --- daemon restart and stop -------------------------------------------------------
+    async def recover(self, row: InstanceRow, backend: Backend | None) -> None:
+        """After a restart: a warm database whose processes are still frozen stays warm
+        (re-attached); anything else recorded warm goes cold (never a frozen orphan)."""
+        fleet = self.fleet
+        rt = fleet.runtime(row.uuid)
+        spec = fleet.spec(row)
+        if backend is not None and fleet.driver.is_frozen(spec):
+            log.info("re-attached to warm %s", row.name)
+            self._arm_cold_timer(row.uuid, rt, row.cold_after_ms)
+            return
+        await self._cold_locked(row, rt, "recovered after daemon restart")
+
+    async def all_to_cold(self, reason: str) -> None:
+        warm = [r for r in self.fleet.store.all() if is_warm(r)]
+        results = await asyncio.gather(*(self.to_cold(r.uuid, reason) for r in warm), return_exceptions=True)
+        for row, res in zip(warm, results):
+            if isinstance(res, BaseException):
+                log.error("moving %s to cold standby failed: %s", row.name, res)
+
+
+def is_warm(row: InstanceRow) -> bool:
+    return row.state == State.STANDBY and row.standby_tier == WARM
