@@ -27,6 +27,7 @@ from pgfleet.store import InstanceRow
 
 from .errors import InvalidRequest, NotFound, Unavailable
 from .names import validate_name
+from .periodic import run_every
 from .states import State
 
 log = logging.getLogger(__name__)
@@ -168,8 +169,8 @@ class Backups:
     async def take_base_backup(self, ref: str) -> BaseBackup:
         row = self.fleet.get(ref)
         self._ensure_indexed(row)
-        async with self.fleet.locked(row.uuid):  # a stopped database stays stopped, a running one running, meanwhile
-            row = self.fleet.get(row.uuid)
+        async with self.fleet.locked(row.uuid) as rt:  # a stopped database stays stopped, a running one running, meanwhile
+            row = await self.fleet.warm.thawed_locked(self.fleet.get(row.uuid), rt, "base backup")
             if row.state not in (State.RUNNING, State.STANDBY, State.STOPPED):
                 raise Unavailable(f"database {row.name!r} is {row.state}")
             return await self._base_backup_locked(row)
@@ -237,14 +238,7 @@ class Backups:
             self._task = None
 
     async def _loop(self) -> None:
-        while True:
-            try:
-                await self.tick()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("backup schedule failed")
-            await asyncio.sleep(self.poll_s)
+        await run_every(self.poll_s, self.tick, "backup schedule")
 
     async def tick(self, now: float | None = None) -> None:
         """One round: archive what running databases handed over, take due base backups,
@@ -373,8 +367,8 @@ class Branches:
         return RecoveryTarget("time", at)
 
     async def _populate_now(self, parent: InstanceRow, spec: InstanceSpec) -> Backend:
-        async with self.fleet.locked(parent.uuid):  # the parent is not started, suspended or deleted during the copy
-            row = self.fleet.get(parent.uuid)
+        async with self.fleet.locked(parent.uuid) as rt:  # the parent is not started, suspended or deleted during the copy
+            row = await self.fleet.warm.thawed_locked(self.fleet.get(parent.uuid), rt, "branch")
             if row.state not in (State.RUNNING, State.STANDBY, State.STOPPED) or row.deleting:
                 raise Unavailable(f"database {row.name!r} is {row.state}")
             self.backups._ensure_indexed(row)
@@ -386,8 +380,8 @@ class Branches:
                            target: RecoveryTarget) -> Backend:
         repo = self.backups.repo(arch.uuid)
         if parent is not None:
-            async with self.fleet.locked(parent.uuid):
-                row = self.fleet.get(parent.uuid)
+            async with self.fleet.locked(parent.uuid) as rt:
+                row = await self.fleet.warm.thawed_locked(self.fleet.get(parent.uuid), rt, "branch")
                 if row.state == State.RUNNING:
                     await self.fleet.driver.flush_archive(self.fleet.spec(row), repo)
         backup = self._backup_for(arch, target)

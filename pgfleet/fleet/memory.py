@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .periodic import run_every
 from .standby import is_warm
 from .states import State
 
@@ -79,7 +80,7 @@ class MemoryManager:
                 "pressure_some_avg10": last.pressure}
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._task = asyncio.get_running_loop().create_task(run_every(self.interval_s, self.tick, "memory manager"))
 
     async def close(self) -> None:
         if self._task is not None:
@@ -88,16 +89,6 @@ class MemoryManager:
                 await self._task
             except asyncio.CancelledError:
                 pass
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.tick()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("memory manager tick failed")
-            await asyncio.sleep(self.interval_s)
 
     def charged(self) -> dict[str, int]:
         """uuid -> bytes charged, for every database with processes (running or warm)."""

@@ -113,6 +113,14 @@ class WarmTier:
         await fleet._notify()
         return backend
 
+    async def thawed_locked(self, row: InstanceRow, rt: "Runtime", reason: str) -> InstanceRow:
+        """`row` as it is once running again if it was warm (the caller holds its lock): for
+        work that must talk to its Postgres, which would wait forever on a frozen one."""
+        if not is_warm(row):
+            return row
+        await self.thaw_locked(row, rt, reason)
+        return self.fleet.get(row.uuid)
+
     # --- warm -> cold ------------------------------------------------------------------
     async def to_cold(self, uuid: str, reason: str) -> bool:
         async with self.fleet.locked(uuid) as rt:

@@ -345,8 +345,10 @@ class SandboxDriver(SandboxBackups, Driver):
         cgroups), as code execution inside the database would: the hostile-tenant tests'
         shell. Blocks; returns the finished process with text stdout/stderr."""
         cg = self._cgroup(spec)
-        cg.create(cgroups.CgroupLimits(memory_bytes=spec.memory_mb * 1024 * 1024))
-        procs_files = cg.procs_files()
+        cg.create(self._limits(spec))
+        freezer = self._freezer(spec)  # code run by a tenant's postgres is frozen with it
+        freezer.create()
+        procs_files = cg.procs_files() + freezer.procs_files()
         return subprocess.run(
             self._sandboxed(spec, argv, wait_detach=True), input=input, capture_output=True, text=True, timeout=timeout,
             preexec_fn=lambda: (cgroups.join(procs_files), os.setsid()),
