@@ -92,6 +92,7 @@ class WarmTier:
         """Wake a warm database (the caller holds its lock). If its frozen processes are
         gone, it is started cold."""
         fleet = self.fleet
+        started = time.monotonic()
         self._cancel_cold_timer(rt)
         fleet._move(row.uuid, State.STANDBY, State.RUNNING, reason, tier=WARM, durable=False,
                     standby_tier=None, stop_reason=None, started_at=time.time(), start_count=row.start_count + 1)
@@ -110,6 +111,10 @@ class WarmTier:
         rt.backend, rt.running = backend, True
         rt.last_active = time.monotonic()
         fleet._arm_idle_timer(row.uuid)
+        if reason == "wake":
+            took = rt.last_active - started
+            fleet.telemetry.wake(row.uuid, time.time(), took)
+            fleet.events.emit("wake", row.name, latency_ms=round(took * 1000, 2), tier=WARM)
         await fleet._notify()
         return backend
 

@@ -9,12 +9,13 @@ pools server connections per transaction (pooled listener).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import ssl
 import struct
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Literal
+from typing import Awaitable, Callable, Iterator, Literal
 
 from pgfleet.drivers.base import Backend
 from pgfleet.fleet.errors import FleetError, NotFound
@@ -277,6 +278,16 @@ class ProxyServer:
         database up anyway and counts as busy for its whole life, at no cost per message."""
         return self.fleet.driver.keeps_sessions_across_suspend and row.stz_policy == "idle"
 
+    @contextlib.contextmanager
+    def _starting(self, uuid: str) -> Iterator[None]:
+        """A session being set up counts as busy: its database is never frozen under its
+        startup exchange, which no relay watches yet (`idle` policy)."""
+        self.fleet.session_busy(uuid, True)
+        try:
+            yield
+        finally:
+            self.fleet.session_busy(uuid, False)
+
     def close_idle_server_connections(self, uuid: str) -> None:
         """The database is being frozen (warm standby): its idle pooled server connections
         go, so their backends hold no memory while it is warm; the next transaction wakes
@@ -307,18 +318,26 @@ class ProxyServer:
             params["options"] = route.options
         elif "options" in params:
             del params["options"]
-        params.update(user=row.role, database=backend.database)
+        with self._starting(row.uuid):
+            # frozen (warm standby) since the wake, while the client authenticated: thaw it
+            backend = self.fleet.backend_of(row.uuid) or await asyncio.wait_for(self._wake(row.uuid), WAKE_TIMEOUT_S)
+            params.update(user=row.role, database=backend.database)
+            try:
+                b_reader, b_writer = await backend.open_connection()
+            except OSError as exc:
+                raise ClientError("08006", f"could not reach the database: {exc}")
+            key = self.cancels.mint()
+            try:
+                b_writer.write(m.startup_message(params))
+                await self._forward_until_ready(b_reader, writer, backend, key)
+                relay = Relay(writer.transport, b_writer.transport, self._activity(row.uuid),  # type: ignore[arg-type]
+                              track=self._tracks_transactions(row))
+                relay.start(_take_buffer(reader), _take_buffer(b_reader))
+            except BaseException:
+                self.cancels.release(key)
+                b_writer.close()
+                raise
         try:
-            b_reader, b_writer = await backend.open_connection()
-        except OSError as exc:
-            raise ClientError("08006", f"could not reach the database: {exc}")
-        key = self.cancels.mint()
-        try:
-            b_writer.write(m.startup_message(params))
-            await self._forward_until_ready(b_reader, writer, backend, key)
-            relay = Relay(writer.transport, b_writer.transport, self._activity(row.uuid),  # type: ignore[arg-type]
-                          track=self._tracks_transactions(row))
-            relay.start(_take_buffer(reader), _take_buffer(b_reader))
             live = self.relays.setdefault(row.uuid, set())
             live.add(relay)
             try:
@@ -369,6 +388,18 @@ class ProxyServer:
     async def _pooled_session(self, startup: m.StartupMessage, route: Route, row: InstanceRow,
                               wake: asyncio.Future, reader: asyncio.StreamReader,
                               writer: asyncio.StreamWriter) -> None:
+        with self._starting(row.uuid):
+            client, key = await self._pooled_start(startup, route, row, wake, reader, writer)
+        try:
+            await client.done
+        finally:
+            self.cancels.release(key)
+            if not self._tracks_transactions(row):
+                self.fleet.session_busy(row.uuid, False)
+
+    async def _pooled_start(self, startup: m.StartupMessage, route: Route, row: InstanceRow,
+                            wake: asyncio.Future, reader: asyncio.StreamReader,
+                            writer: asyncio.StreamWriter) -> "tuple[PooledClient, tuple[int, int]]":
         pool = self.pool_for(row)
         if not wake.done():
             await asyncio.shield(wake)  # queued starts wait their turn (see _authenticated_session)
@@ -401,13 +432,8 @@ class ProxyServer:
         self.cancels.bind(key, target)
         if not per_tx:
             fleet.session_busy(uuid, True)
-        try:
-            client.start(_take_buffer(reader))
-            await client.done
-        finally:
-            self.cancels.release(key)
-            if not per_tx:
-                fleet.session_busy(uuid, False)
+        client.start(_take_buffer(reader))
+        return client, key
 
     async def _pass_through(self, startup: m.StartupMessage, target: tuple[str, int],
                             reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
