@@ -68,12 +68,12 @@ class BenchDaemon:
         subprocess.run([*PGFLEET, "down", "--home", str(self.home)], capture_output=True, timeout=600)
 
 
-def start_daemon(driver: str = "sandbox") -> BenchDaemon:
+def start_daemon(driver: str = "sandbox", extra: tuple[str, ...] = ()) -> BenchDaemon:
     home = Path(tempfile.mkdtemp(prefix="pgfleet-bench-"))
     os.chmod(home, 0o711)
     proc = subprocess.run(
         [*PGFLEET, "up", "--detach", "--home", str(home), "--driver", driver, "--listen", "127.0.0.1:0",
-         "--listen-pooled", "127.0.0.1:0", "--api", "127.0.0.1:0", "--listen-http", "127.0.0.1:0"],
+         "--listen-pooled", "127.0.0.1:0", "--api", "127.0.0.1:0", "--listen-http", "127.0.0.1:0", *extra],
         capture_output=True, text=True, timeout=900,
     )
     if proc.returncode != 0:

@@ -6,10 +6,18 @@ Every sample is a real client (libpq via psycopg) opening a new connection throu
 pgfleet proxy (SCRAM included) and getting the result of `SELECT 1`. In one run:
   create  : POST /v1/databases until the first query result on a new connection
   wake    : database in standby; new connection until the first query result
-  warm    : database running; new connection until the first query result
+  warm    : database running; new connection until the first query result (the name
+            predates warm standby: `running_new` in spirit)
   direct  : the same new connection straight to the backend's socket (no proxy, no auth):
             the floor the proxy adds to
-Also checks that standby databases hold no process and no memory.
+Warm standby (frozen, memory reclaimed to swap: the daemon runs with `--swap`):
+  warm_held    : `SELECT 1` on a session held open across a warm standby (policy idle)
+  running_held : the same on the same session while the database runs (the floor)
+  warm_new     : new connection to a warm database until the first query result
+  storm_warm / storm_cold : N databases (--storm, default 200) in warm or cold standby,
+            all connected at once; each client's time to its first query result
+  RAM per warm database: memory charged to its cgroup, and PSS of its processes
+`wake` is the cold tier (a Postgres start). Cold standby databases hold no process.
 Writes bench/results/wake.json and bench/results/wake.png.
 """
 
@@ -25,7 +33,9 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import machine, start_daemon, summarise, write_results  # noqa: E402
 
-TARGETS = {"wake_p50_ms": 50, "wake_p99_ms": 150, "create_p50_ms": 300}
+TARGETS = {"wake_p50_ms": 50, "wake_p99_ms": 150, "create_p50_ms": 300,
+           "warm_held_p50_ms": 5, "warm_held_p99_ms": 20, "warm_new_p50_ms": 10,
+           "storm_warm_p99_ms": 1000, "warm_charged_mib": 4}
 
 
 def first_query_ms(**conninfo) -> float:
@@ -56,13 +66,122 @@ def processes_of(home: Path) -> int:
     return n
 
 
+def cgroup_pss_kib(home: Path, uuid: str) -> int:
+    """PSS of every process in a database's memory cgroup (frozen ones included)."""
+    from pgfleet.drivers.sandbox import cgroups
+    from pgfleet.drivers.sandbox.driver import CGROUP_PARENT, _home_tag
+
+    cg = cgroups.Cgroup(f"{CGROUP_PARENT}/{_home_tag(home / 'sandbox')}", uuid)
+    total = 0
+    for procs in cg.procs_files()[:1]:
+        for pid in Path(procs).read_text().split():
+            try:
+                for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1])
+            except OSError:
+                pass
+    return total
+
+
+def warm_tier(d, cycles: int, samples: dict) -> dict:
+    """Held session and new connection across warm standby, interleaved with the floor."""
+    host, port = d.proxy
+    created = d.api("POST", "/v1/databases", {"name": "warmheld",
+                                               "scale_to_zero": {"policy": "idle", "cooldown_ms": 600_000}})
+    conninfo = dict(host=host, port=port, dbname="warmheld", user="warmheld", password=created["password"])
+    charged, swapped, pss = [], [], []
+    for k in ("running_held", "warm_held", "warm_new"):
+        samples[k] = []
+    with psycopg.connect(**conninfo, connect_timeout=60, autocommit=True) as held:
+        held.execute("CREATE TABLE t AS SELECT g, repeat('x', 100) AS s FROM generate_series(1, 20000) g")
+        for i in range(cycles):
+            t = time.perf_counter()
+            held.execute("SELECT 1").fetchone()
+            samples["running_held"].append((time.perf_counter() - t) * 1000)
+            shown = d.api("PUT", "/v1/databases/warmheld/suspend", {"tier": "warm"})
+            charged.append(shown["memory_charged_bytes"] / 2**20)
+            swapped.append(shown["memory_swapped_bytes"] / 2**20)
+            if i < 10:
+                pss.append(cgroup_pss_kib(d.home, shown["uuid"]) / 1024)
+            t = time.perf_counter()
+            held.execute("SELECT 1").fetchone()
+            samples["warm_held"].append((time.perf_counter() - t) * 1000)
+            d.api("PUT", "/v1/databases/warmheld/suspend", {"tier": "warm"})
+            samples["warm_new"].append(first_query_ms(**conninfo))
+            progress("warm held/new", i + 1, cycles)
+    charged.sort()
+    pss.sort()
+    return {"charged_mib_p50": round(charged[len(charged) // 2], 2), "charged_mib_max": round(charged[-1], 2),
+            "swapped_mib_p50": round(sorted(swapped)[len(swapped) // 2], 2),
+            "pss_mib_p50": round(pss[len(pss) // 2], 2) if pss else None}
+
+
+def storms(d, n: int, samples: dict) -> dict:
+    """N databases woken at once: from warm, then from cold."""
+    import asyncio
+    import resource
+    from concurrent.futures import ThreadPoolExecutor
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4 * n + 256)), hard))
+    host, port = d.proxy
+    names = [f"storm{i}" for i in range(n)]
+
+    def make(name: str) -> tuple[str, str]:
+        created = d.api("POST", "/v1/databases", {"name": name})
+        d.api("PUT", f"/v1/databases/{name}/resume")
+        d.api("PUT", f"/v1/databases/{name}/suspend", {"tier": "warm"})  # frozen at once: n fit in RAM
+        return name, created["password"]
+
+    t = time.perf_counter()
+    with ThreadPoolExecutor(4) as pool:
+        dbs = list(pool.map(make, names))
+    made_s = time.perf_counter() - t
+    listed = [db for db in d.api("GET", "/v1/databases")["databases"] if db["name"] in set(names)]
+    warm_charged = sorted(db["memory_charged_bytes"] / 2**20 for db in listed if db["standby_tier"] == "warm")
+
+    async def one(name: str, password: str) -> float | None:
+        t0 = time.perf_counter()
+        try:
+            conn = await psycopg.AsyncConnection.connect(host=host, port=port, dbname=name, user=name,
+                                                         password=password, connect_timeout=120)
+            try:
+                await (await conn.execute("SELECT 1")).fetchone()
+            finally:
+                await conn.close()
+        except Exception as exc:
+            print(f"storm client {name}: {exc}", file=sys.stderr)
+            return None
+        return (time.perf_counter() - t0) * 1000
+
+    async def storm() -> tuple[list[float], int, float]:
+        t0 = time.perf_counter()
+        got = await asyncio.gather(*(one(nm, pw) for nm, pw in dbs))
+        return [g for g in got if g is not None], sum(g is None for g in got), time.perf_counter() - t0
+
+    out: dict = {"n": n, "setup_s": round(made_s, 1),
+                 "warm_charged_mib_p50": round(warm_charged[len(warm_charged) // 2], 2) if warm_charged else None}
+    samples["storm_warm"], out["warm_failed"], out["warm_wall_s"] = asyncio.run(storm())
+    progress("storm warm", 1, 1)
+    with ThreadPoolExecutor(4) as pool:  # now all cold
+        list(pool.map(lambda nm: d.api("PUT", f"/v1/databases/{nm}/suspend"), names))
+    samples["storm_cold"], out["cold_failed"], out["cold_wall_s"] = asyncio.run(storm())
+    progress("storm cold", 1, 1)
+    for k in ("warm_wall_s", "cold_wall_s"):
+        out[k] = round(out[k], 2)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cycles", type=int, default=50)
     ap.add_argument("--driver", default="sandbox")
+    ap.add_argument("--swap", default="4G", help="swap file the daemon makes for the warm tier (0: none)")
+    ap.add_argument("--storm", type=int, default=200, help="databases woken at once (0: no storms)")
     args = ap.parse_args()
 
-    d = start_daemon(args.driver)
+    d = start_daemon(args.driver, ("--swap", args.swap) if args.swap != "0" else ())
     host, port = d.proxy
     samples: dict[str, list[float]] = {"create": [], "wake": [], "warm": [], "direct": []}
     server_boot_us: list[int] = []
@@ -96,33 +215,51 @@ def main() -> None:
         standby = [db for db in d.api("GET", "/v1/databases")["databases"] if db["state"] == "standby"]
         d.api("PUT", f"/v1/databases/{name}/suspend")
         standby_processes = processes_of(d.home)
+        warm = warm_tier(d, args.cycles, samples)
+        if args.storm:
+            warm["storm"] = storms(d, args.storm, samples)
+        status = d.api("GET", "/v1/status")
     finally:
         d.stop()
 
     summary = {k: summarise(v) for k, v in samples.items()}
     summary["server_start"] = summarise([us / 1000 for us in server_boot_us])
     checks = {
+        "warm_held_p50_ms": (summary["warm_held"]["p50"], TARGETS["warm_held_p50_ms"]),
+        "warm_held_p99_ms": (summary["warm_held"]["p99"], TARGETS["warm_held_p99_ms"]),
+        "warm_new_p50_ms": (summary["warm_new"]["p50"], TARGETS["warm_new_p50_ms"]),
+        "warm_charged_mib": (warm["charged_mib_p50"], TARGETS["warm_charged_mib"]),
         "wake_p50_ms": (summary["wake"]["p50"], TARGETS["wake_p50_ms"]),
         "wake_p99_ms": (summary["wake"]["p99"], TARGETS["wake_p99_ms"]),
         "create_p50_ms": (summary["create"]["p50"], TARGETS["create_p50_ms"]),
         "standby_processes": (standby_processes, 0),
     }
+    if "storm" in warm:
+        checks["storm_warm_p99_ms"] = (summary["storm_warm"]["p99"], TARGETS["storm_warm_p99_ms"])
+        checks["storm_warm_all_served"] = (warm["storm"]["warm_failed"], 0)
     result = {
         "benchmark": "wake", "driver": args.driver, "cycles": args.cycles, "machine": machine(),
         "summary_ms": summary, "samples_ms": samples,
         "ratios": {"wake_over_warm_p50": round(summary["wake"]["p50"] / summary["warm"]["p50"], 2),
-                   "warm_over_direct_p50": round(summary["warm"]["p50"] / summary["direct"]["p50"], 2)},
+                   "warm_over_direct_p50": round(summary["warm"]["p50"] / summary["direct"]["p50"], 2),
+                   # the warm tier against its floors, measured side by side (robust on a loaded host)
+                   "warm_held_over_running_held_p50": round(summary["warm_held"]["p50"] / summary["running_held"]["p50"], 2),
+                   "warm_new_over_running_new_p50": round(summary["warm_new"]["p50"] / summary["warm"]["p50"], 2),
+                   "cold_wake_over_warm_new_p50": round(summary["wake"]["p50"] / summary["warm_new"]["p50"], 2)},
         "standby": {"databases": len(standby) + 1, "processes": standby_processes},
+        "warm": warm, "standby_mode": status.get("standby"),
         "targets": {k: {"measured": m, "target": t, "met": m <= t} for k, (m, t) in checks.items()},
     }
     path = write_results("wake", result)
     plot(samples, summary, Path(str(path).replace(".json", ".png")), args.driver)
     print(f"{'':10}{'p50':>9}{'p90':>9}{'p99':>9}   (ms, n={args.cycles})")
-    for k in ("create", "wake", "warm", "direct", "server_start"):
+    for k in [k for k in summary if summary[k]["n"]]:
         s = summary[k]
         print(f"{k:10}{s['p50']:>9.1f}{s['p90']:>9.1f}{s['p99']:>9.1f}")
     for k, v in result["targets"].items():
         print(f"target {k}: {v['measured']} <= {v['target']}: {'met' if v['met'] else 'NOT MET'}")
+    for k, v in result["ratios"].items():
+        print(f"ratio {k}: {v}")
     print(f"wrote {path}")
 
 
@@ -132,15 +269,17 @@ def plot(samples: dict, summary: dict, path: Path, driver: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    order = ["direct", "warm", "wake", "create"]
+    order = [k for k in ("direct", "warm", "running_held", "warm_held", "warm_new", "wake", "storm_warm",
+                         "storm_cold", "create") if samples.get(k)]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.boxplot([samples[k] for k in order], tick_labels=order, orientation="horizontal", showfliers=True)
     for i, k in enumerate(order, start=1):
         ax.annotate(f"p50 {summary[k]['p50']:.1f} ms", (summary[k]["p50"], i + 0.3), fontsize=8)
     ax.axvline(TARGETS["wake_p50_ms"], color="tab:orange", linestyle="--", linewidth=1, label="wake p50 target")
     ax.axvline(TARGETS["create_p50_ms"], color="tab:red", linestyle=":", linewidth=1, label="create p50 target")
-    ax.set_xlabel("new connection until first query result (ms)")
-    ax.set_title(f"pgfleet {driver}: create, wake from standby, warm connect")
+    ax.set_xlabel("until first query result (ms; held: one query on an open session)")
+    ax.set_xscale("log")
+    ax.set_title(f"pgfleet {driver}: create, wake from cold and warm standby, storms")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
