@@ -9,7 +9,7 @@ from urllib.parse import quote
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from pgfleet.fleet.manager import DEFAULT_COLD_AFTER_MS, DEFAULT_COOLDOWN_MS, DEFAULT_MEMORY_MB
+from pgfleet.fleet.manager import DEFAULT_COLD_AFTER_MS, DEFAULT_COOLDOWN_MS, DEFAULT_MEMORY_MB, MAX_CPU_PCT, MAX_DISK_MB
 from pgfleet.fleet.states import State
 from pgfleet.store import InstanceRow
 
@@ -42,11 +42,15 @@ class CreateDatabase(BaseModel):
     autostart: bool = True
     require_tls: bool = False
     pooling: Pooling = Pooling()
+    disk_mb: int = Field(0, ge=0, le=MAX_DISK_MB, description="disk limit in MiB; 0: none of its own")
+    cpu_pct: int = Field(0, ge=0, le=MAX_CPU_PCT, description="CPU cap, percent of one CPU; 0: none")
 
 
 class PatchDatabase(BaseModel):
     model_config = ConfigDict(extra="forbid")
     memory_mb: int | None = Field(None, ge=64, le=16384)
+    disk_mb: int | None = Field(None, ge=0, le=MAX_DISK_MB, description="can only grow")
+    cpu_pct: int | None = Field(None, ge=0, le=MAX_CPU_PCT, description="applies at the next start")
     scale_to_zero: ScaleToZero | None = None
 
 
@@ -75,6 +79,8 @@ def database_json(ctx: ApiContext, row: InstanceRow, password: str | None = None
         "driver": row.driver,
         "image": row.image,
         "memory_mb": row.memory_mb,
+        "disk_mb": row.disk_mb,
+        "cpu_pct": row.cpu_pct,
         "scale_to_zero": {"policy": row.stz_policy, "cooldown_ms": row.cooldown_ms,
                           "cold_after_ms": row.cold_after_ms},
         "standby_tier": (row.standby_tier or "cold") if row.state == State.STANDBY else None,
@@ -115,6 +121,7 @@ async def create_database(body: CreateDatabase, request: Request):
         require_tls=body.require_tls, pool_size=body.pooling.pool_size,
         max_pooled_clients=body.pooling.max_pooled_clients, max_direct_clients=body.pooling.max_direct_clients,
         cold_after_ms=body.scale_to_zero.cold_after_ms,
+        disk_mb=body.disk_mb, cpu_pct=body.cpu_pct,
     )
     return envelope(database_json(ctx, created.row, created.password), started, status=201)
 
@@ -156,7 +163,7 @@ async def patch_database(ref: str, body: PatchDatabase, request: Request):
     ctx = _ctx(request)
     stz = body.scale_to_zero
     row = await ctx.fleet.update(
-        ref, memory_mb=body.memory_mb,
+        ref, memory_mb=body.memory_mb, disk_mb=body.disk_mb, cpu_pct=body.cpu_pct,
         cooldown_ms=stz.cooldown_ms if stz else None, policy=stz.policy if stz else None,
         cold_after_ms=stz.cold_after_ms if stz else None,
     )

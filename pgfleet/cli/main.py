@@ -273,6 +273,8 @@ def db_create(
     pool_size: int = typer.Option(20, help="server connections of the pooled listener"),
     max_pooled: int = typer.Option(200, help="client connections allowed on the pooled listener"),
     max_direct: int = typer.Option(50, help="client connections allowed on the direct listener"),
+    disk_mb: int = typer.Option(0, help="disk limit in MiB, enforced (sandbox driver); 0: none"),
+    cpu_pct: int = typer.Option(0, help="CPU cap in percent of one CPU (sandbox driver); 0: none"),
     save_password: bool = typer.Option(True, help="save the password in ~/.pgpass so `psql URI` works"),
     start: bool = typer.Option(True, "--start/--no-start",
                                help="start it now, or leave it in standby (the first connection wakes it)"),
@@ -282,7 +284,7 @@ def db_create(
     d = _client().call("POST", "/v1/databases", {
         "name": name, "memory_mb": memory_mb,
         "scale_to_zero": {"policy": policy, "cooldown_ms": cooldown_ms, "cold_after_ms": cold_after_ms},
-        "require_tls": require_tls, "autostart": start,
+        "require_tls": require_tls, "autostart": start, "disk_mb": disk_mb, "cpu_pct": cpu_pct,
         "pooling": {"pool_size": pool_size, "max_pooled_clients": max_pooled, "max_direct_clients": max_direct},
     })
     _show_new_database(d, f"created [bold]{d['name']}[/bold] ({d['state']})", save_password, as_json)
@@ -298,6 +300,25 @@ def _show_new_database(d: dict, headline: str, save_password: bool, as_json: boo
     out.print(f"  uri        {d['uri']}")
     out.print(f"  pooled_uri {d['pooled_uri']}")
     out.print(f"  password   {d['password']}   [dim](shown once{'; saved in ' + str(saved) if saved else ''})[/dim]")
+
+
+@db_app.command("set")
+def db_set(
+    name: str,
+    memory_mb: Optional[int] = typer.Option(None, help="memory limit (applies at the next start)"),
+    disk_mb: Optional[int] = typer.Option(None, help="disk limit in MiB (can only grow; applies at once)"),
+    cpu_pct: Optional[int] = typer.Option(None, help="CPU cap in percent of one CPU, 0 for none (next start)"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Change a database's limits."""
+    body = {k: v for k, v in {"memory_mb": memory_mb, "disk_mb": disk_mb, "cpu_pct": cpu_pct}.items()
+            if v is not None}
+    d = _client().call("PATCH", f"/v1/databases/{name}", body)
+    if as_json:
+        _print_json(d)
+        return
+    out.print(f"{d['name']}: memory {d['memory_mb']} MiB, disk {d['disk_mb'] or 'no limit'}"
+              f"{' MiB' if d['disk_mb'] else ''}")
 
 
 LIST_STATES = ("starting", "running", "draining", "stopping", "standby", "stopped", "deleting")

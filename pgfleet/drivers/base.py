@@ -117,6 +117,8 @@ class InstanceSpec:
     slot: int  # small, unique, stable integer per instance (uids, addresses)
     home: Path  # this instance's own directory, created by the fleet
     vcpus: int = 1
+    disk_mb: int = 0  # 0: no disk limit of its own
+    cpu_pct: int = 0  # CPU cap in percent of one CPU (cgroup cpu quota); 0: none
     extra: dict = field(default_factory=dict)
 
 
@@ -221,6 +223,13 @@ class Driver(abc.ABC):
     def memory_charged(self, spec: InstanceSpec) -> tuple[int, int]:
         """(memory charged, swap used) by the instance now, running or warm."""
         return 0, 0
+
+    #: the driver enforces InstanceSpec.disk_mb (writes over it fail with 53100, disk_full)
+    enforces_disk_mb: ClassVar[bool] = False
+
+    async def resize_disk(self, spec: InstanceSpec) -> None:
+        """Apply a changed spec.disk_mb to an existing instance (running or not)."""
+        raise DriverError(f"the {self.name} driver does not enforce disk_mb")
 
     def log_path(self, spec: InstanceSpec) -> Path | None:
         """The instance's console / server log file, if the driver keeps one."""

@@ -46,3 +46,25 @@ def read_tail(path: Path, limit: int = LOG_TAIL_LIMIT) -> bytes | None:
         return os.pread(fd, limit, max(0, size - limit))
     finally:
         os.close(fd)
+
+
+def rotate_log(path: Path, limit: int) -> bool:
+    """A log the tenant writes through an O_APPEND descriptor (the file is root's, in the home):
+    once over `limit`, its last `limit` bytes become `<path>.1` and it starts again from zero
+    (the writer's next append lands at the new end). Returns whether it rotated."""
+    try:
+        if os.stat(path, follow_symlinks=False).st_size <= limit:
+            return False
+    except FileNotFoundError:
+        return False
+    tail = read_tail(path, limit) or b""
+    old = path.with_name(path.name + ".1")
+    tmp = path.with_name(path.name + ".1.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, tail)
+    finally:
+        os.close(fd)
+    os.replace(tmp, old)
+    os.truncate(path, 0)
+    return True

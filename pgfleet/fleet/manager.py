@@ -12,7 +12,7 @@ import logging
 import os
 import time
 import uuid as uuidlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable
 
@@ -38,6 +38,8 @@ MAX_DURATION_MS = 30 * 86_400_000
 STANDBY_TIERS = (WARM, COLD)
 DEFAULT_MEMORY_MB = 128
 MIN_MEMORY_MB, MAX_MEMORY_MB = 64, 16384
+MIN_DISK_MB, MAX_DISK_MB = 128, 16 * 1024 * 1024  # disk_mb 0 means no limit of its own
+MIN_CPU_PCT, MAX_CPU_PCT = 10, 6400  # cpu_pct 0 means no cap
 POLICIES = ("on", "off", "idle")
 DEFAULT_DRAIN_TIMEOUT_S = 10.0
 FOUND_CACHE = 10_000  # rows find() keeps between two writes of the store
@@ -182,7 +184,8 @@ class Fleet:
     def spec(self, row: InstanceRow) -> InstanceSpec:
         return InstanceSpec(
             uuid=row.uuid, name=row.name, role=row.role, memory_mb=row.memory_mb,
-            slot=row.slot, home=self.home / "instances" / row.uuid, vcpus=row.vcpus,
+            slot=row.slot, home=self.home / "instances" / row.uuid, vcpus=row.vcpus, disk_mb=row.disk_mb,
+            cpu_pct=row.cpu_pct,
         )
 
     # --- create / delete -------------------------------------------------------------
@@ -194,11 +197,14 @@ class Fleet:
         populate: Callable[[InstanceSpec], Awaitable[Backend]] | None = None, role: str | None = None,
         verifier: str | None = None,
         cold_after_ms: int = DEFAULT_COLD_AFTER_MS,
+        disk_mb: int = 0, cpu_pct: int = 0,
     ) -> Created:
         """A new database, ready when this returns. `populate` makes its data and starts it
         instead of a template clone (branches); `role`/`verifier` keep given credentials."""
         validate_name(name)
-        validate_settings(memory_mb=memory_mb, cooldown_ms=cooldown_ms, policy=policy, cold_after_ms=cold_after_ms)
+        validate_settings(memory_mb=memory_mb, cooldown_ms=cooldown_ms, policy=policy, cold_after_ms=cold_after_ms,
+                          disk_mb=disk_mb, cpu_pct=cpu_pct)
+        self._check_disk_supported(disk_mb)
         self._check_policy_supported(policy)
         if self.store.by_name(name) is not None:
             raise AlreadyExists(f"database {name!r} already exists")
@@ -219,6 +225,7 @@ class Fleet:
             cooldown_ms=cooldown_ms, created_at=time.time(), tags=tags or {}, require_tls=int(require_tls),
             pool_size=pool_size, max_pooled_clients=max_pooled_clients, max_direct_clients=max_direct_clients,
             cold_after_ms=cold_after_ms,
+            disk_mb=disk_mb, cpu_pct=cpu_pct,
         )
         if not autostart and self.driver.can_provision and populate is None:
             return await self._create_cold(row, password)
@@ -304,6 +311,10 @@ class Fleet:
                 f"{self.driver.name} driver cannot keep; use 'on' (or the microvm driver)"
             )
 
+    def _check_disk_supported(self, disk_mb: int | None) -> None:
+        if disk_mb and not self.driver.enforces_disk_mb:
+            raise InvalidRequest(f"disk_mb is not enforced by the {self.driver.name} driver; leave it 0")
+
     def _free_slot(self) -> int:
         used = self.store.used_slots() | self._reserved_slots
         slot = 1
@@ -345,6 +356,14 @@ class Fleet:
         self._check_policy_supported(changes.get("policy"))
         if "policy" in changes:
             changes["stz_policy"] = changes.pop("policy")
+        if changes.get("disk_mb", row.disk_mb) != row.disk_mb:
+            self._check_disk_supported(changes["disk_mb"])
+            if row.disk_mb == 0:
+                raise InvalidRequest("disk_mb can only be set when a database is created")
+            if changes["disk_mb"] < row.disk_mb:
+                raise InvalidRequest(f"disk_mb can only grow (it is {row.disk_mb})")
+            async with self.runtime(row.uuid).lock:  # grown before it is recorded: never over-promised
+                await self.driver.resize_disk(replace(self.spec(row), disk_mb=changes["disk_mb"]))
         self.store.update(row.uuid, **changes)
         self._arm_idle_timer(row.uuid)
         return self.get(row.uuid)
@@ -750,7 +769,14 @@ class Fleet:
 
 
 def validate_settings(*, memory_mb: int | None = None, cooldown_ms: int | None = None,
-                      policy: str | None = None, cold_after_ms: int | None = None) -> None:
+                      policy: str | None = None, cold_after_ms: int | None = None,
+                      disk_mb: int | None = None, cpu_pct: int | None = None) -> None:
+    if cpu_pct is not None and (not isinstance(cpu_pct, int) or
+                                not (cpu_pct == 0 or MIN_CPU_PCT <= cpu_pct <= MAX_CPU_PCT)):
+        raise InvalidRequest(f"cpu_pct must be 0 (no cap) or an integer from {MIN_CPU_PCT} to {MAX_CPU_PCT}")
+    if disk_mb is not None and (not isinstance(disk_mb, int) or
+                                not (disk_mb == 0 or MIN_DISK_MB <= disk_mb <= MAX_DISK_MB)):
+        raise InvalidRequest(f"disk_mb must be 0 (no limit) or an integer from {MIN_DISK_MB} to {MAX_DISK_MB}")
     if memory_mb is not None and (not isinstance(memory_mb, int) or not MIN_MEMORY_MB <= memory_mb <= MAX_MEMORY_MB):
         raise InvalidRequest(f"memory_mb must be an integer from {MIN_MEMORY_MB} to {MAX_MEMORY_MB}")
     if cooldown_ms is not None and (not isinstance(cooldown_ms, int) or not 0 <= cooldown_ms <= 30 * 86_400_000):

@@ -17,6 +17,10 @@ SPEC_SCHEMA = {
         },
         "memoryMb": {"type": "integer", "minimum": 64, "maximum": 16384, "default": 256,
                      "description": "Memory limit of the database, MiB."},
+        "diskMb": {"type": "integer", "minimum": 0, "default": 0,
+                   "description": "Disk limit of the database, MiB (enforced; 0 for none; can only grow)."},
+        "cpuPct": {"type": "integer", "minimum": 0, "default": 0,
+                   "description": "CPU cap of the database, percent of one CPU (0 for none)."},
         "scaleToZero": {
             "type": "object", "default": {},
             "properties": {

@@ -203,7 +203,7 @@ class Operator:
         name, namespace = meta["name"], meta["namespace"]
         memory_mb = int(spec.get("memoryMb", 256))
         stz = spec.get("scaleToZero") or {}
-        wanted = {"memory_mb": memory_mb,
+        wanted = {"memory_mb": memory_mb, "disk_mb": int(spec.get("diskMb", 0)), "cpu_pct": int(spec.get("cpuPct", 0)),
                   "scale_to_zero": {"policy": stz.get("policy", "on"), "cooldown_ms": int(stz.get("cooldownMs", 300_000))}}
         await self._check_name_free(name, namespace)
         async with self._place_lock:
@@ -248,7 +248,8 @@ class Operator:
             password = db["password"]
         if password is not None:
             await self.write_secret(body, ref, db, password)
-        if db["memory_mb"] != memory_mb or db["scale_to_zero"] != wanted["scale_to_zero"]:
+        if (db["memory_mb"] != memory_mb or db["scale_to_zero"] != wanted["scale_to_zero"]
+                or db.get("disk_mb", 0) != wanted["disk_mb"] or db.get("cpu_pct", 0) != wanted["cpu_pct"]):
             db = await ref.api.call("PATCH", f"/v1/databases/{name}", wanted)
         return self.status_for(ref, db)
 

@@ -44,7 +44,9 @@ CREATE TABLE IF NOT EXISTS instances (
     max_direct_clients INTEGER NOT NULL DEFAULT 50,
     require_tls     INTEGER NOT NULL DEFAULT 0,
     standby_tier    TEXT DEFAULT NULL,
-    cold_after_ms   INTEGER NOT NULL DEFAULT 3600000
+    cold_after_ms   INTEGER NOT NULL DEFAULT 3600000,
+    disk_mb         INTEGER NOT NULL DEFAULT 0,
+    cpu_pct         INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS transitions (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -90,6 +92,8 @@ class InstanceRow:
     standby_tier: str | None = None
     #: how long a database stays warm before it goes cold
     cold_after_ms: int = 3_600_000
+    disk_mb: int = 0  # 0: no disk limit of its own
+    cpu_pct: int = 0  # CPU cap in percent of one CPU; 0: none
 
     @classmethod
     def from_sql(cls, row: sqlite3.Row) -> "InstanceRow":

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path("/sys/fs/cgroup")
-PIDS_MAX = 256  # postgres needs max_connections + ~10 auxiliary processes
+PIDS_MAX = 256
+CPU_PERIOD_US = 100_000  # postgres needs max_connections + ~10 auxiliary processes
 
 
 def is_v2(root: Path = ROOT) -> bool:
@@ -25,6 +26,7 @@ class CgroupLimits:
     memory_bytes: int
     pids_max: int = PIDS_MAX
     cpu_weight: int = 100  # v2 scale 1..10000; v1 shares = weight * 1024 / 100
+    cpu_pct: int = 0  # a hard cap, percent of one CPU per CPU_PERIOD_US; 0: none
 
 
 class Cgroup:
@@ -46,6 +48,7 @@ class Cgroup:
                 _write(d / "memory.swap.max", "0", optional=True)
                 _write(d / "pids.max", str(limits.pids_max))
                 _write(d / "cpu.weight", str(limits.cpu_weight), optional=True)
+                _write(d / "cpu.max", _cpu_max(limits.cpu_pct))
             elif controller == "memory":
                 _write(d / "memory.limit_in_bytes", str(limits.memory_bytes))
                 _write(d / "memory.memsw.limit_in_bytes", str(limits.memory_bytes), optional=True)
@@ -53,6 +56,8 @@ class Cgroup:
                 _write(d / "pids.max", str(limits.pids_max))
             elif controller == "cpu":
                 _write(d / "cpu.shares", str(max(2, limits.cpu_weight * 1024 // 100)))
+                _write(d / "cpu.cfs_period_us", str(CPU_PERIOD_US))
+                _write(d / "cpu.cfs_quota_us", str(limits.cpu_pct * CPU_PERIOD_US // 100 if limits.cpu_pct else -1))
 
     def procs_files(self) -> list[str]:
         """Files a new process writes "0" into to join every controller (before exec)."""
@@ -94,6 +99,10 @@ class Cgroup:
             except OSError as exc:
                 if exc.errno != errno.EBUSY:
                     raise
+
+
+def _cpu_max(cpu_pct: int) -> str:
+    return f"{cpu_pct * CPU_PERIOD_US // 100} {CPU_PERIOD_US}" if cpu_pct else f"max {CPU_PERIOD_US}"
 
 
 def join(procs_files: list[str]) -> None:

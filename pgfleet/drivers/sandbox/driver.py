@@ -24,8 +24,8 @@ from .. import swap
 from ..base import Backend, Driver, DriverError, InstanceSpec, admin_connect
 from ..pgbin import PostgresInstall, find_postgres
 from ..roles import check_role_name, tenant_role_sql
-from ..untrusted import read_head, read_tail
-from . import archive, cgroups, freeze
+from ..untrusted import read_head, read_tail, rotate_log
+from . import archive, cgroups, disk, freeze
 from .backups import SandboxBackups
 from .jail import ensure_jail, jail_argv
 from .procscan import find_postmaster, find_postmasters
@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 PORT = 5432  # names the socket file only: the network namespace has no interfaces
 READY_TIMEOUT_S = 60.0
 SHUTDOWN_TIMEOUT_S = 30.0
+LOG_MAX_BYTES = 32 << 20  # per instance: postgres.log and postgres.log.1
+LOG_CHECK_S = 2.0
 QUIT_TIMEOUT_S = 5.0  # after SIGQUIT, then every process of the instance's cgroup is SIGKILLed
 CGROUP_PARENT = "pgfleet"
 SOCKET_ROOT = Path("/run/pgfleet")
@@ -48,12 +50,14 @@ class _Running:
     postmaster_pid: int
     waiter: asyncio.Task  # completes when the postmaster has exited
     stopping: bool = False
+    spec: InstanceSpec | None = None
 
 
 class SandboxDriver(SandboxBackups, Driver):
     name = "sandbox"
     keeps_sessions_across_suspend = False
     can_provision = True
+    enforces_disk_mb = True
 
     def __init__(self, state_dir: Path, on_exit=None, postgres_major: int | None = None,
                  cache_dir: Path | None = None) -> None:
@@ -67,6 +71,7 @@ class SandboxDriver(SandboxBackups, Driver):
         self.jail: Path | None = None
         self.uids = UidRegistry()
         self._uids: dict[str, int] = {}  # instance uuid -> its uid
+        self._log_guard: asyncio.Task | None = None
         self._stopping: set[asyncio.Task] = set()  # background stops of strays found by recover()
         self._running: dict[str, _Running] = {}
         self._scanned: dict[str, int] | None = None  # postmasters by data dir, during a recovery
@@ -98,7 +103,7 @@ class SandboxDriver(SandboxBackups, Driver):
 
     @staticmethod
     def _limits(spec: InstanceSpec) -> cgroups.CgroupLimits:
-        return cgroups.CgroupLimits(memory_bytes=spec.memory_mb * 1024 * 1024)
+        return cgroups.CgroupLimits(memory_bytes=spec.memory_mb * 1024 * 1024, cpu_pct=spec.cpu_pct)
 
     # --- lifecycle --------------------------------------------------------------
     async def prepare(self) -> None:
@@ -124,6 +129,9 @@ class SandboxDriver(SandboxBackups, Driver):
         if self.storage is None:
             await self.prepare()
         assert self.storage is not None
+        if spec.disk_mb:  # its own filesystem (disk.py), a full copy: no overlay
+            await self._clone_to_own_disk(spec)
+            return
         if self.storage.lower is None:
             await self._clone(spec)
             return
@@ -131,6 +139,25 @@ class SandboxDriver(SandboxBackups, Driver):
 
     def _personalised_marker(self, spec: InstanceSpec) -> Path:
         return spec.home / "personalised"
+
+    async def _clone_to_own_disk(self, spec: InstanceSpec) -> None:
+        """disk_mb: the data directory is the root of the database's own filesystem (disk.py),
+        a copy of the template's image grown to disk_mb, handed to its uid."""
+        owned = spec.home / "data.owned"  # written last: the copy is complete and its uid's
+        if owned.exists():
+            return
+        assert self.template is not None
+        uid = self.uid_of(spec)
+        data = self.data_dir(spec)
+        await disk.make_images(self.template, spec.home, spec.disk_mb)
+        await disk.ensure_mounted_all(spec.home, data)
+        await disk.move_wal(data, disk.wal_dir(spec.home))
+        for top in (data, disk.wal_dir(spec.home)):
+            proc = await asyncio.create_subprocess_exec("chown", "-R", f"{uid}:{uid}", str(top))
+            if await proc.wait() != 0:
+                raise DriverError("chown of the new data directory failed")
+            os.chmod(top, 0o700)
+        owned.touch()
 
     async def _clone(self, spec: InstanceSpec) -> None:
         data = self.data_dir(spec)
@@ -275,7 +302,10 @@ class SandboxDriver(SandboxBackups, Driver):
         if self.storage is None:
             await self.prepare()
         assert self.storage is not None
-        self.storage.mount(spec.home)
+        if spec.disk_mb:  # its own filesystems; mounted until the host reboots
+            await disk.ensure_mounted_all(spec.home, data)
+        else:
+            self.storage.mount(spec.home)
         if not (data / "PG_VERSION").exists():
             self.storage.unmount(spec.home)
             raise DriverError(f"database {spec.name} has no data directory at {data}")
@@ -337,7 +367,8 @@ class SandboxDriver(SandboxBackups, Driver):
         joins the instance's cgroups between fork and exec."""
         assert self.jail is not None, "prepare() first"
         return jail_argv(self.jail, self.uid_of(spec), _tmpfs_mb(spec), self.data_dir(spec),
-                         self.socket_dir(spec), self.auth_dir(spec), argv, wait_detach)
+                         self.socket_dir(spec), self.auth_dir(spec), argv, wait_detach,
+                         wal=disk.wal_dir(spec.home) if spec.disk_mb else None)
 
     def exec_as_tenant(self, spec: InstanceSpec, argv: list[str], timeout: float = 60.0,
                        input: str | None = None) -> subprocess.CompletedProcess:
@@ -383,13 +414,27 @@ class SandboxDriver(SandboxBackups, Driver):
             entry = self._running.pop(spec.uuid, None)
             self._cgroup(spec).remove()
             self._freezer(spec).remove()
-            if self.storage is not None:
+            if self.storage is not None and not spec.disk_mb:
                 self.storage.unmount(spec.home)
             if entry is not None and not entry.stopping:
                 log.warning("postgres of %s exited on its own: %s", spec.name, self._log_tail(spec))
                 self.on_exit(spec, "exited")
 
-        self._running[spec.uuid] = _Running(pm_pid, asyncio.create_task(waiter()))
+        self._running[spec.uuid] = _Running(pm_pid, asyncio.create_task(waiter()), spec=spec)
+        if self._log_guard is None:
+            self._log_guard = asyncio.create_task(self._guard_logs())
+
+    async def _guard_logs(self) -> None:
+        """Every LOG_CHECK_S while instances run: a postgres.log over LOG_MAX_BYTES / 2 (the
+        tenant writes it, e.g. RAISE WARNING in a loop) keeps its last half in postgres.log.1
+        and starts again, so one instance's logs never take more than LOG_MAX_BYTES."""
+        try:
+            while self._running:
+                await asyncio.sleep(LOG_CHECK_S)
+                for entry in list(self._running.values()):
+                    rotate_log(self.log_path(entry.spec), LOG_MAX_BYTES // 2)
+        finally:
+            self._log_guard = None
 
     async def suspend(self, spec: InstanceSpec) -> None:
         # Fast shutdown: ends sessions, writes a shutdown checkpoint: the data is durable and
@@ -424,6 +469,24 @@ class SandboxDriver(SandboxBackups, Driver):
         self._cgroup(spec).kill()
         await entry.waiter
 
+    async def resize_disk(self, spec: InstanceSpec) -> None:
+        data = self.data_dir(spec)
+        await disk.ensure_mounted_all(spec.home, data)
+        try:
+            await disk.grow(disk.image_of(spec.home), data, spec.disk_mb)
+        except disk.NeedsOffline:
+            # a restart of this database: its clients reconnect (through the proxy, to the
+            # same socket) once it is back
+            running = spec.uuid in self._running
+            if running:
+                log.warning("growing the disk of %s needs it unmounted: restarting it", spec.name)
+                await self._shutdown(spec, signal.SIGINT)
+            await disk.unmount(data, disk.image_of(spec.home))
+            await disk.grow_offline(disk.image_of(spec.home), spec.disk_mb)
+            await disk.ensure_mounted_all(spec.home, data)
+            if running:
+                await self.start(spec)
+
     async def destroy(self, spec: InstanceSpec) -> None:
         await self.stop(spec)
         self._cgroup(spec).remove()
@@ -434,6 +497,7 @@ class SandboxDriver(SandboxBackups, Driver):
             uid = None  # never got that far, or made before the host-wide registry
         if self.storage is not None:
             self.storage.unmount(spec.home)
+        await disk.unmount_all(spec.home, self.data_dir(spec))
         shutil.rmtree(spec.home, ignore_errors=True)  # fd-based: never follows a tenant's symlink
         shutil.rmtree(self.socket_dir(spec), ignore_errors=True)
         if uid is not None:

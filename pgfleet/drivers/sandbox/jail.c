@@ -16,7 +16,8 @@
  *   4. execs the command with a clean environment.
  * Any failure exits 111 with one line on stderr; nothing runs half-jailed.
  *
- * usage: pgfleet-jail [-w] UID TMP_MB DATA_DIR SOCKET_DIR AUTH_DIR -- COMMAND [ARG...]
+ * usage: pgfleet-jail [-w] UID TMP_MB DATA_DIR SOCKET_DIR AUTH_DIR [WAL_DIR] -- COMMAND [ARG...]
+ * (WAL_DIR: pg_wal's own filesystem, for a database with a disk limit; bound read-write)
  * (-w: wait until the host's root is detached before exec; see detach_old_root)
  * (all directories absolute, canonical paths, as root sees them on the host)
  */
@@ -107,8 +108,8 @@ static void tmpfs(const char *path, const char *opts) {
 
 /* The instance's own host directories, opened before the new root hides the host. */
 struct host_dirs {
-    const char *data, *sockets, *auth;
-    int data_fd, sockets_fd, auth_fd;
+    const char *data, *sockets, *auth, *wal; /* wal: NULL, or pg_wal's own filesystem (disk_mb) */
+    int data_fd, sockets_fd, auth_fd, wal_fd;
 };
 
 static int open_dir(const char *path) {
@@ -130,6 +131,7 @@ static void bind_fd(int fd, const char *dst, unsigned long flags) {
  * is mounted there on the host side, and this bind carries it in unchanged). */
 static void mount_data_dir(struct host_dirs *d) {
     bind_fd(d->data_fd, d->data, MS_NOSUID | MS_NODEV);
+    if (d->wal) bind_fd(d->wal_fd, d->wal, MS_NOSUID | MS_NODEV | MS_NOEXEC);
 }
 
 /* A lazy unmount waits for an RCU grace period (~15 ms measured, far more under load): on a
@@ -285,8 +287,9 @@ int main(int argc, char **argv) {
     int wait_detach = argc > 1 && strcmp(argv[1], "-w") == 0;
     argv += wait_detach;
     argc -= wait_detach;
-    if (argc < 8 || strcmp(argv[6], "--") != 0) {
-        fprintf(stderr, "usage: pgfleet-jail [-w] UID TMP_MB DATA_DIR SOCKET_DIR AUTH_DIR -- COMMAND [ARG...]\n");
+    int wal = argc > 7 && strcmp(argv[6], "--") != 0; /* the optional WAL_DIR */
+    if (argc < 8 + wal || strcmp(argv[6 + wal], "--") != 0) {
+        fprintf(stderr, "usage: pgfleet-jail [-w] UID TMP_MB DATA_DIR SOCKET_DIR AUTH_DIR [WAL_DIR] -- COMMAND [ARG...]\n");
         return 111;
     }
     char *end;
@@ -294,7 +297,8 @@ int main(int argc, char **argv) {
     if (*end || uid <= 0) { errno = EINVAL; die("bad uid", argv[1]); }
     long tmp_mb = strtol(argv[2], &end, 10);
     if (*end || tmp_mb <= 0) { errno = EINVAL; die("bad size", argv[2]); }
-    struct host_dirs d = {argv[3], argv[4], argv[5], open_dir(argv[3]), open_dir(argv[4]), open_dir(argv[5])};
+    struct host_dirs d = {argv[3], argv[4], argv[5], wal ? argv[6] : NULL,
+                          open_dir(argv[3]), open_dir(argv[4]), open_dir(argv[5]), wal ? open_dir(argv[6]) : -1};
     if (sethostname("pgfleet", 7) != 0) die("sethostname", NULL);
     build_root(&d, tmp_mb, wait_detach);
     drop_privileges((uid_t)uid);
@@ -303,6 +307,6 @@ int main(int argc, char **argv) {
     if (clearenv() != 0 || setenv("PATH", "/usr/local/bin:/usr/bin:/bin", 1) != 0 ||
         setenv("LANG", "C.UTF-8", 1) != 0 || setenv("HOME", "/tmp", 1) != 0)
         die("environment", NULL);
-    execvp(argv[7], &argv[7]);
-    die("exec", argv[7]);
+    execvp(argv[7 + wal], &argv[7 + wal]);
+    die("exec", argv[7 + wal]);
 }

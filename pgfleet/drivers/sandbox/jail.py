@@ -49,12 +49,13 @@ async def ensure_jail(cache_dir: Path) -> Path:
 
 
 def jail_argv(jail: Path, uid: int, tmp_mb: int, data: Path, sockets: Path, auth: Path,
-              argv: list[str], wait_detach: bool = False) -> list[str]:
+              argv: list[str], wait_detach: bool = False, wal: Path | None = None) -> list[str]:
     """`argv` in fresh namespaces (unshare: PID 1 of a new PID namespace, killed with its
     parent), jailed (see jail.c). The caller joins the instance's cgroups before exec, so the
     cgroup namespace is rooted at the instance's own cgroup."""
     return [
         "unshare", "--mount", "--pid", "--fork", "--ipc", "--uts", "--net", "--cgroup", "--kill-child",
         "--", str(jail), *(["-w"] if wait_detach else []), str(uid), str(tmp_mb),
-        os.path.realpath(data), os.path.realpath(sockets), os.path.realpath(auth), "--", *argv,
+        os.path.realpath(data), os.path.realpath(sockets), os.path.realpath(auth),
+        *([os.path.realpath(wal)] if wal is not None else []), "--", *argv,
     ]
