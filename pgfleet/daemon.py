@@ -23,6 +23,7 @@ from pgfleet.drivers import make_driver, swap
 from pgfleet.edge.settings import EdgeSettings
 from pgfleet.fleet.manager import Fleet
 from pgfleet.fleet.memory import MemoryManager
+from pgfleet.proxy.guards import ProxyGuards
 from pgfleet.proxy.server import ProxyServer
 from pgfleet.store import Store
 
@@ -148,10 +149,11 @@ async def serve(opts: DaemonOptions, ready: asyncio.Future | None = None) -> Non
         routing = FleetRouting(opts.kubeconfig, opts.node_name)
         log.info("fleet routing through the cluster (%s) as node %s", opts.kubeconfig, opts.node_name)
     tls_ctx, ca_file = _tls(opts, [proxy_host, pooled_host] + ([http_addr[0]] if http_addr else []))
+    guards = ProxyGuards()  # pre-auth caps, login backoff and pooler memory: one set for both listeners
     direct = ProxyServer(fleet, proxy_host, proxy_port, remote=routing.direct if routing else None,
-                         mode="session", tls=tls_ctx, domain=opts.domain)
+                         mode="session", tls=tls_ctx, domain=opts.domain, guards=guards)
     pooled = ProxyServer(fleet, pooled_host, pooled_port, remote=routing.pooled if routing else None,
-                         mode="transaction", tls=tls_ctx, domain=opts.domain)
+                         mode="transaction", tls=tls_ctx, domain=opts.domain, guards=guards)
     fleet.on_delete.append(pooled.forget_database)
     fleet.on_delete.append(direct.forget_database)
     fleet.warm.on_freeze.append(pooled.close_idle_server_connections)
@@ -173,7 +175,8 @@ async def serve(opts: DaemonOptions, ready: asyncio.Future | None = None) -> Non
     ctx = ApiContext(
         fleet=fleet, token=token, public_host=public_host, port=direct.port, pooled_port=pooled.port,
         driver=driver.name, home=str(opts.home), ca_file=str(ca_file) if ca_file else None, domain=opts.domain,
-        proxy_stats=lambda: {"direct": dataclasses.asdict(direct.stats), "pooled": dataclasses.asdict(pooled.stats)},
+        proxy_stats=lambda: {"direct": dataclasses.asdict(direct.stats), "pooled": dataclasses.asdict(pooled.stats),
+                             "guards": guards.stats()},
         proxies={"direct": direct, "pooled": pooled},
     )
     api = _Uvicorn(uvicorn.Config(

@@ -10,6 +10,7 @@ import pydantic
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pgfleet import __version__, hostlimits
 from pgfleet.drivers.base import DriverError
@@ -30,6 +31,51 @@ log = logging.getLogger(__name__)
 PUBLIC_PATHS = {"/healthz", "/openapi.json", "/docs"}
 
 
+class BodyLimit:
+    """Request bodies are at most `limit` bytes, counted while they are read: a declared
+    Content-Length over it is refused before reading, and a chunked body (no length) is
+    refused as soon as it passes it. The body (bounded) is handed on to the app whole."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = error_body(413, f"request body larger than {self.limit} bytes", "too_large")
+        for name, value in scope["headers"]:
+            if name == b"content-length" and (not value.isdigit() or int(value) > self.limit):
+                await too_large(scope, receive, send)
+                return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                await too_large(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
 def create_app(ctx: ApiContext) -> FastAPI:
     app = FastAPI(
         title="pgfleet", version=__version__, docs_url=None, redoc_url=None,
@@ -42,15 +88,14 @@ def create_app(ctx: ApiContext) -> FastAPI:
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            return error_body(413, f"request body larger than {MAX_BODY_BYTES} bytes", "too_large")
         if request.url.path not in PUBLIC_PATHS:
             try:
                 check_token(request, ctx.token)
             except ApiError as exc:
                 return error_body(exc.status, str(exc), exc.code)
         return await call_next(request)
+
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)  # outermost: before anything reads the body
 
     @app.exception_handler(FleetError)
     async def fleet_error(_request: Request, exc: FleetError):

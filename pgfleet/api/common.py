@@ -6,14 +6,41 @@ import hmac
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
+from pydantic import AfterValidator
 
 from pgfleet.fleet.manager import Fleet
 
 MAX_BODY_BYTES = 1 << 20
+#: the longest string any field of a request body takes (names, tags, env values, nested
+#: JSON); strings in the URL are bounded by the HTTP server's request-line limit
+MAX_STRING = 4096
+#: how deep free-form JSON fields (volumes, domains, patch values) may nest
+MAX_JSON_DEPTH = 16
+
+
+def bounded_json(value: Any, depth: int = 0) -> Any:
+    """A free-form JSON value whose every string (and key) is at most MAX_STRING long."""
+    if depth > MAX_JSON_DEPTH:
+        raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
+    if isinstance(value, str):
+        if len(value) > MAX_STRING:
+            raise ValueError(f"a string of {len(value)} characters is longer than {MAX_STRING}")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            bounded_json(k, depth + 1)
+            bounded_json(v, depth + 1)
+    elif isinstance(value, list):
+        for v in value:
+            bounded_json(v, depth + 1)
+    return value
+
+
+#: for `Any` fields of request models: every string in them bounded like the typed ones
+BoundedJSON = Annotated[Any, AfterValidator(bounded_json)]
 
 
 @dataclass

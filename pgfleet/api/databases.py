@@ -13,13 +13,13 @@ from pgfleet.fleet.manager import DEFAULT_COLD_AFTER_MS, DEFAULT_COOLDOWN_MS, DE
 from pgfleet.fleet.states import State
 from pgfleet.store import InstanceRow
 
-from .common import ApiContext, envelope, iso
+from .common import MAX_STRING, ApiContext, envelope, iso
 
 router = APIRouter(prefix="/v1/databases", tags=["databases"])
 
 
 class ScaleToZero(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", str_max_length=MAX_STRING)
     policy: Literal["on", "off", "idle"] = "on"
     cooldown_ms: int = Field(DEFAULT_COOLDOWN_MS, ge=0, le=30 * 86_400_000)
     #: warm standby this long, then cold
@@ -27,16 +27,16 @@ class ScaleToZero(BaseModel):
 
 
 class Pooling(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", str_max_length=MAX_STRING)
     pool_size: int = Field(20, ge=1, le=90)
     max_pooled_clients: int = Field(200, ge=1, le=100_000)
     max_direct_clients: int = Field(50, ge=1, le=90)
 
 
 class CreateDatabase(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", str_max_length=MAX_STRING)
     name: str = Field(max_length=1024)  # the fleet explains what a valid name is
-    image: str = "postgres:15"
+    image: str = Field("postgres:15", max_length=512)
     memory_mb: int = Field(DEFAULT_MEMORY_MB, ge=64, le=16384)
     scale_to_zero: ScaleToZero = ScaleToZero()
     autostart: bool = True
@@ -47,7 +47,7 @@ class CreateDatabase(BaseModel):
 
 
 class PatchDatabase(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", str_max_length=MAX_STRING)
     memory_mb: int | None = Field(None, ge=64, le=16384)
     disk_mb: int | None = Field(None, ge=0, le=MAX_DISK_MB, description="can only grow")
     cpu_pct: int | None = Field(None, ge=0, le=MAX_CPU_PCT, description="applies at the next start")
@@ -55,7 +55,7 @@ class PatchDatabase(BaseModel):
 
 
 class SuspendRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", str_max_length=MAX_STRING)
     drain_timeout_ms: int = Field(10_000, ge=0, le=3_600_000)
     #: cold: stopped (sessions end); warm: frozen, sessions kept (refused while one is busy)
     tier: Literal["warm", "cold"] = "cold"

@@ -23,7 +23,7 @@ from pgfleet.fleet.manager import MAX_MEMORY_MB, MIN_MEMORY_MB
 from pgfleet.fleet.states import State
 from pgfleet.store import InstanceRow
 
-from .common import ApiContext, iso
+from .common import ApiContext, BoundedJSON, iso
 from .databases import uris
 from .ukc_common import (
     ERROR_RESPONSES,
@@ -81,7 +81,7 @@ class ServiceGroupIn(Strict):
     uuid: str | None = Field(None, max_length=64)
     name: str | None = Field(None, max_length=253)
     services: list[ServiceIn] | None = Field(None, max_length=16)
-    domains: list[dict[str, Any]] | None = Field(None, max_length=16)
+    domains: list[dict[str, BoundedJSON]] | None = Field(None, max_length=16)
     soft_limit: int | None = Field(None, ge=1, le=65535)
     hard_limit: int | None = Field(None, ge=1, le=65535)
 
@@ -94,7 +94,7 @@ class CreateInstance(Strict):
     memory_mb: int = Field(128, ge=MIN_MEMORY_MB, le=MAX_MEMORY_MB)
     vcpus: int | None = Field(None, ge=1, le=64)
     service_group: ServiceGroupIn | None = None
-    volumes: list[dict[str, Any]] | None = Field(None, max_length=16)
+    volumes: list[dict[str, BoundedJSON]] | None = Field(None, max_length=16)
     autostart: bool = True
     replicas: int = Field(0, ge=0, le=100)
     restart_policy: Literal["never", "always", "on-failure"] | None = None
@@ -145,7 +145,7 @@ class PatchItem(NameOrUUID):
     id: str | None = Field(None, max_length=64)
     prop: Literal["memory_mb", "scale_to_zero", "tags", "env", "image", "args", "vcpus"]
     op: Literal["set", "add", "del"]
-    value: Any = None
+    value: BoundedJSON = None
 
 
 # --- presenting an instance -----------------------------------------------------------

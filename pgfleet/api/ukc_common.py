@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pgfleet.fleet.errors import AlreadyExists, FleetError, InvalidRequest, NotFound
 from pgfleet.store import InstanceRow
 
-from .common import ApiContext
+from .common import MAX_STRING, ApiContext
 
 NOT_FOUND_CODE = 8
 ALREADY_EXISTS_CODE = 23
@@ -34,7 +34,8 @@ NAMESPACE = uuidlib.UUID("5b7f1c0e-8d9a-4f57-9a1b-3f0d2c6a7e11")
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)  # wrong types are errors, not coerced
+    # wrong types are errors, not coerced; no string longer than MAX_STRING anywhere in it
+    model_config = ConfigDict(extra="forbid", strict=True, str_max_length=MAX_STRING)
 
 
 class NameOrUUID(Strict):

@@ -19,6 +19,9 @@ CANCEL_REQUEST_CODE = 80877102
 MAX_STARTUP_LENGTH = 10_000
 #: regular messages can be large (COPY data, big queries); PostgreSQL itself allows up to 1 GB
 MAX_MESSAGE_LENGTH = 1 << 30
+#: a message the proxy must hold whole to understand (a named Parse it re-prepares, a server's
+#: startup reply, the answer to its own query): anything longer is refused, not buffered
+MAX_READ_WHOLE = 1 << 20
 
 _I32 = struct.Struct("!i")
 _HEADER = struct.Struct("!ci")

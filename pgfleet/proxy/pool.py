@@ -19,7 +19,6 @@ answers); every other message is forwarded as its bytes arrive, however large it
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import re
 import struct
@@ -31,8 +30,11 @@ from pgfleet.drivers.base import Backend
 from pgfleet.pgwire import messages as m
 
 from . import params as pm
+from .connect import BackendRefused, open_session
 from .frames import MessageBuffer
+from .guards import ProxyGuards
 from .params import ParamRegistry, ParamSet
+from .statements import ClientStatements, SharedTexts, server_statement_name
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +49,9 @@ CLOSE_COMPLETE = m.message(b"3")
 PEEK = 256
 #: DEALLOCATE / DISCARD statements longer than this are not looked at
 SMALL_SQL = 4096
-#: messages the proxy reads whole (Describe, Close, Bind with names longer than PEEK) may not
-#: be longer (named Parse may: the proxy keeps the statement's text to prepare it elsewhere)
-MAX_READ_WHOLE = 1 << 20
 MAX_MESSAGE_LENGTH = m.MAX_MESSAGE_LENGTH
+#: how long the proxy waits for a database that is starting (or recovering) to accept a connection
+CONNECT_TIMEOUT_S = 60.0
 
 
 class Expect:
@@ -62,11 +63,6 @@ class Expect:
         self.ends = ends
         self.payload = payload
         self.on_error = on_error
-
-
-def server_statement_name(parse_rest: bytes) -> str:
-    """The name a statement has on every server connection: from its text and types."""
-    return "pgf_" + hashlib.blake2b(parse_rest, digest_size=10).hexdigest()
 
 
 class ServerRefused(Exception):
@@ -110,7 +106,7 @@ class ServerConn(asyncio.Protocol):
         answers up to the `readies`-th ReadyForQuery. Past `max_bytes` of answers (if set)
         it raises AnswerTooLarge, and the connection must be discarded."""
         fut = asyncio.get_running_loop().create_future()
-        self._exchange = (MessageBuffer(), [], [readies, max_bytes or -1], fut)
+        self._exchange = (MessageBuffer(m.MAX_READ_WHOLE), [], [readies, max_bytes or -1], fut)
         try:
             self.transport.write(payload)  # type: ignore[union-attr]
             return await fut
@@ -164,7 +160,11 @@ class ServerConn(asyncio.Protocol):
 class Pool:
     """Server connections to one database, shared by all its pooled clients."""
 
-    def __init__(self, name: str, role: str, size: int, backend_fn: Callable[[], "asyncio.Future[Backend]"]):
+    def __init__(self, name: str, role: str, size: int, backend_fn: Callable[[], "asyncio.Future[Backend]"],
+                 guards: ProxyGuards | None = None):
+        self.guards = guards if guards is not None else ProxyGuards()
+        self.max_read_whole = self.guards.limits.max_read_whole
+        self.texts = SharedTexts(self.guards.memory)  # named statements' texts, once per pool
         self.name = name
         self.role = role
         self.size = size
@@ -213,25 +213,23 @@ class Pool:
         self._opening += 1
         try:
             backend = await self.backend_fn()
-            reader, writer = await backend.open_connection()
             try:
-                writer.write(m.startup_message({"user": self.role, "database": backend.database}))
-                conn = ServerConn(self)
-                status: dict[str, str] = {}
-                while True:
-                    kind, body = await m.read_message(reader)
+                reader, writer, replies = await open_session(
+                    backend, {"user": self.role, "database": backend.database}, CONNECT_TIMEOUT_S)
+            except BackendRefused as exc:
+                raise ConnectionError(str(exc))
+            conn = ServerConn(self)
+            status: dict[str, str] = {}
+            try:
+                for kind, body in replies:
                     if kind == b"S":
                         name, value, _ = body.split(b"\0", 2)
                         status[name.decode()] = value.decode("utf-8", "surrogateescape")
                     elif kind == b"K":
                         conn.process_id, conn.secret_key = struct.unpack("!ii", body[:8])
-                    elif kind == b"E":
-                        raise ConnectionError(m.parse_error_fields(body).get("M", "server refused the pool"))
-                    elif kind == b"Z":
-                        break
-            except BaseException:
+            except (ValueError, struct.error) as exc:
                 writer.close()
-                raise
+                raise ConnectionError(f"the database broke the protocol at startup: {exc}")
             self.params.update(status)
             conn.pset = self.registry.learn(status)
             conn.writer = writer  # a collected StreamWriter closes its transport
@@ -389,7 +387,7 @@ class PooledClient(asyncio.Protocol):
         self.waiting = False  # queued in the pool for the next released connection
         self.queue: deque[Expect] = deque()
         # client statement name -> (server name, Parse rest, the parameters it SETs)
-        self.statements: dict[str, tuple[str, bytes, tuple | str | None]] = {}
+        self.statements = ClientStatements(pool.texts)
         self.in_tx = False
         self.done: asyncio.Future = asyncio.get_running_loop().create_future()
         self._out: list[bytes] = []  # to the server, flushed once per read
@@ -401,7 +399,7 @@ class PooledClient(asyncio.Protocol):
         # server may hold an implicit transaction or skip everything after an error
         self._unsynced = False
         self._cwhole: bytearray | None = None  # a message read whole, being gathered
-        self._cwhole_len = 0
+        self._cwhole_len = 0  # its length, charged to the pool's memory budget while gathered
         # server -> client framing
         self._shead = b""  # a partial header
         self._sskip = 0  # bytes of the current message still to pass (or drop: _sdrop)
@@ -415,6 +413,9 @@ class PooledClient(asyncio.Protocol):
         self._unsure = False
         self._closing = False  # the client is gone; the proxy's own queries are still answered
         self.wait_since = 0.0  # monotonic time it began to wait for a server connection, else 0
+        #: after a final error mid-message: resolves once the rest was dropped and the connection closed
+        self.lingering: asyncio.Future | None = None
+        self._discard: _Discard | None = None
         transport.set_protocol(self)
 
     def start(self, leftover: bytes = b"") -> None:
@@ -430,6 +431,9 @@ class PooledClient(asyncio.Protocol):
 
     # --- client -> server ------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
+        if self._discard is not None:
+            self._discard.data_received(data)
+            return
         self.pool.bytes_received += len(data)
         if (data[0] == 0x51 and len(data) == 1 + _from_bytes(data[1:5], "big") and len(data) > 8
                 and (data[5] not in _SQL_FIRST or data[7] in b"lL")
@@ -552,6 +556,8 @@ class PooledClient(asyncio.Protocol):
             if rest is None:
                 return
             self._cwhole, data = None, rest
+            self.pool.guards.memory.give(self._cwhole_len)
+            self._cwhole_len = 0
             if not self._client_message(buf[0], bytes(memoryview(buf)[5:])):
                 return
         elif self._chead:
@@ -616,11 +622,18 @@ class PooledClient(asyncio.Protocol):
                 whole = True
             if whole:
                 out.append(data[run:pos])
-                if length > MAX_READ_WHOLE and kind != 0x50:  # only a named statement's text may be that long
+                if length > self.pool.max_read_whole:
                     self._flush()
-                    self._fatal("08P01", f"protocol violation: {chr(kind)!r} message of {length} bytes")
+                    self._fatal("54000", f"{_NAMES.get(kind, 'message')} of {length} bytes is longer than the pooled "
+                                f"listener reads ({self.pool.max_read_whole} bytes); use an unnamed statement or "
+                                "the direct listener")
                     return
                 if mend > end:
+                    if not self.pool.guards.memory.take(1 + length):
+                        self._flush()
+                        self._fatal("54000", "the pooled listener's memory for messages it must read is exhausted; "
+                                    "retry shortly")
+                        return
                     self._cwhole = bytearray(data[pos:])
                     self._cwhole_len = 1 + length
                     return
@@ -656,6 +669,10 @@ class PooledClient(asyncio.Protocol):
         if handler is not None:
             try:
                 handler(self, server, body)
+            except _OverBudget as exc:
+                self._flush()
+                self._fatal("54000", str(exc))
+                return False
             except ValueError:
                 self._flush()
                 self._fatal("08P01", f"protocol violation: malformed {chr(kind)!r} message")
@@ -707,7 +724,9 @@ class PooledClient(asyncio.Protocol):
             self.queue.append(_EXP_PARSE)
             return
         sname = server_statement_name(rest)
-        self.statements[name.decode(errors="replace")] = (sname, rest, sets)
+        if not self.statements.add(name.decode(errors="replace"), sname, rest, sets):
+            raise _OverBudget("the pooled listener's memory for prepared statements is exhausted; "
+                              "deallocate statements or use unnamed ones")
         if sname in server.prepared:
             self._synth(PARSE_COMPLETE)
         else:
@@ -751,7 +770,7 @@ class PooledClient(asyncio.Protocol):
     def _close(self, server: ServerConn, body: bytes) -> None:
         if body[:1] == b"S" and body[1:-1]:
             # the server keeps it for the next client that prepares the same statement
-            self.statements.pop(body[1:-1].decode(errors="replace"), None)
+            self.statements.pop(body[1:-1].decode(errors="replace"))
             self._synth(CLOSE_COMPLETE)
             return
         self._out.append(_raw(0x43, body))
@@ -771,7 +790,7 @@ class PooledClient(asyncio.Protocol):
             server.prepared.clear()
             self.statements.clear()
             return body
-        known = self.statements.pop(target.strip(b'"').decode(errors="replace"), None)
+        known = self.statements.pop(target.strip(b'"').decode(errors="replace"))
         if known is None:
             return body  # not one of ours: the server answers for itself
         server.prepared.discard(known[0])
@@ -874,9 +893,7 @@ class PooledClient(asyncio.Protocol):
                 run = mend
                 if kind in _PROXY_READS:
                     if mend > end:
-                        self._swhole = bytearray(data[pos:])
-                        self._swhole_len = mend - pos
-                        return True
+                        return self._gather_server(data, pos, mend, out)
                     if not self._proxy_reply(head, kind, data[pos + 5 : mend], out):
                         return False
                 elif mend > end:
@@ -886,9 +903,7 @@ class PooledClient(asyncio.Protocol):
                 continue
             if mend > end and (kind == 0x5A or kind == 0x53):  # read whole: gather it
                 out.append(data[run:pos])
-                self._swhole = bytearray(data[pos:])
-                self._swhole_len = mend - pos
-                return True
+                return self._gather_server(data, pos, mend, out)
             if kind in _ASYNC:
                 if kind == 0x53:  # ParameterStatus: the session's parameters changed
                     self._parameter_status(data[pos + 5 : mend])
@@ -928,6 +943,17 @@ class PooledClient(asyncio.Protocol):
             out.append(data[run:pos])
         if pos < end:
             self._shead = data[pos:]
+        return True
+
+    def _gather_server(self, data: bytes, pos: int, mend: int, out: list[bytes]) -> bool:
+        """Start gathering a server message the proxy reads whole (bounded: the server
+        is the tenant's, and a tenant with code execution may answer anything)."""
+        if mend - pos > 1 + self.pool.max_read_whole:
+            self._write(out)
+            self._fatal("08P01", f"the database sent a message of {mend - pos} bytes the proxy must read whole")
+            return False
+        self._swhole = bytearray(data[pos:])
+        self._swhole_len = mend - pos
         return True
 
     def _proxy_reply(self, head: Expect, kind: int, body: bytes, out: list[bytes]) -> bool:
@@ -1033,12 +1059,30 @@ class PooledClient(asyncio.Protocol):
             self.server.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._discard is not None:
+            self._discard.connection_lost(exc)
+            return
         self.transport = None
         self.close()
 
+    def eof_received(self) -> bool | None:
+        if self._discard is not None:
+            return self._discard.eof_received()
+        return None
+
     def _fatal(self, sqlstate: str, text: str) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(m.error_response(sqlstate, text))
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(m.error_response(sqlstate, text))
+            if self._cskip or self._chead or self._cwhole is not None or sqlstate == "54000":
+                # the client is still sending a message: close after the error, discarding
+                # the rest (closing with it unread would reset the connection, error and all)
+                self._discard = _Discard(transport)
+                self.lingering = self._discard.closed
+                self.transport = None
+                self.close()
+                self._discard.start()
+                return
         self.close()
 
     def close(self) -> None:
@@ -1060,6 +1104,10 @@ class PooledClient(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
             self.transport = None
+        self.statements.clear()  # gives their memory back to the budget
+        if self._cwhole is not None:
+            self._cwhole = None
+            self.pool.guards.memory.give(self._cwhole_len)
         self.done.set_result(None)
 
     def cancel_target(self) -> tuple[int, int] | None:
@@ -1101,6 +1149,51 @@ _DEALLOCATE = re.compile(
     rb"^\s*(?:DISCARD\s+ALL|DEALLOCATE\s+(?:PREPARE\s+)?(?P<name>ALL|\"[^\"]+\"|[A-Za-z_][A-Za-z0-9_$]*))\s*;?\s*\x00$",
     re.IGNORECASE,
 )
+
+
+class _Discard:
+    """A client connection after its final error: what it still sends is read and dropped
+    (bounded in bytes and time) while the error and our FIN reach it."""
+
+    LINGER_S = 2.0
+    LINGER_BYTES = 64 << 20
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        loop = asyncio.get_running_loop()
+        self.transport = transport
+        self.left = self.LINGER_BYTES
+        self.timer = loop.call_later(self.LINGER_S, transport.close)
+        self.closed: asyncio.Future = loop.create_future()
+
+    def start(self) -> None:
+        transport = self.transport
+        if transport.is_closing():
+            return
+        if transport.can_write_eof():
+            transport.write_eof()
+        transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        self.left -= len(data)
+        if self.left < 0:
+            self.transport.close()
+
+    def eof_received(self) -> bool:
+        self.transport.close()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.timer.cancel()
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+class _OverBudget(Exception):
+    """Holding what the client asks for would exceed the daemon's memory budget."""
+
+
+_NAMES = {0x50: "a named Parse message", 0x42: "a Bind message", 0x44: "a Describe message",
+          0x43: "a Close message", 0x51: "a Query message"}
 
 
 def _fill(buf: bytearray, total: int, data: bytes) -> bytes | None:

@@ -27,13 +27,17 @@ from pgfleet.store import InstanceRow
 
 from .auth import AuthFailed, cleartext_authenticate, scram_authenticate
 from .cancel import CancelRegistry, CancelTarget
+from .connect import BackendRefused, open_session
+from .errors import ClientError
+from .guards import Pending, ProxyGuards
 from . import params as pm
 from .pool import Pool, PooledClient, ServerRefused
 from .relay import Relay, SessionActivity
 
 log = logging.getLogger(__name__)
 
-STARTUP_TIMEOUT_S = 30.0
+#: the whole unauthenticated phase (TLS, startup packet, SCRAM); None: the guards' limit
+STARTUP_TIMEOUT_S: float | None = None
 WAKE_TIMEOUT_S = 60.0
 STREAM_LIMIT = 256 * 1024
 #: client startup parameters that must not reach the backend as given
@@ -44,15 +48,6 @@ Mode = Literal["session", "transaction"]
 #: Finds a database that is not on this host: name -> (host, port) of the proxy that
 #: serves it, or None. Set by fleet routing (Kubernetes); None on a single host.
 RemoteResolver = Callable[[str], Awaitable[tuple[str, int] | None]]
-
-
-class ClientError(Exception):
-    """Ends a client connection with an ErrorResponse carrying this SQLSTATE."""
-
-    def __init__(self, sqlstate: str, message: str, detail: str | None = None) -> None:
-        super().__init__(message)
-        self.sqlstate = sqlstate
-        self.detail = detail
 
 
 @dataclass
@@ -76,6 +71,9 @@ class Origin:
     #: a client that sent its password ahead of the request (the Neon driver's
     #: pipelineConnect) is asked for it in cleartext; otherwise SCRAM as usual
     cleartext_ok: bool = False
+    #: the client's address as the tunnel saw it (pre-auth caps and login backoff count by
+    #: it); None: each tunnelled connection is a source of its own
+    peer: str | None = None
 
 
 @dataclass
@@ -89,6 +87,7 @@ class ProxyServer:
     def __init__(
         self, fleet: Fleet, host: str, port: int, remote: RemoteResolver | None = None, *,
         mode: Mode = "session", tls: ssl.SSLContext | None = None, domain: str = "db.localhost",
+        guards: ProxyGuards | None = None,
     ) -> None:
         self.fleet = fleet
         self.remote = remote
@@ -103,6 +102,9 @@ class ProxyServer:
         #: direct sessions' relays by database uuid, and the bytes of those that ended
         self.relays: dict[str, set[Relay]] = {}
         self.relayed: dict[str, list[int]] = {}
+        #: shared by every listener of a daemon: pre-auth caps, login backoff, pooler memory
+        self.guards = guards if guards is not None else ProxyGuards()
+        self.listener = "pooled" if mode == "transaction" else "direct"
         self._server: asyncio.base_events.Server | None = None
         self._clients: set[asyncio.Task] = set()
 
@@ -160,36 +162,96 @@ class ProxyServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      origin: Origin | None = None) -> None:
-        async with asyncio.timeout(STARTUP_TIMEOUT_S):  # no task per connection, unlike wait_for
-            startup, tls_used = await self._handshake(reader, writer)
+        source = _source_address(writer, origin)
+        pending = self.guards.pending.enter(source)
+        try:
+            timeout = STARTUP_TIMEOUT_S if STARTUP_TIMEOUT_S is not None else self.guards.limits.startup_timeout_s
+            async with asyncio.timeout(timeout):  # no task per connection, unlike wait_for
+                authed = await self._authenticate(reader, writer, origin, source, pending)
+        finally:
+            pending.leave()
+        if authed is not None:
+            await self._admitted(*authed, source, reader, writer)
+
+    async def _authenticate(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                            origin: Origin | None, source: str, pending: Pending
+                            ) -> tuple[m.StartupMessage, Route, InstanceRow] | None:
+        """The unauthenticated phase: nothing here wakes a database or takes one of its
+        connection slots. The authenticated client's startup, route and database; None when
+        the connection was served whole (a CancelRequest, a database on another node)."""
+        startup, tls_used = await self._handshake(reader, writer)
         tls_used = tls_used or (origin is not None and origin.tls)
         if isinstance(startup, m.CancelRequest):
             await self.cancels.cancel(startup.process_id, startup.secret_key)
-            return
+            return None
         route = self._route(startup, writer, origin)
         row = self.fleet.find(route.name)
         if row is None and self.remote is not None and route.how == "database":
             target = await self.remote(route.name)
             if target is not None:
+                pending.leave()  # the node that has the database authenticates and counts it
                 await self._pass_through(startup, target, reader, writer)
-                return
+                return None
         if row is None:
             raise ClientError("3D000", f'database "{route.name}" does not exist')
         if row.deleting:
             raise ClientError("57P03", f'database "{route.name}" is being deleted')
         if row.require_tls and not tls_used:
             raise ClientError("28000", f'database "{route.name}" requires an encrypted connection (sslmode=require)')
+        pending.to_database(row.uuid)
+        await self.authenticate_client(startup, row, source, reader, writer,
+                                       cleartext=origin is not None and origin.cleartext_ok)
+        return startup, route, row
+
+    async def authenticate_client(self, startup: m.StartupMessage, row: InstanceRow, source: str,
+                                  reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                                  cleartext: bool = False) -> None:
+        """SCRAM-SHA-256 (or a cleartext password sent ahead, for tunnels that allow it) of a
+        client against its database's stored verifier, under the login backoff; raises
+        ClientError 28P01 or 28000 (backing off), each an event with its source. Leaves
+        AuthenticationOk to the caller."""
+        user = startup.user
+        logins = self.guards.logins
+        try:
+            logins.check(user, source)
+        except ClientError:
+            self.fleet.events.emit("connection_refused", row.name, reason="login backoff", user=user[:64],
+                                   listener=self.listener, peer=source)
+            raise
+        verifier = Verifier.decode(row.verifier) if user == row.role else None
+        try:
+            if cleartext and _pipelined_password(reader):
+                await cleartext_authenticate(reader, writer, verifier)
+            else:
+                await scram_authenticate(reader, writer, verifier)
+        except AuthFailed as exc:
+            failures = logins.failed(user, source)
+            self.note_auth_failure(row, user, self.listener, source, reason=(str(exc) or "wrong password")[:200],
+                                   failures=failures)
+            raise ClientError("28P01", f'password authentication failed for user "{user}"')
+        logins.succeeded(user, source)
+
+    async def _admitted(self, startup: m.StartupMessage, route: Route, row: InstanceRow, source: str,
+                        reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """An authenticated client: counted against its database's limit, then served."""
         limit = row.max_pooled_clients if self.mode == "transaction" else row.max_direct_clients
         current = self.stats.per_database.get(row.uuid, 0)
         if current >= limit:
             self.stats.refused_limit += 1
-            listener = "pooled" if self.mode == "transaction" else "direct"
-            self.fleet.events.emit("connection_refused", row.name, listener=listener, limit=limit,
-                                   peer=_peer(writer))
-            raise ClientError("53300", f'too many {listener} connections for database "{row.name}" (limit {limit})')
+            self.fleet.events.emit("connection_refused", row.name, listener=self.listener, limit=limit, peer=source)
+            raise ClientError("53300", f'too many {self.listener} connections for database "{row.name}" (limit {limit})')
         self.stats.per_database[row.uuid] = current + 1
         try:
-            await self._authenticated_session(startup, route, row, reader, writer, origin)
+            writer.write(m.authentication(m.AUTH_OK))
+            async with self.fleet.lease(row.uuid):
+                # only now, authenticated, may the client wake its database; no deadline of the
+                # proxy's own: in a wake storm the start waits its turn in the fleet's queue
+                # (never refused); each start is bounded by the driver
+                backend = await self._wake(row.uuid)
+                if self.mode == "transaction":
+                    await self._pooled_session(startup, route, row, reader, writer)
+                else:
+                    await self._direct_session(startup, route, row, backend, reader, writer)
         finally:
             left = self.stats.per_database.get(row.uuid, 1) - 1
             if left:
@@ -197,44 +259,12 @@ class ProxyServer:
             else:
                 self.stats.per_database.pop(row.uuid, None)
 
-    async def _authenticated_session(self, startup: m.StartupMessage, route: Route, row: InstanceRow,
-                                     reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                                     origin: Origin | None = None) -> None:
-        # Waking starts now, in parallel with authentication, to hide its latency.
-        wake = asyncio.ensure_future(self._wake(row.uuid))
-        try:
-            verifier = Verifier.decode(row.verifier) if startup.user == row.role else None
-            try:
-                async with asyncio.timeout(STARTUP_TIMEOUT_S):
-                    if origin is not None and origin.cleartext_ok and _pipelined_password(reader):
-                        await cleartext_authenticate(reader, writer, verifier)
-                    else:
-                        await scram_authenticate(reader, writer, verifier)
-            except AuthFailed:
-                self.note_auth_failure(row, startup.user, "pooled" if self.mode == "transaction" else "direct",
-                                       _peer(writer))
-                raise ClientError("28P01", f'password authentication failed for user "{startup.user}"')
-            writer.write(m.authentication(m.AUTH_OK))
-            async with self.fleet.lease(row.uuid):
-                if self.mode == "transaction":
-                    await self._pooled_session(startup, route, row, wake, reader, writer)
-                else:
-                    # no deadline of the proxy's own: in a wake storm the start waits its turn
-                    # in the fleet's queue (never refused); each start is bounded by the driver
-                    backend = wake.result() if wake.done() else await asyncio.shield(wake)
-                    await self._direct_session(startup, route, row, backend, reader, writer)
-        finally:
-            if not wake.done():
-                wake.cancel()
-            elif not wake.cancelled():
-                wake.exception()  # retrieved: a failed wake was already reported to the client
-
-    def note_auth_failure(self, row: InstanceRow, user: str, listener: str, peer) -> None:
+    def note_auth_failure(self, row: InstanceRow, user: str, listener: str, peer, **fields) -> None:
         """Count and report a failed login (also SQL over HTTP's, on the pooled listener's stats)."""
         self.stats.auth_failures += 1
         failures = self.stats.auth_failures_by_db
         failures[row.uuid] = failures.get(row.uuid, 0) + 1
-        self.fleet.events.emit("auth_failure", row.name, user=user[:64], listener=listener, peer=peer)
+        self.fleet.events.emit("auth_failure", row.name, user=user[:64], listener=listener, peer=peer, **fields)
 
     async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         tls_used = False
@@ -323,13 +353,13 @@ class ProxyServer:
             backend = self.fleet.backend_of(row.uuid) or await asyncio.wait_for(self._wake(row.uuid), WAKE_TIMEOUT_S)
             params.update(user=row.role, database=backend.database)
             try:
-                b_reader, b_writer = await backend.open_connection()
-            except OSError as exc:
-                raise ClientError("08006", f"could not reach the database: {exc}")
+                b_reader, b_writer, replies = await open_session(backend, params, WAKE_TIMEOUT_S)
+            except BackendRefused as exc:  # the database's own error, as it sent it
+                writer.write(m.message(b"E", exc.body))
+                raise ClientError("", "")
             key = self.cancels.mint()
             try:
-                b_writer.write(m.startup_message(params))
-                await self._forward_until_ready(b_reader, writer, backend, key)
+                writer.write(self._startup_replies(replies, backend, key))
                 relay = Relay(writer.transport, b_writer.transport, self._activity(row.uuid),  # type: ignore[arg-type]
                               track=self._tracks_transactions(row))
                 relay.start(_take_buffer(reader), _take_buffer(b_reader))
@@ -354,27 +384,17 @@ class ProxyServer:
             self.cancels.release(key)
             b_writer.close()
 
-    async def _forward_until_ready(self, b_reader, writer, backend: Backend, key: tuple[int, int]) -> None:
-        """Pass the backend's startup replies to the client, swapping in our cancel key."""
+    def _startup_replies(self, replies: list[tuple[bytes, bytes]], backend: Backend, key: tuple[int, int]) -> bytes:
+        """The backend's startup replies for the client, with our cancel key swapped in."""
         out = bytearray()
-        while True:
-            kind, body = await m.read_message(b_reader)
-            if kind == b"R":
-                if struct.unpack_from("!i", body)[0] != m.AUTH_OK:
-                    raise ClientError("28000", "the database asked the proxy for a password")
-                continue  # the client already got its AuthenticationOk from us
+        for kind, body in replies:
             if kind == b"K":
                 pid, secret = struct.unpack("!ii", body[:8])
                 self.cancels.bind(key, CancelTarget(backend, pid, secret))
                 out += m.backend_key_data(*key)
-                continue
-            out += m.message(kind, body)
-            if kind == b"E":
-                writer.write(bytes(out))
-                raise ClientError("", "")  # the backend's own error has been sent
-            if kind == b"Z":
-                writer.write(bytes(out))
-                return
+            else:
+                out += m.message(kind, body)
+        return bytes(out)
 
     # --- pooled: server connections shared per transaction -------------------------------
     def pool_for(self, row: InstanceRow) -> Pool:
@@ -382,28 +402,26 @@ class ProxyServer:
         if pool is None:
             uuid = row.uuid
             pool = self.pools[uuid] = Pool(row.name, row.role, row.pool_size,
-                                           lambda: asyncio.ensure_future(self._wake(uuid)))
+                                           lambda: asyncio.ensure_future(self._wake(uuid)), self.guards)
         return pool
 
     async def _pooled_session(self, startup: m.StartupMessage, route: Route, row: InstanceRow,
-                              wake: asyncio.Future, reader: asyncio.StreamReader,
-                              writer: asyncio.StreamWriter) -> None:
+                              reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with self._starting(row.uuid):
-            client, key = await self._pooled_start(startup, route, row, wake, reader, writer)
+            client, key = await self._pooled_start(startup, route, row, reader, writer)
         try:
             await client.done
+            if client.lingering is not None:  # the client's transport is closed when it is done
+                await client.lingering
         finally:
             self.cancels.release(key)
             if not self._tracks_transactions(row):
                 self.fleet.session_busy(row.uuid, False)
 
     async def _pooled_start(self, startup: m.StartupMessage, route: Route, row: InstanceRow,
-                            wake: asyncio.Future, reader: asyncio.StreamReader,
-                            writer: asyncio.StreamWriter) -> "tuple[PooledClient, tuple[int, int]]":
+                            reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+                            ) -> "tuple[PooledClient, tuple[int, int]]":
         pool = self.pool_for(row)
-        if not wake.done():
-            await asyncio.shield(wake)  # queued starts wait their turn (see _authenticated_session)
-        wake.result()  # its error, if the database could not be woken
         if not pool.params:  # the first client learns the server's parameters for everyone
             conn = await pool.acquire()
             pool.release(conn)
@@ -509,9 +527,14 @@ def _take_endpoint(options: str | None) -> tuple[str | None, str | None]:
     return endpoint, (" ".join(kept) if kept else None)
 
 
-def _peer(writer: asyncio.StreamWriter) -> str | None:
+def _source_address(writer: asyncio.StreamWriter, origin: Origin | None = None) -> str:
+    """The client's address (no port): what pre-auth caps and login backoff count by."""
+    if origin is not None:
+        return origin.peer or f"tunnel-{id(writer):x}"
     peer = writer.get_extra_info("peername")
-    return str(peer[0]) if isinstance(peer, tuple) and peer else None
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return "local"
 
 
 def _no_busy(busy: bool) -> None:
