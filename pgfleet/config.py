@@ -11,10 +11,23 @@ DEFAULT_LISTEN = "127.0.0.1:6432"
 DEFAULT_LISTEN_POOLED = "127.0.0.1:6433"
 DEFAULT_API = "127.0.0.1:8760"
 DEFAULT_LISTEN_HTTP = "127.0.0.1:6434"  # SQL over HTTP and WebSocket (pgfleet.edge)
+HOME_ENV = "PGFLEET_HOME"
+
+
+def resolve_home(given: Path | None = None) -> Path:
+    """The home a command works on: the one given (--home), else $PGFLEET_HOME, else the
+    standard data directory (root's or the user's)."""
+    return (given or default_home()).absolute()
+
+
+def use_home(home: Path) -> None:
+    """Make `home` the default for the rest of this process (the CLI's top-level --home),
+    whichever package's sub-command runs."""
+    os.environ[HOME_ENV] = str(home.absolute())
 
 
 def default_home() -> Path:
-    env = os.environ.get("PGFLEET_HOME")
+    env = os.environ.get(HOME_ENV)
     if env:
         return Path(env)
     if os.geteuid() == 0:

@@ -23,6 +23,7 @@ from pgfleet.drivers import make_driver, swap
 from pgfleet.edge.settings import EdgeSettings
 from pgfleet.fleet.manager import Fleet
 from pgfleet.fleet.memory import MemoryManager
+from pgfleet.fleet.quotas import Quotas
 from pgfleet.proxy.guards import ProxyGuards
 from pgfleet.proxy.server import ProxyServer
 from pgfleet.store import Store
@@ -128,7 +129,7 @@ async def serve(opts: DaemonOptions, ready: asyncio.Future | None = None) -> Non
     store = Store(opts.home / "state.db")
     make_private(opts.home)
     driver = make_driver(opts.driver, opts.home)
-    fleet = Fleet(store, driver, opts.home)
+    fleet = Fleet(store, driver, opts.home, quotas=Quotas.load(opts.home))
     log.info("pgfleet %s starting on %s with the %s driver", __version__, opts.home, driver.name)
     await driver.prepare()
     await fleet.recover()

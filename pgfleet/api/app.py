@@ -18,8 +18,6 @@ from pgfleet.fleet.errors import FleetError
 
 from fastapi.responses import HTMLResponse
 
-from pgfleet.fleet.quotas import Quotas
-
 from . import branches, databases, events, metrics, ukc, ukc_resources
 from .common import MAX_BODY_BYTES, ApiContext, ApiError, check_token, envelope, error_body
 from .docs_page import DOCS_HTML
@@ -83,8 +81,6 @@ def create_app(ctx: ApiContext) -> FastAPI:
                     "Unikraft Cloud-compatible /v1/instances, /v1/services, /v1/volumes, /v1/users/quotas.",
     )
     app.state.ctx = ctx
-    if ctx.fleet.quotas is None:
-        ctx.fleet.quotas = Quotas.load(ctx.home)
 
     @app.middleware("http")
     async def guard(request: Request, call_next):

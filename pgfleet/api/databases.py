@@ -70,7 +70,7 @@ def uris(ctx: ApiContext, row: InstanceRow, password: str | None = None) -> dict
 
 
 def database_json(ctx: ApiContext, row: InstanceRow, password: str | None = None) -> dict:
-    rt = ctx.fleet.rt.get(row.uuid)
+    sessions = ctx.fleet.sessions(row.uuid)
     backend = ctx.fleet.backend_of(row.uuid) if row.state == State.RUNNING else None
     out = {
         "uuid": row.uuid,
@@ -91,7 +91,7 @@ def database_json(ctx: ApiContext, row: InstanceRow, password: str | None = None
         "start_count": row.start_count,
         "stop_reason": row.stop_reason,
         "boot_time_us": row.boot_time_us,
-        "clients": rt.clients if rt else 0,
+        "clients": sessions.open,
         "require_tls": bool(row.require_tls),
         "pooling": {"pool_size": row.pool_size, "max_pooled_clients": row.max_pooled_clients,
                     "max_direct_clients": row.max_direct_clients},
@@ -219,7 +219,7 @@ async def database_logs(ref: str, request: Request, tail_bytes: int = Query(6553
     started = time.perf_counter()
     ctx = _ctx(request)
     row = ctx.fleet.get(ref)
-    path = ctx.fleet.driver.log_path(ctx.fleet.spec(row))
+    path = ctx.fleet.log_path(row)
     text, size = "", 0
     if path is not None and path.exists():
         with open(path, "rb") as f:

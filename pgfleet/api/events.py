@@ -81,7 +81,7 @@ async def history(ref: str, request: Request, limit: int = Query(100, ge=1, le=2
     out = [
         {"at": iso(e["at"]), "kind": "transition", "from": e["from_state"], "to": e["to_state"],
          "reason": e["reason"], "_t": e["at"]}
-        for e in ctx.fleet.store.history(row.uuid, limit)
+        for e in ctx.fleet.history(row.uuid, limit)
     ]
     for e in ctx.fleet.events.recent(row.name, limit, kinds=RING_ONLY):
         if e.at < row.created_at:  # a deleted database of the same name

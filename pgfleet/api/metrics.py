@@ -53,7 +53,7 @@ async def take_snapshot(ctx: ApiContext) -> Snapshot:
 
     async def used(row: InstanceRow) -> int | None:
         try:
-            usage = await asyncio.wait_for(fleet.driver.usage(fleet.spec(row)), USAGE_TIMEOUT_S)
+            usage = await asyncio.wait_for(fleet.usage(row), USAGE_TIMEOUT_S)
         except Exception:  # a scrape never fails for one database
             return None
         return usage.get("rss_bytes") or usage.get("pss_bytes")

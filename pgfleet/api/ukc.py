@@ -17,7 +17,6 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Body, Query, Request
 from pydantic import Field
 
-from pgfleet.fleet import states
 from pgfleet.fleet.errors import AlreadyExists, InvalidRequest, NotFound, QuotaExceeded
 from pgfleet.fleet.manager import MAX_MEMORY_MB, MIN_MEMORY_MB
 from pgfleet.fleet.states import State
@@ -158,7 +157,7 @@ def instance_json(ctx: ApiContext, row: InstanceRow, details: bool = True) -> di
     if not details:
         return {"uuid": row.uuid, "name": row.name}
     meta = _meta(row)
-    rt = ctx.fleet.rt.get(row.uuid)
+    sessions = ctx.fleet.sessions(row.uuid)
     backend = ctx.fleet.backend_of(row.uuid) if row.state == State.RUNNING else None
     now = time.time()
     state = "stopping" if row.deleting else row.state
@@ -195,7 +194,7 @@ def instance_json(ctx: ApiContext, row: InstanceRow, details: bool = True) -> di
         "tags": list(meta.get("tags", [])),
         "pgfleet": {
             "driver": row.driver, "role": row.role, "stop_reason": row.stop_reason,
-            "clients": rt.clients if rt else 0, **uris(ctx, row),
+            "clients": sessions.open, **uris(ctx, row),
         },
     }
     if backend is not None:
@@ -209,13 +208,13 @@ async def detailed(ctx: ApiContext, row: InstanceRow, details: bool = True) -> d
     """The instance with the metrics that apply: memory in use, client sessions."""
     out = instance_json(ctx, row, details)
     if details:
-        rt = ctx.fleet.rt.get(row.uuid)
-        usage = await ctx.fleet.driver.usage(ctx.fleet.spec(row)) if row.state == State.RUNNING else {}
+        sessions = ctx.fleet.sessions(row.uuid)
+        usage = await ctx.fleet.usage(row)
         out["rss_bytes"] = int(usage.get("rss_bytes", 0))
         if "cpu_time_ms" in usage:
             out["cpu_time_ms"] = int(usage["cpu_time_ms"])
-        out["nconns"] = rt.clients if rt else 0
-        out["ntotal"] = rt.total_connections if rt else 0
+        out["nconns"] = sessions.open
+        out["ntotal"] = sessions.total
     return out
 
 
@@ -289,9 +288,9 @@ async def create_instance(request: Request, body: CreateInstance):
         policy, cooldown, stateful = "off", UKC_DEFAULT_COOLDOWN_MS, False
         if stz is not None:
             policy, cooldown, stateful = stz.policy, stz.cooldown_time_ms, stz.stateful
-            if policy == "idle" and not ctx.fleet.driver.keeps_sessions_across_suspend:
+            if policy == "idle" and not ctx.fleet.keeps_sessions_across_suspend:
                 policy = "on"
-                out.warnings.append(f"scale_to_zero policy 'idle' runs as 'on' on the {ctx.fleet.driver.name} driver: "
+                out.warnings.append(f"scale_to_zero policy 'idle' runs as 'on' on the {ctx.fleet.driver_name} driver: "
                                     "a database with an open session is never scaled to zero")
         if body.service_group is not None:
             out.warnings.append("service_group is ignored: every database is published on the pgfleet proxy")
@@ -376,8 +375,6 @@ async def get_instance(request: Request, uuid: str, details: bool = True):
 # --- lifecycle ---------------------------------------------------------------------------
 async def _start(ctx: ApiContext, row: InstanceRow, item: dict) -> dict:
     previous = row.state
-    if row.state not in states.LIVE and ctx.fleet.quotas is not None:
-        ctx.fleet.quotas.check_start(ctx.fleet, row.memory_mb)
     if row.state == State.RUNNING:
         return brief(row, previous)
     row = await ctx.fleet.resume(row.uuid)
@@ -468,10 +465,10 @@ async def _patch_one(ctx: ApiContext, row: InstanceRow, item: dict) -> dict:
         except Exception as exc:
             raise InvalidRequest(f"invalid scale_to_zero: {exc}") from None
         meta["stateful"] = stz.stateful
-        idle_ok = ctx.fleet.driver.keeps_sessions_across_suspend
+        idle_ok = ctx.fleet.keeps_sessions_across_suspend
         await ctx.fleet.update(row.uuid, policy="on" if stz.policy == "idle" and not idle_ok else stz.policy,
                                cooldown_ms=stz.cooldown_time_ms)
-        ctx.fleet.store.update(row.uuid, tags={**row.tags, "ukc": meta})
+        ctx.fleet.set_tags(row.uuid, {**row.tags, "ukc": meta})
     elif prop == "tags":
         values = value if isinstance(value, list) else [value]
         if not all(isinstance(v, str) and 1 <= len(v) <= 128 for v in values) or len(values) > 64:
@@ -484,7 +481,7 @@ async def _patch_one(ctx: ApiContext, row: InstanceRow, item: dict) -> dict:
         else:
             current = [t for t in current if t not in values]
         meta["tags"] = current
-        ctx.fleet.store.update(row.uuid, tags={**row.tags, "ukc": meta})
+        ctx.fleet.set_tags(row.uuid, {**row.tags, "ukc": meta})
     else:
         raise ItemError(400, f"property {prop!r} cannot be changed on a pgfleet database")
     row = ctx.fleet.get(row.uuid)
@@ -572,7 +569,7 @@ async def wait_instance(request: Request, uuid: str, body: WaitItem | None = Bod
 
 # --- logs and metrics -----------------------------------------------------------------
 async def _log(ctx: ApiContext, row: InstanceRow, item: dict) -> dict:
-    path = ctx.fleet.driver.log_path(ctx.fleet.spec(row))
+    path = ctx.fleet.log_path(row)
     data = b""
     size = 0
     offset = item.get("offset") or 0
@@ -622,17 +619,15 @@ async def get_log(request: Request, uuid: str, body: LogItem | None = Body(None)
 
 
 async def _metrics(ctx: ApiContext, row: InstanceRow, item: dict) -> dict:
-    rt = ctx.fleet.rt.get(row.uuid)
-    usage: dict[str, int] = {}
-    if row.state == State.RUNNING:
-        usage = await ctx.fleet.driver.usage(ctx.fleet.spec(row))
+    sessions = ctx.fleet.sessions(row.uuid)
+    usage = await ctx.fleet.usage(row)
     return {
         "uuid": row.uuid, "name": row.name,
         "rss_bytes": int(usage.get("rss_bytes", 0)),
         "cpu_time_ms": int(usage.get("cpu_time_ms", 0)),
         "boot_time_us": row.boot_time_us or 0,
-        "nconns": rt.clients if rt else 0,
-        "ntotal": rt.total_connections if rt else 0,
+        "nconns": sessions.open,
+        "ntotal": sessions.total,
     }
 
 

@@ -137,13 +137,13 @@ def resolve(ctx: ApiContext, ref: dict) -> InstanceRow:
         raise InvalidRequest("each item needs a uuid or a name")
     row = None
     if uuid is not None:
-        row = ctx.fleet.store.get(uuid)
+        row = ctx.fleet.find_uuid(uuid)
         if row is None:
             raise NotFound(f"no instance with uuid {uuid!r}")
         if name is not None and row.name != name:
             raise NotFound(f"no instance with uuid {uuid!r} and name {name!r}")
         return row
-    row = ctx.fleet.store.by_name(name)  # type: ignore[arg-type]
+    row = ctx.fleet.find(name)  # type: ignore[arg-type]
     if row is None:
         raise NotFound(f"no instance named {name!r}")
     return row

@@ -123,7 +123,7 @@ def _du_mb(path: Path) -> int:
 
 
 async def volume_json(ctx: ApiContext, row: InstanceRow) -> dict:
-    size = await asyncio.to_thread(_du_mb, ctx.fleet.home / "instances" / row.uuid)
+    size = await asyncio.to_thread(_du_mb, ctx.fleet.data_path(row))
     live = row.state in states.LIVE
     return {
         "uuid": derived_uuid("volume", row.uuid),
@@ -250,21 +250,14 @@ volumes.get("/{uuid}", summary="Get a volume by UUID")(get_volume)
 
 
 # --- quotas -----------------------------------------------------------------------------
-def quotas_of(ctx: ApiContext) -> Quotas:
-    if ctx.fleet.quotas is None:
-        ctx.fleet.quotas = Quotas.load(ctx.home)
-    return ctx.fleet.quotas
-
-
 @users.get("/quotas", summary="Quotas: limits and what is in use")
 async def get_quotas(request: Request):
     ctx = ctx_of(request)
-    q = quotas_of(ctx)
-    used = Quotas.usage(ctx.fleet)
+    q, used = ctx.fleet.quota_usage()
+    q = q or Quotas.unlimited()
     rows = ctx.fleet.list()
-    home = ctx.fleet.home
-    sizes = await asyncio.gather(*(asyncio.to_thread(_du_mb, home / "instances" / r.uuid) for r in rows))
-    disk_mb = shutil.disk_usage(home).total // MiB
+    sizes = await asyncio.gather(*(asyncio.to_thread(_du_mb, ctx.fleet.data_path(r)) for r in rows))
+    disk_mb = shutil.disk_usage(ctx.home).total // MiB
     hard: dict[str, Any] = {
         **q.hard(), "live_vcpus": q.live_instances,
         "service_groups": q.instances, "services": 2 * q.instances, "volumes": q.instances,
@@ -274,7 +267,7 @@ async def get_quotas(request: Request):
                  "total_volume_mb": sum(sizes)})
     out = Outcome("quotas")
     out.ok({
-        "uuid": derived_uuid("user", str(home)),
+        "uuid": derived_uuid("user", ctx.home),
         "used": used,
         "hard": hard,
         "limits": {"min_memory_mb": MIN_MEMORY_MB, "max_memory_mb": MAX_MEMORY_MB, "min_vcpus": 1, "max_vcpus": 1},

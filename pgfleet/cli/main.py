@@ -20,8 +20,8 @@ from rich.table import Table
 
 from pgfleet import __version__
 from pgfleet.config import (
-    DEFAULT_API, DEFAULT_LISTEN, DEFAULT_LISTEN_HTTP, DEFAULT_LISTEN_POOLED, DaemonInfo, default_home, ensure_token, pid_alive,
-    token_path,
+    DEFAULT_API, DEFAULT_LISTEN, DEFAULT_LISTEN_HTTP, DEFAULT_LISTEN_POOLED, DaemonInfo, ensure_token, pid_alive,
+    resolve_home, token_path, use_home,
 )
 
 from . import pgpass
@@ -40,12 +40,8 @@ HomeOpt = typer.Option(None, "--home", help="pgfleet home (default: $PGFLEET_HOM
 JsonOpt = typer.Option(False, "--json", help="machine-readable output")
 
 
-class _State:
-    home: Path | None = None
-
-
 def _home(home: Path | None) -> Path:
-    return (home or _State.home or default_home()).absolute()
+    return resolve_home(home)
 
 
 def _client(home: Path | None = None) -> ApiClient:
@@ -62,7 +58,8 @@ def _root(home: Optional[Path] = HomeOpt,
     if version:
         out.print(__version__)
         raise typer.Exit()
-    _State.home = home
+    if home is not None:
+        use_home(home)
 
 
 # --- daemon -----------------------------------------------------------------------
@@ -469,26 +466,31 @@ _register_branches(db_app, SimpleNamespace(client=_client, print_json=_print_jso
 
 
 def main() -> None:
-    from typer._click import exceptions as click  # typer vendors click; no public alias
-
     try:
         code = app(standalone_mode=False, prog_name="pgfleet")
     except CliError as exc:
         err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         sys.exit(1)
-    except click.NoArgsIsHelpError as exc:
-        exc.show()
-        sys.exit(2)
-    except click.UsageError as exc:
-        hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
-        err.print(f"[red]error:[/red] {exc.format_message()}{hint}", highlight=False, soft_wrap=True, markup=True)
-        sys.exit(2)
-    except click.ClickException as exc:
-        err.print(f"[red]error:[/red] {exc.format_message()}", highlight=False, soft_wrap=True)
-        sys.exit(exc.exit_code)
     except typer.Abort:
         sys.exit(130)
+    except typer.TyperException as exc:  # typer's public base of its (vendored) click errors
+        sys.exit(_usage_failure(exc))
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _usage_failure(exc: Exception) -> int:
+    """Print a command-line error as one line (help for a bare group); its exit code.
+    Typer exposes click's exceptions only through their public base, so tell them apart
+    by what they offer, as typer's own error printer does."""
+    if type(exc).__name__ == "NoArgsIsHelpError":
+        exc.show()  # type: ignore[attr-defined]
+        return 2
+    message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+    code = int(getattr(exc, "exit_code", 1))
+    ctx = getattr(exc, "ctx", None)
+    hint = f" (see `{ctx.command_path} --help`)" if code == 2 and ctx is not None else ""  # a usage error
+    err.print(f"[red]error:[/red] {message}{hint}", highlight=False, soft_wrap=True, markup=bool(hint))
+    return code
 
 
 if __name__ == "__main__":

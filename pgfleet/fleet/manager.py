@@ -26,6 +26,7 @@ from . import states
 from .errors import AlreadyExists, FleetError, InvalidRequest, NotFound, QuotaExceeded, Unavailable
 from .events import EventLog
 from .names import validate_name
+from .quotas import Quotas
 from .standby import WarmTier, is_warm
 from .states import COLD, WARM, State
 from .telemetry import Telemetry
@@ -78,13 +79,22 @@ class Runtime:
 
 
 @dataclass(frozen=True)
+class Sessions:
+    """A database's client sessions as callers outside the fleet may see them."""
+
+    open: int = 0
+    total: int = 0
+
+
+@dataclass(frozen=True)
 class Created:
     row: InstanceRow
     password: str
 
 
 class Fleet:
-    def __init__(self, store: Store, driver: Driver, home: Path, start_concurrency: int | None = None) -> None:
+    def __init__(self, store: Store, driver: Driver, home: Path, start_concurrency: int | None = None,
+                 quotas: Quotas | None = None) -> None:
         self.store = store
         self.driver = driver
         self.home = home
@@ -96,8 +106,9 @@ class Fleet:
         #: storm of wakes queues instead of thrashing and every database gets its turn
         self._start_slots = asyncio.Semaphore(start_concurrency or default_start_concurrency())
         self._closing = False
-        #: optional admission control (pgfleet.fleet.quotas.Quotas): checked before a create
-        self.quotas = None
+        #: admission control, checked on every path that makes a database live (create and
+        #: every start: wake, resume, the UKC routes, Kubernetes); None admits everything
+        self.quotas = quotas
         #: the host memory manager (pgfleet.fleet.memory), when the daemon runs one
         self.memory = None
         #: called with a database's uuid once it is deleted (proxies drop their pools)
@@ -149,6 +160,50 @@ class Fleet:
                 self._found[name] = row
         return row
 
+    def find_uuid(self, uuid: str) -> InstanceRow | None:
+        return self.store.get(uuid)
+
+    def history(self, uuid: str, limit: int = 100) -> list[dict]:
+        """The database's state transitions, newest first."""
+        return self.store.history(uuid, limit)
+
+    def sessions(self, uuid: str) -> Sessions:
+        rt = self.rt.get(uuid)
+        return Sessions(rt.clients, rt.total_connections) if rt is not None else Sessions()
+
+    def is_known(self, uuid: str) -> bool:
+        """True while the fleet holds the database in memory (from its first use to its deletion)."""
+        return uuid in self.rt
+
+    def is_up(self, uuid: str) -> bool:
+        """True while the database has a backend to forward to (the proxy's per-message check)."""
+        rt = self.rt.get(uuid)
+        return rt is not None and rt.backend is not None
+
+    @property
+    def keeps_sessions_across_suspend(self) -> bool:
+        """Whether the driver keeps sessions open across a suspend (the `idle` policy needs it)."""
+        return self.driver.keeps_sessions_across_suspend
+
+    @property
+    def driver_name(self) -> str:
+        return self.driver.name
+
+    async def usage(self, row: InstanceRow) -> dict[str, int]:
+        """Resources a running database uses now (rss_bytes, cpu_time_ms...); {} when not running."""
+        return await self.driver.usage(self.spec(row)) if row.state == State.RUNNING else {}
+
+    def log_path(self, row: InstanceRow) -> Path | None:
+        return self.driver.log_path(self.spec(row))
+
+    def data_path(self, row: InstanceRow) -> Path:
+        """The directory holding everything of one database (its volume)."""
+        return self.home / "instances" / row.uuid
+
+    def quota_usage(self) -> tuple[Quotas | None, dict[str, int]]:
+        """The limits in force (None: unlimited) and what counts against them now."""
+        return self.quotas, Quotas.usage(self)
+
     def runtime(self, uuid: str) -> Runtime:
         rt = self.rt.get(uuid)
         if rt is None:
@@ -184,7 +239,7 @@ class Fleet:
     def spec(self, row: InstanceRow) -> InstanceSpec:
         return InstanceSpec(
             uuid=row.uuid, name=row.name, role=row.role, memory_mb=row.memory_mb,
-            slot=row.slot, home=self.home / "instances" / row.uuid, vcpus=row.vcpus, disk_mb=row.disk_mb,
+            slot=row.slot, home=self.data_path(row), vcpus=row.vcpus, disk_mb=row.disk_mb,
             cpu_pct=row.cpu_pct,
         )
 
@@ -212,12 +267,7 @@ class Fleet:
         if verifier is None:  # PBKDF2: ~2 ms of C on a worker thread, not on the event loop
             verifier = (await asyncio.to_thread(Verifier.from_password, password)).encode()
         # from here to the insert nothing awaits: the quota and the slot hold for this row
-        if self.quotas is not None:
-            try:
-                self.quotas.check_create(self, memory_mb)
-            except QuotaExceeded as exc:
-                self.events.emit("quota_refused", name, reason=str(exc))
-                raise
+        self._admit(name, memory_mb, create=True)
         row = InstanceRow(
             uuid=str(uuidlib.uuid4()), name=name, slot=self._free_slot(), state=State.STARTING,
             driver=self.driver.name, image=image, memory_mb=memory_mb, role=role or name,
@@ -304,6 +354,20 @@ class Fleet:
             self.store.delete(row.uuid)
             self.rt.pop(row.uuid, None)
 
+    def _admit(self, name: str, memory_mb: int, create: bool = False) -> None:
+        """The quotas' check before a database becomes live (create, or any start);
+        raises QuotaExceeded, and says so in the events."""
+        if self.quotas is None:
+            return
+        try:
+            if create:
+                self.quotas.check_create(self, memory_mb)
+            else:
+                self.quotas.check_start(self, memory_mb)
+        except QuotaExceeded as exc:
+            self.events.emit("quota_refused", name, reason=str(exc))
+            raise
+
     def _check_policy_supported(self, policy: str | None) -> None:
         if policy == "idle" and not self.driver.keeps_sessions_across_suspend:
             raise InvalidRequest(
@@ -368,6 +432,11 @@ class Fleet:
         self._arm_idle_timer(row.uuid)
         return self.get(row.uuid)
 
+    def set_tags(self, ref: str, tags: dict) -> InstanceRow:
+        row = self.get(ref)
+        self.store.update(row.uuid, tags=tags)
+        return self.get(row.uuid)
+
     # --- wake / suspend / stop -------------------------------------------------------
     async def ensure_running(self, ref: str, *, wake_stopped: bool = False) -> Backend:
         """The backend of a running instance, starting it if it is in standby.
@@ -401,6 +470,7 @@ class Fleet:
             return await self._start_admitted(row, rt, reason)
 
     async def _start_admitted(self, row: InstanceRow, rt: Runtime, reason: str) -> Backend:
+        self._admit(row.name, row.memory_mb)  # no await between this check and the move
         self._move(row.uuid, row.state, State.STARTING, reason, standby_tier=None)
         started = time.monotonic()
         try:

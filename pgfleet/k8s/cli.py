@@ -13,6 +13,8 @@ from typing import Optional
 
 import typer
 
+from pgfleet.config import resolve_home
+
 k8s_app = typer.Typer(help="Kubernetes: this host as a node, the Database operator.", no_args_is_help=True)
 
 KubeconfigOpt = typer.Option(None, "--kubeconfig", help="kubeconfig path, or 'in-cluster' (default: $KUBECONFIG, "
@@ -23,13 +25,6 @@ def _logging(level: str) -> None:
     logging.basicConfig(level=os.environ.get("PGFLEET_LOG_LEVEL", level),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     logging.getLogger("httpx").setLevel(logging.WARNING)
-
-
-def _home(home: Path | None) -> Path:
-    from pgfleet.cli.main import _State
-    from pgfleet.config import default_home
-
-    return (home or _State.home or default_home()).absolute()
 
 
 @k8s_app.command("node")
@@ -59,7 +54,7 @@ def node(
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         kube = await kube_client(kubeconfig)
-        agent = NodeAgent(_home(home), name, kube, namespace=namespace, status_interval=status_interval,
+        agent = NodeAgent(resolve_home(home), name, kube, namespace=namespace, status_interval=status_interval,
                           lease_duration_s=lease_duration, max_databases=max_databases, memory_mb=memory_mb,
                           advertise_address=advertise_address)
         try:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Iterator, Literal
 
 from pgfleet.drivers.base import Backend
-from pgfleet.fleet.errors import FleetError, NotFound
+from pgfleet.fleet.errors import FleetError, NotFound, QuotaExceeded
 from pgfleet.fleet.manager import Fleet
 from pgfleet.fleet.states import State
 from pgfleet.pgwire import messages as m
@@ -299,6 +299,8 @@ class ProxyServer:
             return await self.fleet.ensure_running(uuid)
         except NotFound:
             raise ClientError("3D000", "database does not exist")
+        except QuotaExceeded as exc:  # configuration_limit_exceeded: the host's quota, not this client
+            raise ClientError("53400", str(exc))
         except FleetError as exc:
             raise ClientError("57P03", str(exc))
 
@@ -306,7 +308,7 @@ class ProxyServer:
         """Follow each transaction only where an idle session may outlive a suspend (the
         `idle` policy, on a driver that keeps sessions); elsewhere an open session keeps its
         database up anyway and counts as busy for its whole life, at no cost per message."""
-        return self.fleet.driver.keeps_sessions_across_suspend and row.stz_policy == "idle"
+        return self.fleet.keeps_sessions_across_suspend and row.stz_policy == "idle"
 
     @contextlib.contextmanager
     def _starting(self, uuid: str) -> Iterator[None]:
@@ -331,8 +333,7 @@ class ProxyServer:
         fleet = self.fleet
 
         def before_forward():
-            rt = fleet.rt.get(uuid)
-            if rt is not None and rt.backend is not None:
+            if fleet.is_up(uuid):
                 return None
             return asyncio.ensure_future(fleet.ensure_running(uuid))
 
@@ -376,7 +377,7 @@ class ProxyServer:
                 live.discard(relay)
                 if not live:
                     self.relays.pop(row.uuid, None)
-                if self.fleet.rt.get(row.uuid) is not None:  # not deleted meanwhile
+                if self.fleet.is_known(row.uuid):  # not deleted meanwhile
                     done = self.relayed.setdefault(row.uuid, [0, 0])
                     done[0] += relay.client_side.count
                     done[1] += relay.server_side.count
