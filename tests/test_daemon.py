@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import time
 from pathlib import Path
 
-import psycopg
 import pytest
 
 from pgfleet.config import pid_alive

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 
 import psycopg
 import pytest
@@ -13,7 +12,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pgfleet.fleet.states import State
-from pgfleet.pgwire import messages as m
 from pgfleet.proxy.server import ProxyServer
 from pgfleet.proxy.tls import ensure_local_ca, server_context
 

@@ -115,13 +115,6 @@ class Outcome:
         return JSONResponse(body, status_code=http)
 
 
-def error_envelope(http: int, message: str) -> JSONResponse:
-    return JSONResponse(
-        {"status": "error", "message": message, "errors": [{"status": http, "message": message}], "op_time_us": 0},
-        status_code=http,
-    )
-
-
 def ctx_of(request: Request) -> ApiContext:
     return request.app.state.ctx
 

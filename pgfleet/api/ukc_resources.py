@@ -25,7 +25,6 @@ from pgfleet.fleet.quotas import Quotas
 from pgfleet.store import InstanceRow
 
 from .common import ApiContext, iso
-from .ukc import DATA_MOUNT
 from .ukc_common import (
     ERROR_RESPONSES,
     ItemError,

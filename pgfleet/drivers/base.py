@@ -12,7 +12,7 @@ import asyncio
 import ctypes
 import os
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ClassVar
 
@@ -54,15 +54,6 @@ class Backend:
         if self.socket_dir is None:
             return None
         return f"{self.socket_dir}/.s.PGSQL.{self.port}"
-
-    def libpq_params(self) -> dict[str, str]:
-        """Keyword parameters for libpq-style clients (psql, psycopg, pgbench)."""
-        return {
-            "host": self.socket_dir if self.socket_dir is not None else str(self.host),
-            "port": str(self.port),
-            "user": self.admin_user,
-            "dbname": self.database,
-        }
 
     async def open_connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         if self.socket_path is not None:
@@ -119,7 +110,6 @@ class InstanceSpec:
     vcpus: int = 1
     disk_mb: int = 0  # 0: no disk limit of its own
     cpu_pct: int = 0  # CPU cap in percent of one CPU (cgroup cpu quota); 0: none
-    extra: dict = field(default_factory=dict)
 
 
 ExitCallback = Callable[[InstanceSpec, str], None]

@@ -47,12 +47,3 @@ def find_postgres(major: int | None = None) -> PostgresInstall:
     m = re.search(r"\(PostgreSQL\) (.+)$", out.stdout.strip())
     return PostgresInstall(candidates[0], bindir, m.group(1) if m else out.stdout.strip())
 
-
-def parse_image(image: str) -> int:
-    """'postgres:15' / 'postgres' -> major version (None part means newest)."""
-    m = re.fullmatch(r"(?:postgres|postgresql)(?::(\d+)(?:\.\d+)?)?", image.strip())
-    if m is None:
-        raise ValueError(f"unsupported image {image!r}: expected postgres:<major>, e.g. postgres:15")
-    if m.group(1) is None:
-        return find_postgres().major
-    return int(m.group(1))

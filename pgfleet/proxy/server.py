@@ -20,7 +20,6 @@ from typing import Awaitable, Callable, Iterator, Literal
 from pgfleet.drivers.base import Backend
 from pgfleet.fleet.errors import FleetError, NotFound, QuotaExceeded
 from pgfleet.fleet.manager import Fleet
-from pgfleet.fleet.states import State
 from pgfleet.pgwire import messages as m
 from pgfleet.pgwire.scram import Verifier
 from pgfleet.store import InstanceRow

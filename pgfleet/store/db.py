@@ -12,7 +12,7 @@ import sqlite3
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 SCHEMA_VERSION = 1
 
@@ -266,15 +266,6 @@ class Store:
             "INSERT INTO transitions(uuid, at, from_state, to_state, reason) VALUES (?,?,?,?,?)",
             (uuid, time.time(), from_state, to_state, reason),
         )
-
-    # --- meta ------------------------------------------------------------------
-    def meta(self, key: str) -> str | None:
-        r = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
-        return r[0] if r else None
-
-    def set_meta(self, key: str, value: str) -> None:
-        with self.db:
-            self.db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))
 
 
 class StaleTransition(RuntimeError):

@@ -70,7 +70,7 @@ class Image:
             "cryptomgr.notests", "random.trust_cpu=on", "8250.nr_uarts=1",
             "rcupdate.rcu_expedited=1", "mitigations=off",
             *os.environ.get("PGFLEET_GUEST_CMDLINE_EXTRA", "").split(),
-            f"root=/dev/vda", f"rootfstype={self.rootfs_type}", "ro", "init=/sbin/init",
+            "root=/dev/vda", f"rootfstype={self.rootfs_type}", "ro", "init=/sbin/init",
             # EROFS would also cache the compressed blocks it reads, next to the decompressed
             # pages: ~7 MB more guest memory per VM, measured. The host's page cache of the
             # (shared) root image serves a re-read.

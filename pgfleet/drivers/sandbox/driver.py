@@ -635,9 +635,6 @@ class SandboxDriver(SandboxBackups, Driver):
             except OSError:
                 pass  # still in use (instances left running on purpose), or already gone
 
-    def is_running(self, spec: InstanceSpec) -> bool:
-        return spec.uuid in self._running
-
 
 def _hba_token(role: str) -> str:
     """A role name as one pg_ident.conf token (names are DNS labels; refuse anything else)."""
