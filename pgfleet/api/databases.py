@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import time
 from typing import Literal
-from urllib.parse import quote
 
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from pgfleet.fleet.manager import DEFAULT_COLD_AFTER_MS, DEFAULT_COOLDOWN_MS, DEFAULT_MEMORY_MB, MAX_CPU_PCT, MAX_DISK_MB
+from pgfleet import settings as S
 from pgfleet.fleet.states import State
 from pgfleet.store import InstanceRow
+from pgfleet.uri import connection_uris
 
 from .common import MAX_STRING, ApiContext, envelope, iso
 
@@ -20,53 +20,52 @@ router = APIRouter(prefix="/v1/databases", tags=["databases"])
 
 class ScaleToZero(BaseModel):
     model_config = ConfigDict(extra="forbid", str_max_length=MAX_STRING)
-    policy: Literal["on", "off", "idle"] = "on"
-    cooldown_ms: int = Field(DEFAULT_COOLDOWN_MS, ge=0, le=30 * 86_400_000)
+    policy: Literal["on", "off", "idle"] = S.DEFAULT_POLICY
+    cooldown_ms: int = Field(S.COOLDOWN_MS.default, ge=S.COOLDOWN_MS.min, le=S.COOLDOWN_MS.max)
     #: warm standby this long, then cold
-    cold_after_ms: int = Field(DEFAULT_COLD_AFTER_MS, ge=0, le=30 * 86_400_000)
+    cold_after_ms: int = Field(S.COLD_AFTER_MS.default, ge=S.COLD_AFTER_MS.min, le=S.COLD_AFTER_MS.max)
 
 
 class Pooling(BaseModel):
     model_config = ConfigDict(extra="forbid", str_max_length=MAX_STRING)
-    pool_size: int = Field(20, ge=1, le=90)
-    max_pooled_clients: int = Field(200, ge=1, le=100_000)
-    max_direct_clients: int = Field(50, ge=1, le=90)
+    pool_size: int = Field(S.POOL_SIZE.default, ge=S.POOL_SIZE.min, le=S.POOL_SIZE.max)
+    max_pooled_clients: int = Field(S.MAX_POOLED_CLIENTS.default, ge=S.MAX_POOLED_CLIENTS.min,
+                                    le=S.MAX_POOLED_CLIENTS.max)
+    max_direct_clients: int = Field(S.MAX_DIRECT_CLIENTS.default, ge=S.MAX_DIRECT_CLIENTS.min,
+                                    le=S.MAX_DIRECT_CLIENTS.max)
 
 
 class CreateDatabase(BaseModel):
     model_config = ConfigDict(extra="forbid", str_max_length=MAX_STRING)
     name: str = Field(max_length=1024)  # the fleet explains what a valid name is
     image: str = Field("postgres:15", max_length=512)
-    memory_mb: int = Field(DEFAULT_MEMORY_MB, ge=64, le=16384)
+    memory_mb: int = Field(S.MEMORY_MB.default, ge=S.MEMORY_MB.min, le=S.MEMORY_MB.max)
     scale_to_zero: ScaleToZero = ScaleToZero()
     autostart: bool = True
     require_tls: bool = False
     pooling: Pooling = Pooling()
-    disk_mb: int = Field(0, ge=0, le=MAX_DISK_MB, description="disk limit in MiB; 0: none of its own")
-    cpu_pct: int = Field(0, ge=0, le=MAX_CPU_PCT, description="CPU cap, percent of one CPU; 0: none")
+    disk_mb: int = Field(S.DISK_MB.default, ge=S.DISK_MB.lowest, le=S.DISK_MB.max, description="disk limit in MiB; 0: none of its own")
+    cpu_pct: int = Field(S.CPU_PCT.default, ge=S.CPU_PCT.lowest, le=S.CPU_PCT.max, description="CPU cap, percent of one CPU; 0: none")
 
 
 class PatchDatabase(BaseModel):
     model_config = ConfigDict(extra="forbid", str_max_length=MAX_STRING)
-    memory_mb: int | None = Field(None, ge=64, le=16384)
-    disk_mb: int | None = Field(None, ge=0, le=MAX_DISK_MB, description="can only grow")
-    cpu_pct: int | None = Field(None, ge=0, le=MAX_CPU_PCT, description="applies at the next start")
+    memory_mb: int | None = Field(None, ge=S.MEMORY_MB.min, le=S.MEMORY_MB.max)
+    disk_mb: int | None = Field(None, ge=S.DISK_MB.lowest, le=S.DISK_MB.max, description="can only grow")
+    cpu_pct: int | None = Field(None, ge=S.CPU_PCT.lowest, le=S.CPU_PCT.max, description="applies at the next start")
     scale_to_zero: ScaleToZero | None = None
 
 
 class SuspendRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", str_max_length=MAX_STRING)
-    drain_timeout_ms: int = Field(10_000, ge=0, le=3_600_000)
+    drain_timeout_ms: int = Field(S.DRAIN_TIMEOUT_MS.default, ge=S.DRAIN_TIMEOUT_MS.min, le=S.DRAIN_TIMEOUT_MS.max)
     #: cold: stopped (sessions end); warm: frozen, sessions kept (refused while one is busy)
     tier: Literal["warm", "cold"] = "cold"
 
 
 def uris(ctx: ApiContext, row: InstanceRow, password: str | None = None) -> dict[str, str]:
-    cred = quote(row.role, safe="") + (f":{quote(password, safe='')}" if password else "")
-    return {
-        "uri": f"postgresql://{cred}@{ctx.public_host}:{ctx.port}/{row.name}",
-        "pooled_uri": f"postgresql://{cred}@{ctx.public_host}:{ctx.pooled_port}/{row.name}",
-    }
+    return connection_uris(row.role, password, f"{ctx.public_host}:{ctx.port}",
+                           f"{ctx.public_host}:{ctx.pooled_port}", row.name)
 
 
 def database_json(ctx: ApiContext, row: InstanceRow, password: str | None = None) -> dict:
@@ -182,8 +181,7 @@ async def delete_database(ref: str, request: Request):
 async def suspend_database(ref: str, request: Request, body: SuspendRequest | None = None):
     started = time.perf_counter()
     ctx = _ctx(request)
-    drain = (body.drain_timeout_ms if body else 10_000) / 1000
-    row = await ctx.fleet.suspend(ref, reason="suspended by user", drain_timeout_s=drain,
+    row = await ctx.fleet.suspend(ref, reason="suspended by user", drain_timeout_s=(body.drain_timeout_ms if body else S.DRAIN_TIMEOUT_MS.default) / 1000,
                                   tier=body.tier if body else "cold")
     return envelope(database_json(ctx, row), started)
 
@@ -200,7 +198,7 @@ async def resume_database(ref: str, request: Request):
 async def stop_database(ref: str, request: Request, body: SuspendRequest | None = None):
     started = time.perf_counter()
     ctx = _ctx(request)
-    drain = (body.drain_timeout_ms if body else 10_000) / 1000
+    drain = (body.drain_timeout_ms if body else S.DRAIN_TIMEOUT_MS.default) / 1000
     row = await ctx.fleet.stop(ref, drain_timeout_s=drain)
     return envelope(database_json(ctx, row), started)
 

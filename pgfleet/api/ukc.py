@@ -18,7 +18,7 @@ from fastapi import APIRouter, Body, Query, Request
 from pydantic import Field
 
 from pgfleet.fleet.errors import AlreadyExists, InvalidRequest, NotFound, QuotaExceeded
-from pgfleet.fleet.manager import MAX_MEMORY_MB, MIN_MEMORY_MB
+from pgfleet import settings as S
 from pgfleet.fleet.states import State
 from pgfleet.store import InstanceRow
 
@@ -65,7 +65,7 @@ class ImageSpec(Strict):
 class ScaleToZeroIn(Strict):
     policy: Literal["on", "off", "idle"] = "on"
     stateful: bool = False
-    cooldown_time_ms: int = Field(UKC_DEFAULT_COOLDOWN_MS, ge=0, le=30 * 86_400_000)
+    cooldown_time_ms: int = Field(UKC_DEFAULT_COOLDOWN_MS, ge=S.COOLDOWN_MS.min, le=S.COOLDOWN_MS.max)
     notify_time_ms: int | None = Field(None, ge=0, le=3_600_000)
 
 
@@ -90,7 +90,7 @@ class CreateInstance(Strict):
     image: Annotated[str, Field(max_length=512, pattern=r"^([a-z0-9.:-]+/)*postgres(:[A-Za-z0-9._-]+)?(@sha256:[0-9a-f]{64})?$")] | ImageSpec
     args: list[str] | None = Field(None, max_length=64)
     env: dict[str, str] | None = Field(None, max_length=64)
-    memory_mb: int = Field(128, ge=MIN_MEMORY_MB, le=MAX_MEMORY_MB)
+    memory_mb: int = Field(S.MEMORY_MB.default, ge=S.MEMORY_MB.min, le=S.MEMORY_MB.max)
     vcpus: int | None = Field(None, ge=1, le=64)
     service_group: ServiceGroupIn | None = None
     volumes: list[dict[str, BoundedJSON]] | None = Field(None, max_length=16)
@@ -115,13 +115,13 @@ class StartItem(NameOrUUID):
 
 class StopItem(NameOrUUID):
     force: bool = False
-    drain_timeout_ms: int | None = Field(None, ge=-1, le=3_600_000)
+    drain_timeout_ms: int | None = Field(None, ge=-1, le=S.DRAIN_TIMEOUT_MS.max)
     quick: bool | None = None
     ifstate: str | None = Field(None, max_length=32)
 
 
 class SuspendItem(NameOrUUID):
-    drain_timeout_ms: int | None = Field(None, ge=-1, le=3_600_000)
+    drain_timeout_ms: int | None = Field(None, ge=-1, le=S.DRAIN_TIMEOUT_MS.max)
 
 
 class DeleteItem(NameOrUUID):
@@ -248,8 +248,8 @@ def _drain_seconds(ms: int | None, force: bool = False) -> float:
     if force:
         return 0.0
     if ms is None:
-        return 10.0
-    return 3600.0 if ms < 0 else ms / 1000
+        return S.DEFAULT_DRAIN_TIMEOUT_S
+    return S.DRAIN_TIMEOUT_MS.max / 1000 if ms < 0 else ms / 1000
 
 
 # --- create ---------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from pydantic import Field
 
 from pgfleet.fleet import states
 from pgfleet.fleet.errors import InvalidRequest, NotFound
-from pgfleet.fleet.manager import MAX_MEMORY_MB, MIN_MEMORY_MB
+from pgfleet import settings as S
 from pgfleet.fleet.quotas import Quotas
 from pgfleet.store import InstanceRow
 
@@ -269,6 +269,6 @@ async def get_quotas(request: Request):
         "uuid": derived_uuid("user", ctx.home),
         "used": used,
         "hard": hard,
-        "limits": {"min_memory_mb": MIN_MEMORY_MB, "max_memory_mb": MAX_MEMORY_MB, "min_vcpus": 1, "max_vcpus": 1},
+        "limits": {"min_memory_mb": S.MEMORY_MB.min, "max_memory_mb": S.MEMORY_MB.max, "min_vcpus": 1, "max_vcpus": 1},
     })
     return out.response()

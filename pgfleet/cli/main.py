@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pgfleet import __version__
+from pgfleet import settings as S
 from pgfleet.config import (
     DEFAULT_API, DEFAULT_LISTEN, DEFAULT_LISTEN_HTTP, DEFAULT_LISTEN_POOLED, DaemonInfo, ensure_token, pid_alive,
     resolve_home, token_path, use_home,
@@ -262,16 +263,16 @@ def _save_password(d: dict, password: Optional[str]) -> Path:
 @db_app.command("create")
 def db_create(
     name: str,
-    cooldown_ms: int = typer.Option(300_000, help="scale to zero after this long without clients"),
-    memory_mb: int = typer.Option(128, help="memory limit"),
-    policy: str = typer.Option("on", help="scale-to-zero policy: on, idle (idle sessions do not keep it up) or off"),
-    cold_after_ms: int = typer.Option(3_600_000, help="warm standby this long, then cold"),
+    cooldown_ms: int = typer.Option(S.COOLDOWN_MS.default, help="scale to zero after this long without clients"),
+    memory_mb: int = typer.Option(S.MEMORY_MB.default, help="memory limit"),
+    policy: str = typer.Option(S.DEFAULT_POLICY, help="scale-to-zero policy: on, idle (idle sessions do not keep it up) or off"),
+    cold_after_ms: int = typer.Option(S.COLD_AFTER_MS.default, help="warm standby this long, then cold"),
     require_tls: bool = typer.Option(False, "--require-tls", help="refuse plain-text connections"),
-    pool_size: int = typer.Option(20, help="server connections of the pooled listener"),
-    max_pooled: int = typer.Option(200, help="client connections allowed on the pooled listener"),
-    max_direct: int = typer.Option(50, help="client connections allowed on the direct listener"),
-    disk_mb: int = typer.Option(0, help="disk limit in MiB, enforced (sandbox driver); 0: none"),
-    cpu_pct: int = typer.Option(0, help="CPU cap in percent of one CPU (sandbox driver); 0: none"),
+    pool_size: int = typer.Option(S.POOL_SIZE.default, help="server connections of the pooled listener"),
+    max_pooled: int = typer.Option(S.MAX_POOLED_CLIENTS.default, help="client connections allowed on the pooled listener"),
+    max_direct: int = typer.Option(S.MAX_DIRECT_CLIENTS.default, help="client connections allowed on the direct listener"),
+    disk_mb: int = typer.Option(S.DISK_MB.default, help="disk limit in MiB, enforced (sandbox driver); 0: none"),
+    cpu_pct: int = typer.Option(S.CPU_PCT.default, help="CPU cap in percent of one CPU (sandbox driver); 0: none"),
     save_password: bool = typer.Option(True, help="save the password in ~/.pgpass so `psql URI` works"),
     start: bool = typer.Option(True, "--start/--no-start",
                                help="start it now, or leave it in standby (the first connection wakes it)"),

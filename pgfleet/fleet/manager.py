@@ -18,6 +18,7 @@ from typing import AsyncIterator, Awaitable, Callable
 
 from contextlib import asynccontextmanager
 
+from pgfleet import settings as S
 from pgfleet.drivers.base import Backend, Driver, DriverError, InstanceSpec
 from pgfleet.pgwire.scram import Verifier, generate_password
 from pgfleet.store import InstanceRow, Store
@@ -33,16 +34,7 @@ from .telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
-DEFAULT_COOLDOWN_MS = 300_000
-DEFAULT_COLD_AFTER_MS = 3_600_000  # an hour warm, then cold (or sooner when the host needs memory)
-MAX_DURATION_MS = 30 * 86_400_000
 STANDBY_TIERS = (WARM, COLD)
-DEFAULT_MEMORY_MB = 128
-MIN_MEMORY_MB, MAX_MEMORY_MB = 64, 16384
-MIN_DISK_MB, MAX_DISK_MB = 128, 16 * 1024 * 1024  # disk_mb 0 means no limit of its own
-MIN_CPU_PCT, MAX_CPU_PCT = 10, 6400  # cpu_pct 0 means no cap
-POLICIES = ("on", "off", "idle")
-DEFAULT_DRAIN_TIMEOUT_S = 10.0
 FOUND_CACHE = 10_000  # rows find() keeps between two writes of the store
 
 
@@ -62,7 +54,7 @@ class Runtime:
     busy: int = 0  # sessions with a query running or a transaction open
     # settings cached from the store for the per-transaction path (refreshed on transitions)
     policy: str | None = None
-    cooldown_ms: int = DEFAULT_COOLDOWN_MS
+    cooldown_ms: int = S.COOLDOWN_MS.default
     running: bool = False
     last_active: float = field(default_factory=time.monotonic)
     idle_timer: asyncio.TimerHandle | None = None
@@ -245,14 +237,15 @@ class Fleet:
 
     # --- create / delete -------------------------------------------------------------
     async def create(
-        self, name: str, *, memory_mb: int = DEFAULT_MEMORY_MB, cooldown_ms: int = DEFAULT_COOLDOWN_MS,
-        policy: str = "on", image: str = "postgres:15", password: str | None = None,
+        self, name: str, *, memory_mb: int = S.MEMORY_MB.default, cooldown_ms: int = S.COOLDOWN_MS.default,
+        policy: str = S.DEFAULT_POLICY, image: str = "postgres:15", password: str | None = None,
         autostart: bool = True, tags: dict | None = None, require_tls: bool = False,
-        pool_size: int = 20, max_pooled_clients: int = 200, max_direct_clients: int = 50,
+        pool_size: int = S.POOL_SIZE.default, max_pooled_clients: int = S.MAX_POOLED_CLIENTS.default,
+        max_direct_clients: int = S.MAX_DIRECT_CLIENTS.default,
         populate: Callable[[InstanceSpec], Awaitable[Backend]] | None = None, role: str | None = None,
         verifier: str | None = None,
-        cold_after_ms: int = DEFAULT_COLD_AFTER_MS,
-        disk_mb: int = 0, cpu_pct: int = 0,
+        cold_after_ms: int = S.COLD_AFTER_MS.default,
+        disk_mb: int = S.DISK_MB.default, cpu_pct: int = S.CPU_PCT.default,
     ) -> Created:
         """A new database, ready when this returns. `populate` makes its data and starts it
         instead of a template clone (branches); `role`/`verifier` keep given credentials."""
@@ -501,7 +494,7 @@ class Fleet:
         await self.ensure_running(ref, wake_stopped=True)
         return self.get(ref)
 
-    async def suspend(self, ref: str, *, reason: str = "suspend", drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S,
+    async def suspend(self, ref: str, *, reason: str = "suspend", drain_timeout_s: float = S.DEFAULT_DRAIN_TIMEOUT_S,
                       only_if_idle: bool = False, tier: str = COLD, if_unused: bool = False) -> InstanceRow:
         """Scale to zero now: cold (stopped), or warm (frozen; refused while a session is busy).
         `if_unused`: leave it running if a session is in use; `only_if_idle`: also if it has
@@ -525,7 +518,7 @@ class Fleet:
                               f"it is never frozen mid-transaction")
         return self.get(row.uuid)
 
-    async def stop(self, ref: str, *, drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S) -> InstanceRow:
+    async def stop(self, ref: str, *, drain_timeout_s: float = S.DEFAULT_DRAIN_TIMEOUT_S) -> InstanceRow:
         return await self._shut(ref, State.STOPPED, "stop", drain_timeout_s, False)
 
     async def _shut(self, ref: str, target: State, reason: str, drain_timeout_s: float,
@@ -841,17 +834,15 @@ class Fleet:
 def validate_settings(*, memory_mb: int | None = None, cooldown_ms: int | None = None,
                       policy: str | None = None, cold_after_ms: int | None = None,
                       disk_mb: int | None = None, cpu_pct: int | None = None) -> None:
-    if cpu_pct is not None and (not isinstance(cpu_pct, int) or
-                                not (cpu_pct == 0 or MIN_CPU_PCT <= cpu_pct <= MAX_CPU_PCT)):
-        raise InvalidRequest(f"cpu_pct must be 0 (no cap) or an integer from {MIN_CPU_PCT} to {MAX_CPU_PCT}")
-    if disk_mb is not None and (not isinstance(disk_mb, int) or
-                                not (disk_mb == 0 or MIN_DISK_MB <= disk_mb <= MAX_DISK_MB)):
-        raise InvalidRequest(f"disk_mb must be 0 (no limit) or an integer from {MIN_DISK_MB} to {MAX_DISK_MB}")
-    if memory_mb is not None and (not isinstance(memory_mb, int) or not MIN_MEMORY_MB <= memory_mb <= MAX_MEMORY_MB):
-        raise InvalidRequest(f"memory_mb must be an integer from {MIN_MEMORY_MB} to {MAX_MEMORY_MB}")
-    if cooldown_ms is not None and (not isinstance(cooldown_ms, int) or not 0 <= cooldown_ms <= 30 * 86_400_000):
-        raise InvalidRequest("cooldown_ms must be an integer from 0 to 2592000000 (30 days)")
-    if cold_after_ms is not None and (not isinstance(cold_after_ms, int) or not 0 <= cold_after_ms <= MAX_DURATION_MS):
-        raise InvalidRequest("cold_after_ms must be an integer from 0 to 2592000000 (30 days)")
-    if policy is not None and policy not in POLICIES:
-        raise InvalidRequest(f"scale-to-zero policy must be one of {', '.join(POLICIES)}")
+    if cpu_pct is not None and cpu_pct not in S.CPU_PCT:
+        raise InvalidRequest(f"cpu_pct must be 0 (no cap) or an integer from {S.CPU_PCT.min} to {S.CPU_PCT.max}")
+    if disk_mb is not None and disk_mb not in S.DISK_MB:
+        raise InvalidRequest(f"disk_mb must be 0 (no limit) or an integer from {S.DISK_MB.min} to {S.DISK_MB.max}")
+    if memory_mb is not None and memory_mb not in S.MEMORY_MB:
+        raise InvalidRequest(f"memory_mb must be an integer from {S.MEMORY_MB.min} to {S.MEMORY_MB.max}")
+    if cooldown_ms is not None and cooldown_ms not in S.COOLDOWN_MS:
+        raise InvalidRequest(f"cooldown_ms must be an integer from {S.COOLDOWN_MS.min} to {S.COOLDOWN_MS.max} (30 days)")
+    if cold_after_ms is not None and cold_after_ms not in S.COLD_AFTER_MS:
+        raise InvalidRequest(f"cold_after_ms must be an integer from {S.COLD_AFTER_MS.min} to {S.COLD_AFTER_MS.max} (30 days)")
+    if policy is not None and policy not in S.POLICIES:
+        raise InvalidRequest(f"scale-to-zero policy must be one of {', '.join(S.POLICIES)}")

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pgfleet import settings as S
+
 from .kube import GROUP, KIND, PLURAL, VERSION
 
 _STR = {"type": "string"}
@@ -15,7 +17,8 @@ SPEC_SCHEMA = {
             "description": "Postgres major version.",
             "x-kubernetes-validations": [{"rule": "self == oldSelf", "message": "postgresVersion is immutable"}],
         },
-        "memoryMb": {"type": "integer", "minimum": 64, "maximum": 16384, "default": 256,
+        "memoryMb": {"type": "integer", "minimum": S.MEMORY_MB.min, "maximum": S.MEMORY_MB.max,
+                     "default": S.MEMORY_MB.default,
                      "description": "Memory limit of the database, MiB."},
         "diskMb": {"type": "integer", "minimum": 0, "default": 0,
                    "description": "Disk limit of the database, MiB (enforced; 0 for none; can only grow)."},
@@ -24,17 +27,19 @@ SPEC_SCHEMA = {
         "scaleToZero": {
             "type": "object", "default": {},
             "properties": {
-                "policy": {"type": "string", "enum": ["on", "off", "idle"], "default": "on",
+                "policy": {"type": "string", "enum": list(S.POLICIES), "default": S.DEFAULT_POLICY,
                            "description": "on: standby after cooldownMs without clients; idle: also when "
                                           "connected clients are idle; off: always running."},
-                "cooldownMs": {"type": "integer", "minimum": 0, "maximum": 2_592_000_000, "default": 300_000},
+                "cooldownMs": {"type": "integer", "minimum": S.COOLDOWN_MS.min, "maximum": S.COOLDOWN_MS.max,
+                               "default": S.COOLDOWN_MS.default},
             },
         },
         "pooling": {
             "type": "object", "default": {},
             "properties": {
                 "mode": {"type": "string", "enum": ["session", "transaction"], "default": "transaction"},
-                "maxClientConnections": {"type": "integer", "minimum": 1, "maximum": 100_000, "default": 100,
+                "maxClientConnections": {"type": "integer", "minimum": S.MAX_POOLED_CLIENTS.min,
+                                         "maximum": S.MAX_POOLED_CLIENTS.max, "default": S.MAX_POOLED_CLIENTS.default,
                                          "description": "Clients of the pooled endpoint at once."},
             },
         },

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 from pgfleet import __version__
 from pgfleet.config import DaemonInfo
+from pgfleet.uri import connection_uris
 
 from .kube import (
     ANN_API_URL, ANN_DATABASE, ANN_POOLED, ANN_PROXY, ANN_STZ_COOLDOWN, ANN_STZ_POLICY, ANN_TOKEN_SECRET,
@@ -336,9 +337,6 @@ class NodeAgent:
         info = self._info()
         proxy = self._advertised(info.listen) if info else ""
         pooled = self._advertised(info.listen_pooled) if info else ""
-        from urllib.parse import quote
-
-        cred = f"{quote(db['role'], safe='')}:{quote(db['password'], safe='')}"
         body = {
             "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
             "metadata": {
@@ -347,7 +345,7 @@ class NodeAgent:
                 "ownerReferences": [{"apiVersion": "v1", "kind": "Pod", "name": meta["name"], "uid": meta["uid"]}],
             },
             "data": b64({
-                "uri": f"postgresql://{cred}@{proxy}/{name}", "pooled_uri": f"postgresql://{cred}@{pooled}/{name}",
+                **connection_uris(db["role"], db["password"], proxy, pooled, name),
                 "password": db["password"], "user": db["role"], "database": name,
             }),
         }

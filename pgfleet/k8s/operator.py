@@ -15,9 +15,11 @@ import logging
 import os
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
 
 import kopf
+
+from pgfleet import settings as S
+from pgfleet.uri import connection_uris
 
 from .kube import (
     ANN_API_URL, ANN_POOLED, ANN_PROXY, ANN_TOKEN_SECRET, GROUP, MERGE, NODE_LABEL, PLURAL, VERSION,
@@ -160,12 +162,9 @@ class Operator:
     async def write_secret(self, body: dict, ref: NodeRef, db: dict, password: str) -> None:
         meta = body["metadata"]
         name, namespace = meta["name"], meta["namespace"]
-        user = quote(db["role"], safe="")
-        cred = f"{user}:{quote(password, safe='')}"
         phost, _, pport = ref.proxy.rpartition(":")
         data = {
-            "uri": f"postgresql://{cred}@{ref.proxy}/{db['name']}",
-            "pooled_uri": f"postgresql://{cred}@{ref.pooled}/{db['name']}",
+            **connection_uris(db["role"], password, ref.proxy, ref.pooled, db["name"]),
             "password": password, "user": db["role"], "database": db["name"], "host": phost, "port": pport,
         }
         secret = {
@@ -200,10 +199,12 @@ class Operator:
         """Make the database exist on a node with its Secret; returns the status to write."""
         meta = body["metadata"]
         name, namespace = meta["name"], meta["namespace"]
-        memory_mb = int(spec.get("memoryMb", 256))
+        memory_mb = int(spec.get("memoryMb", S.MEMORY_MB.default))
         stz = spec.get("scaleToZero") or {}
-        wanted = {"memory_mb": memory_mb, "disk_mb": int(spec.get("diskMb", 0)), "cpu_pct": int(spec.get("cpuPct", 0)),
-                  "scale_to_zero": {"policy": stz.get("policy", "on"), "cooldown_ms": int(stz.get("cooldownMs", 300_000))}}
+        wanted = {"memory_mb": memory_mb, "disk_mb": int(spec.get("diskMb", S.DISK_MB.default)),
+                  "cpu_pct": int(spec.get("cpuPct", S.CPU_PCT.default)),
+                  "scale_to_zero": {"policy": stz.get("policy", S.DEFAULT_POLICY),
+                                    "cooldown_ms": int(stz.get("cooldownMs", S.COOLDOWN_MS.default))}}
         await self._check_name_free(name, namespace)
         async with self._place_lock:
             ref, db, password, adopted = None, None, None, False
@@ -230,7 +231,7 @@ class Operator:
                     pooling = spec.get("pooling") or {}
                     db = await ref.api.call("POST", "/v1/databases", {
                         "name": name, "image": f"postgres:{spec.get('postgresVersion', '15')}", **wanted,
-                        "pooling": {"max_pooled_clients": int(pooling.get("maxClientConnections", 100))}})
+                        "pooling": {"max_pooled_clients": int(pooling.get("maxClientConnections", S.MAX_POOLED_CLIENTS.default))}})
                 except DaemonError as exc:
                     if exc.status in (400, 422):
                         raise kopf.PermanentError(f"node {ref.name} refused the database: {exc}")
@@ -306,7 +307,7 @@ class Operator:
                     if policy == "Retain":
                         db = await ref.api.get(name)
                         if db is not None and db["state"] != "stopped":
-                            await ref.api.call("PUT", f"/v1/databases/{name}/stop", {"drain_timeout_ms": 10_000})
+                            await ref.api.call("PUT", f"/v1/databases/{name}/stop", {"drain_timeout_ms": S.DRAIN_TIMEOUT_MS.default})
                         logger.info(f"retained database {name} on node {node} (stopped)")
                     else:
                         try:

@@ -114,8 +114,10 @@ def _data_row(body: bytes) -> tuple[str | None, ...]:
 
 
 def quote_ident(name: str) -> str:
+    """An SQL identifier, exactly as given (case kept, any character)."""
     return '"' + name.replace('"', '""') + '"'
 
 
 def quote_literal(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
+    """An SQL string literal that means the same whatever standard_conforming_strings is."""
+    return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"

@@ -19,6 +19,7 @@ import re
 import weakref
 
 from pgfleet.pgwire import messages as m
+from pgfleet.pgwire.client import quote_ident, quote_literal
 
 #: reported parameters that are not session state a client sets
 UNTRACKED = frozenset({
@@ -124,13 +125,12 @@ def check_name(name: str) -> bool:
     return len(name) <= 200 and _NAME.match(name) is not None
 
 
-def literal(value: str) -> str:
-    """An SQL string literal that means the same whatever standard_conforming_strings is."""
-    return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+literal = quote_literal
 
 
 def identifier(name: str) -> str:
-    return ".".join('"' + part.replace('"', '""') + '"' for part in name.split("."))
+    """A parameter name, custom ones (`ext.name`) quoted part by part."""
+    return ".".join(quote_ident(part) for part in name.split("."))
 
 
 def hex_text(expr: str) -> str:

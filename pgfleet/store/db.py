@@ -14,9 +14,11 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable
 
+from pgfleet import settings as S
+
 SCHEMA_VERSION = 1
 
-_SCHEMA = """
+_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS instances (
     uuid            TEXT PRIMARY KEY,
     name            TEXT NOT NULL UNIQUE,
@@ -38,15 +40,15 @@ CREATE TABLE IF NOT EXISTS instances (
     start_count     INTEGER NOT NULL DEFAULT 0,
     stop_reason     TEXT,
     boot_time_us    INTEGER,
-    tags            TEXT NOT NULL DEFAULT '{}',
-    pool_size       INTEGER NOT NULL DEFAULT 20,
-    max_pooled_clients INTEGER NOT NULL DEFAULT 200,
-    max_direct_clients INTEGER NOT NULL DEFAULT 50,
+    tags            TEXT NOT NULL DEFAULT '{{}}',
+    pool_size       INTEGER NOT NULL DEFAULT {S.POOL_SIZE.default},
+    max_pooled_clients INTEGER NOT NULL DEFAULT {S.MAX_POOLED_CLIENTS.default},
+    max_direct_clients INTEGER NOT NULL DEFAULT {S.MAX_DIRECT_CLIENTS.default},
     require_tls     INTEGER NOT NULL DEFAULT 0,
     standby_tier    TEXT DEFAULT NULL,
-    cold_after_ms   INTEGER NOT NULL DEFAULT 3600000,
-    disk_mb         INTEGER NOT NULL DEFAULT 0,
-    cpu_pct         INTEGER NOT NULL DEFAULT 0
+    cold_after_ms   INTEGER NOT NULL DEFAULT {S.COLD_AFTER_MS.default},
+    disk_mb         INTEGER NOT NULL DEFAULT {S.DISK_MB.default},
+    cpu_pct         INTEGER NOT NULL DEFAULT {S.CPU_PCT.default}
 );
 CREATE TABLE IF NOT EXISTS transitions (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -84,16 +86,16 @@ class InstanceRow:
     stop_reason: str | None = None
     boot_time_us: int | None = None
     tags: dict[str, Any] = field(default_factory=dict)
-    pool_size: int = 20
-    max_pooled_clients: int = 200
-    max_direct_clients: int = 50
+    pool_size: int = S.POOL_SIZE.default
+    max_pooled_clients: int = S.MAX_POOLED_CLIENTS.default
+    max_direct_clients: int = S.MAX_DIRECT_CLIENTS.default
     require_tls: int = 0
     #: in standby: "warm" (processes frozen, memory reclaimed) or "cold" (stopped)
     standby_tier: str | None = None
     #: how long a database stays warm before it goes cold
-    cold_after_ms: int = 3_600_000
-    disk_mb: int = 0  # 0: no disk limit of its own
-    cpu_pct: int = 0  # CPU cap in percent of one CPU; 0: none
+    cold_after_ms: int = S.COLD_AFTER_MS.default
+    disk_mb: int = S.DISK_MB.default  # 0: no disk limit of its own
+    cpu_pct: int = S.CPU_PCT.default  # CPU cap in percent of one CPU; 0: none
 
     @classmethod
     def from_sql(cls, row: sqlite3.Row) -> "InstanceRow":

@@ -60,9 +60,9 @@ def test_invalid_specs_are_rejected_by_the_schema(cluster: Cluster):
     ok = cluster.kube.run("apply", "--dry-run=server", "-o", "json", "-f", "-",
                           input=__import__("json").dumps(database("defaults")))
     spec = __import__("json").loads(ok.stdout)["spec"]
-    assert spec == {"postgresVersion": "15", "memoryMb": 256, "deletionPolicy": "Delete",
+    assert spec == {"postgresVersion": "15", "memoryMb": 128, "deletionPolicy": "Delete",  # pgfleet.settings
                     "scaleToZero": {"policy": "on", "cooldownMs": 300000},
-                    "pooling": {"mode": "transaction", "maxClientConnections": 100}}
+                    "pooling": {"mode": "transaction", "maxClientConnections": 200}}
 
 
 def test_database_ready_scales_to_zero_wakes_and_delete_removes_data(cluster: Cluster):
