@@ -4,7 +4,7 @@ VENV := .venv
 PGFLEET := $(VENV)/bin/pgfleet
 PYTEST_ARGS ?=
 
-.PHONY: deps run test bench clean
+.PHONY: deps run test test-fast bench clean
 
 deps:
 	@./scripts/install-deps.sh
@@ -14,6 +14,10 @@ run: deps
 
 test: deps
 	@./scripts/run-tests.sh $(PYTEST_ARGS)
+
+# the fast layer alone (tests/unit: fake driver, pure helpers): seconds, no root, no Postgres
+test-fast: deps
+	@./scripts/run-tests.sh --fast $(PYTEST_ARGS)
 
 bench: deps
 	$(VENV)/bin/python bench/wake.py

@@ -13,6 +13,7 @@ import pytest
 from pgfleet.config import pid_alive
 
 from .conftest import PGFLEET, postmasters_under, start_daemon, stop_daemon
+from .polling import wait_until
 
 
 def _psql(d, uri: str, sql: str) -> str:
@@ -182,7 +183,4 @@ def test_second_daemon_on_the_same_home_is_refused(daemon):
 
 
 def _wait_gone(pid: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while pid_alive(pid):
-        assert time.monotonic() < deadline, f"pid {pid} still alive"
-        time.sleep(0.01)
+    wait_until(lambda: not pid_alive(pid), timeout, f"pid {pid} to exit", interval=0.01)

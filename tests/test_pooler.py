@@ -8,6 +8,7 @@ import os
 
 import psycopg
 import pytest
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -16,6 +17,7 @@ from pgfleet.proxy.server import ProxyServer
 from pgfleet.proxy.tls import ensure_local_ca, server_context
 
 from .conftest import startup_error
+from .polling import until
 
 
 @pytest.fixture
@@ -191,10 +193,8 @@ async def test_cancel_in_pooled_mode(env, servers):
     async with await aconnect(servers["pooled"], "pcancel", created.password) as c:
         task = asyncio.create_task(c.execute("SELECT pg_sleep(30)"))
         async with await aconnect(servers["direct"], "pcancel", created.password) as other:
-            for _ in range(1000):
-                if await scalar(other, "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep%'"):
-                    break
-                await asyncio.sleep(0.01)
+            await until(lambda: scalar(other, "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep%'"),
+                        what="the sleeping query to run")
         await c.cancel_safe()
         with pytest.raises(psycopg.errors.QueryCanceled):
             await task
@@ -408,10 +408,7 @@ async def test_a_client_that_leaves_while_queued_for_the_pool_gets_nothing(env, 
     pool = servers["pooled"].pools[created.row.uuid]
     leaver = await aconnect(servers["pooled"], "queued", created.password)
     pending = asyncio.ensure_future(leaver.execute("SELECT 2"))
-    deadline = asyncio.get_running_loop().time() + 10
-    while not any(c.waiting for c in pool.queued):  # the proxy has queued it
-        assert asyncio.get_running_loop().time() < deadline, "the client was never queued"
-        await asyncio.sleep(0.005)
+    await until(lambda: any(c.waiting for c in pool.queued), what="the proxy to queue the client")
     leaver.pgconn.finish()  # gone without a word, mid-wait
     with pytest.raises(psycopg.Error):
         await pending

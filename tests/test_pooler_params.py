@@ -12,6 +12,8 @@ from datetime import datetime, timezone
 import psycopg
 import pytest
 
+from .polling import until
+
 
 async def connect(server, name, password, **kw):
     return await psycopg.AsyncConnection.connect(
@@ -232,16 +234,10 @@ async def test_a_client_leaving_right_after_a_set_leaves_a_reusable_connection(e
             pids.add(got[1])
     assert len(pids) == 1  # never discarded
     rt = env.fleet.rt[created.row.uuid]
-    await _until(lambda: rt.clients == 0)  # the proxy has seen the last client go
+    await until(lambda: rt.clients == 0, what="the proxy to see the last client go")
     assert rt.busy == 0
 
 
-async def _until(condition, timeout_s: float = 10.0) -> None:
-    """Wait for a condition the proxy reaches after a client has gone (its session's end)."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
-        await asyncio.sleep(0.005)
 
 
 async def test_a_new_application_name_costs_no_server_connection_at_connect(env, pooled):

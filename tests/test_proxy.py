@@ -15,6 +15,7 @@ from pgfleet.fleet.states import State
 from pgfleet.pgwire import messages as m
 
 from .conftest import startup_error
+from .polling import until
 
 
 async def connect(env, name, password, **kw):
@@ -98,10 +99,8 @@ async def test_cancel_request_reaches_the_right_backend(env):
             await connect(env, "shop", created.password) as other:
         task = asyncio.create_task(busy.execute("SELECT pg_sleep(30)"))
         # wait until the sleeping query is really running before cancelling it
-        deadline = time.monotonic() + 10
-        while await scalar(other, "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep%'") == 0:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.01)
+        await until(lambda: scalar(other, "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep%'"),
+                    what="the sleeping query to run")
         started = time.monotonic()
         await busy.cancel_safe()
         with pytest.raises(psycopg.errors.QueryCanceled):

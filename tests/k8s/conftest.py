@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -18,6 +17,7 @@ from typing import Any, Callable
 import pytest
 
 from tests.conftest import PGFLEET, REPO, SANDBOX_SKIP, Daemon, start_daemon, stop_daemon
+from tests.polling import wait_until
 
 TESTBED = Path(os.environ.get("KUBE_TESTBED", REPO.parent / "shared" / "kube-testbed"))
 if not TESTBED.exists():
@@ -31,21 +31,9 @@ def _loud_skip(reason: str) -> None:
     pytest.skip(f"SKIPPED LOUDLY: {reason}")
 
 
-def wait_for(fn: Callable[[], Any], timeout: float = 60.0, what: str = "condition", interval: float = 0.1) -> Any:
-    """Poll `fn` until it returns something truthy; fail with the last value at the deadline."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        try:
-            last = fn()
-        except AssertionError as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
-        time.sleep(interval)
+def wait_for(fn: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:
+    """Poll `fn` until it returns something truthy (the API server is polled every 0.1 s)."""
+    return wait_until(fn, timeout, what, interval=0.1)
 
 
 @dataclass

@@ -11,7 +11,6 @@ import asyncio
 import itertools
 import os
 import shutil
-import time
 import uuid
 from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable
@@ -97,12 +96,3 @@ async def query(backend: Backend, sql: str, user: str = "postgres") -> str | Non
         return last.rows[0][0] if last.rows else None
     finally:
         await conn.close()
-
-
-async def until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll a condition with a deadline (no fixed sleeps standing in for synchronisation)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.01)

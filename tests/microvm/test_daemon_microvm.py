@@ -10,6 +10,7 @@ import psycopg
 import pytest
 
 from tests.conftest import start_daemon, stop_daemon
+from tests.polling import wait_until
 
 
 @pytest.fixture
@@ -28,12 +29,8 @@ def vm_daemon(image, tmp_path):
 
 
 def _wait_state(d, name: str, state: str, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        shown = d.json("db", "show", name)
-        if shown["state"] == state or time.monotonic() > deadline:
-            return shown
-        time.sleep(0.1)
+    return wait_until(lambda: (shown := d.json("db", "show", name))["state"] == state and shown,
+                      timeout, f"{name} to be {state}", interval=0.1)
 
 
 def test_create_query_suspend_and_wake_through_the_proxy(vm_daemon):

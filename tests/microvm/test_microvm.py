@@ -17,7 +17,8 @@ from pgfleet.drivers.microvm import MicroVMDriver
 from pgfleet.drivers.microvm.vmm import VmFiles
 from pgfleet.pgwire.client import QueryError
 
-from .conftest import connect, new_spec, query, until
+from .conftest import connect, new_spec, query
+from ..polling import until
 
 # One event loop for the whole session: the shared driver watches its VMs through it.
 pytestmark = [pytest.mark.microvm, pytest.mark.asyncio(loop_scope="session")]

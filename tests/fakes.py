@@ -1,0 +1,78 @@
+"""A fake isolation driver: the driver interface in memory, for fleet and API tests that
+need neither root nor Postgres. It keeps what a real driver would (which instances run),
+counts the calls, and lets a test make a call fail, hold a start open, or crash an instance."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from pathlib import Path
+
+from pgfleet.drivers.base import Backend, Driver, DriverError, InstanceSpec
+
+
+class FakeDriver(Driver):
+    name = "fake"
+
+    def __init__(self, state_dir: Path | None = None, *, keeps_sessions: bool = False) -> None:
+        super().__init__(state_dir or Path("/nonexistent/fake-driver"))
+        self.keeps_sessions_across_suspend = keeps_sessions  # type: ignore[misc]
+        self.calls: Counter[str] = Counter()
+        self.running: set[str] = set()
+        self.made: set[str] = set()
+        #: the next call of that name raises this (once)
+        self.fail_next: dict[str, BaseException] = {}
+        #: while set, start() waits for it (concurrent wakes pile up behind one start)
+        self.start_gate: asyncio.Event | None = None
+
+    def _call(self, what: str) -> None:
+        self.calls[what] += 1
+        exc = self.fail_next.pop(what, None)
+        if exc is not None:
+            raise exc
+
+    def backend(self, spec: InstanceSpec) -> Backend:
+        return Backend(host="127.0.0.1", port=50_000 + spec.slot)
+
+    async def prepare(self) -> None:
+        self._call("prepare")
+
+    async def create(self, spec: InstanceSpec) -> Backend:
+        self._call("create")
+        self.made.add(spec.uuid)
+        self.running.add(spec.uuid)
+        return self.backend(spec)
+
+    async def start(self, spec: InstanceSpec) -> Backend:
+        self._call("start")
+        if spec.uuid not in self.made:
+            raise DriverError(f"{spec.name} has no data")
+        if self.start_gate is not None:
+            await self.start_gate.wait()
+        self.running.add(spec.uuid)
+        return self.backend(spec)
+
+    async def suspend(self, spec: InstanceSpec) -> None:
+        self._call("suspend")
+        self.running.discard(spec.uuid)
+
+    async def stop(self, spec: InstanceSpec) -> None:
+        self._call("stop")
+        self.running.discard(spec.uuid)
+
+    async def destroy(self, spec: InstanceSpec) -> None:
+        self._call("destroy")
+        self.running.discard(spec.uuid)
+        self.made.discard(spec.uuid)
+
+    async def recover(self, spec: InstanceSpec) -> Backend | None:
+        self._call("recover")
+        return self.backend(spec) if spec.uuid in self.running else None
+
+    async def usage(self, spec: InstanceSpec) -> dict[str, int]:
+        return {"rss_bytes": spec.memory_mb << 19} if spec.uuid in self.running else {}
+
+    def crash(self, spec: InstanceSpec, reason: str = "killed") -> None:
+        """The instance dies on its own, as a real one would report it."""
+        self.running.discard(spec.uuid)
+        self.on_exit(spec, reason)
