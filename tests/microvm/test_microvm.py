@@ -294,13 +294,13 @@ async def test_freed_guest_memory_returns_to_the_host(driver, make_instance):
 
 async def test_clones_come_from_the_pre_copied_pool(driver, make_instance):
     tpl = driver._templates[(128, 1)]
-    pool = driver._pool_dir(tpl)
-    driver._refill_pool(tpl)
+    pool = driver.pool.dir(tpl)
+    driver.pool.refill(tpl)
 
     def ready() -> int:
         return sum(1 for p in pool.iterdir() if p.name.startswith("ready-")) if pool.exists() else 0
 
-    await until(lambda: ready() >= driver.clone_pool, 30, "the clone pool to fill")
+    await until(lambda: ready() >= driver.pool.size, 30, "the clone pool to fill")
     spec, backend = await make_instance()
     assert "pool_take_ms" in driver.last_timings and "copy_ms" not in driver.last_timings
     assert await query(backend, "SELECT current_user", "tenant") == "tenant"
