@@ -107,6 +107,21 @@ def token_path(home: Path) -> Path:
     return home / "token"
 
 
+class DaemonNotFound(RuntimeError):
+    """No daemon serves this home (or its token cannot be read): one line for the user."""
+
+
+def find_daemon(home: Path) -> tuple[DaemonInfo, str]:
+    """The daemon serving `home` and its API token: how the CLI and the node agent find it."""
+    info = DaemonInfo.read(home)
+    if info is None:
+        raise DaemonNotFound(f"no pgfleet daemon is running on {home} (start one with `pgfleet up --detach`)")
+    try:
+        return info, token_path(home).read_text().strip()
+    except OSError as exc:
+        raise DaemonNotFound(f"cannot read the API token in {home}: {exc.strerror}") from exc
+
+
 def ensure_token(home: Path) -> str:
     """The API token: created at first start (0600), stable afterwards."""
     import secrets

@@ -13,7 +13,7 @@ import asyncio
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from fastapi import APIRouter, Body, Query, Request
 from pydantic import Field
@@ -84,17 +84,27 @@ async def list_services(
     body: list[NameOrUUID] | None = Body(None, max_length=100),
 ):
     ctx = ctx_of(request)
-    out = Outcome("service_groups")
-    refs = query_refs(uuid, name) + as_items(body)
+
+    async def present(row: InstanceRow) -> dict:
+        return service_json(ctx, row)
+    return await _list_derived(ctx, "service_groups", "service", "-svc", query_refs(uuid, name) + as_items(body),
+                               present)
+
+
+async def _list_derived(ctx: ApiContext, key: str, kind: str, suffix: str, refs: list[dict],
+                        present: Callable[[InstanceRow], Awaitable[dict]]):
+    """The service groups or volumes named in refs (a per-item error for each unknown one),
+    or all of them, oldest database first."""
+    out = Outcome(key)
     if refs:
         for ref in refs:
             try:
-                out.ok(service_json(ctx, _find_derived(ctx, "service", "-svc", ref)))
+                out.ok(await present(_find_derived(ctx, kind, suffix, ref)))
             except (NotFound, InvalidRequest) as exc:
                 out.fail(exc, ref)
         return out.response()
     for row in sorted(ctx.fleet.list(), key=lambda r: r.created_at):
-        out.ok(service_json(ctx, row))
+        out.ok(await present(row))
     return out.response()
 
 
@@ -172,18 +182,8 @@ async def list_volumes(
     body: list[NameOrUUID] | None = Body(None, max_length=100),
 ):
     ctx = ctx_of(request)
-    out = Outcome("volumes")
-    refs = query_refs(uuid, name) + as_items(body)
-    if refs:
-        for ref in refs:
-            try:
-                out.ok(await volume_json(ctx, _find_derived(ctx, "volume", "-data", ref)))
-            except (NotFound, InvalidRequest) as exc:
-                out.fail(exc, ref)
-        return out.response()
-    for row in sorted(ctx.fleet.list(), key=lambda r: r.created_at):
-        out.ok(await volume_json(ctx, row))
-    return out.response()
+    return await _list_derived(ctx, "volumes", "volume", "-data", query_refs(uuid, name) + as_items(body),
+                               lambda row: volume_json(ctx, row))
 
 
 @volumes.post("", summary="Create a volume (not possible on its own: see docs/api.md)")

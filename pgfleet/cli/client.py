@@ -7,7 +7,7 @@ from typing import Any
 
 import httpx
 
-from pgfleet.config import DaemonInfo, token_path
+from pgfleet.config import DaemonNotFound, find_daemon
 
 
 class CliError(Exception):
@@ -16,13 +16,10 @@ class CliError(Exception):
 
 class ApiClient:
     def __init__(self, home: Path, timeout_s: float = 120.0) -> None:
-        info = DaemonInfo.read(home)
-        if info is None:
-            raise CliError(f"no pgfleet daemon is running on {home} (start one with `pgfleet up --detach`)")
         try:
-            token = token_path(home).read_text().strip()
-        except OSError as exc:
-            raise CliError(f"cannot read the API token in {home}: {exc.strerror}") from exc
+            info, token = find_daemon(home)
+        except DaemonNotFound as exc:
+            raise CliError(str(exc)) from exc
         self.info = info
         self.http = httpx.Client(
             base_url=info.api_url, headers={"Authorization": f"Bearer {token}"}, timeout=timeout_s,

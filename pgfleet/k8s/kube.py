@@ -131,15 +131,12 @@ class DaemonApi:
     @classmethod
     def from_home(cls, home: Path) -> "DaemonApi":
         """The local daemon, found like every CLI command finds it: through the pgfleet home."""
-        from pgfleet.config import DaemonInfo, token_path
+        from pgfleet.config import DaemonNotFound, find_daemon
 
-        info = DaemonInfo.read(home)
-        if info is None:
-            raise DaemonUnavailable(f"no pgfleet daemon is running on {home}")
         try:
-            token = token_path(home).read_text().strip()
-        except OSError as exc:
-            raise DaemonUnavailable(f"cannot read the API token in {home}: {exc.strerror}") from exc
+            info, token = find_daemon(home)
+        except DaemonNotFound as exc:
+            raise DaemonUnavailable(str(exc)) from exc
         return cls(info.api_url, token)
 
     async def close(self) -> None:

@@ -16,20 +16,21 @@ from .pods import now_iso, now_rfc3339
 
 log = logging.getLogger("pgfleet.k8s.node")
 
-def host_memory_mb() -> int:
+
+def _meminfo_mb(field: str, default: int) -> int:
     with open("/proc/meminfo") as f:
         for line in f:
-            if line.startswith("MemTotal:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) // 1024
-    return 1024
+    return default
+
+
+def host_memory_mb() -> int:
+    return _meminfo_mb("MemTotal", 1024)
 
 
 def host_mem_available_mb() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) // 1024
-    return 0
+    return _meminfo_mb("MemAvailable", 0)
 
 
 class NodeRegistration:

@@ -206,21 +206,17 @@ class MicroVMDriver(TemplateMaker, VmPlumbing, Driver):
                 if isinstance(exc, (DriverError, OSError, QueryError, asyncio.TimeoutError)):
                     raise DriverError(f"creating microvm {spec.name} failed: {exc}") from exc
                 raise
-            vm = self._running(spec)
-            if vm is None:
-                raise DriverError(f"microvm {spec.name} died while being created")
-            vm.established = True
-            timings["total_ms"] = (time.perf_counter() - t0) * 1000
-            self.last_timings = timings
-            return self.backend(spec)
+            return self._established(spec, t0, timings, "being created")
 
-    # ----------------------------------------------------------------- clone pool
-    #
-    # Copying a template's RAM file and disk costs 30-60 ms of a clone's latency. A few
-    # copies are made ahead of time, in the background, under state_dir/clone-pool; a create
-    # claims one with a directory rename (atomic: two creates never get the same copy) and
-    # moves its files into the instance home, which is only renames when both are on one
-    # filesystem. Otherwise the pool is not used.
+    def _established(self, spec: InstanceSpec, t0: float, timings: dict[str, float], doing: str) -> Backend:
+        """The end of a create or start: the VM is up and from now on its exit is news."""
+        vm = self._running(spec)
+        if vm is None:
+            raise DriverError(f"microvm {spec.name} died while {doing}")
+        vm.established = True
+        timings["total_ms"] = (time.perf_counter() - t0) * 1000
+        self.last_timings = timings
+        return self.backend(spec)
 
     async def start(self, spec: InstanceSpec) -> Backend:
         async with self._lock(spec):
@@ -259,13 +255,7 @@ class MicroVMDriver(TemplateMaker, VmPlumbing, Driver):
             else:
                 await self._cold_boot(spec, files, timings)
                 timings["mode"] = 1.0  # cold boot
-            vm = self._running(spec)
-            if vm is None:
-                raise DriverError(f"microvm {spec.name} died while starting")
-            vm.established = True
-            timings["total_ms"] = (time.perf_counter() - t0) * 1000
-            self.last_timings = timings
-            return self.backend(spec)
+            return self._established(spec, t0, timings, "starting")
 
     async def suspend(self, spec: InstanceSpec) -> None:
         async with self._lock(spec):
