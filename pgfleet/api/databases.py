@@ -177,11 +177,15 @@ async def delete_database(ref: str, request: Request):
     return envelope({"uuid": row.uuid, "name": row.name, "state": "deleted"}, started)
 
 
+def _drain_s(body: SuspendRequest | None) -> float:
+    return (body or SuspendRequest()).drain_timeout_ms / 1000
+
+
 @router.put("/{ref}/suspend")
 async def suspend_database(ref: str, request: Request, body: SuspendRequest | None = None):
     started = time.perf_counter()
     ctx = _ctx(request)
-    row = await ctx.fleet.suspend(ref, reason="suspended by user", drain_timeout_s=(body.drain_timeout_ms if body else S.DRAIN_TIMEOUT_MS.default) / 1000,
+    row = await ctx.fleet.suspend(ref, reason="suspended by user", drain_timeout_s=_drain_s(body),
                                   tier=body.tier if body else "cold")
     return envelope(database_json(ctx, row), started)
 
@@ -198,8 +202,7 @@ async def resume_database(ref: str, request: Request):
 async def stop_database(ref: str, request: Request, body: SuspendRequest | None = None):
     started = time.perf_counter()
     ctx = _ctx(request)
-    drain = (body.drain_timeout_ms if body else S.DRAIN_TIMEOUT_MS.default) / 1000
-    row = await ctx.fleet.stop(ref, drain_timeout_s=drain)
+    row = await ctx.fleet.stop(ref, drain_timeout_s=_drain_s(body))
     return envelope(database_json(ctx, row), started)
 
 
