@@ -292,6 +292,7 @@ class Fleet:
                 started_at=time.time(), start_count=1, boot_time_us=boot_us,
             )
             rt.backend = backend
+            rt.last_active = time.monotonic()  # the cooldown counts from running, not from the create call
             self._arm_idle_timer(row.uuid)
             if self.backups is not None:
                 self.backups.created(row)

@@ -286,7 +286,10 @@ class Operator:
         if db is None:
             return {"phase": "Lost", "state": "unknown",
                     "message": f"the database is missing on node {status['node']}"}
-        return self.status_for(ref, db)
+        new = self.status_for(ref, db)
+        if new["phase"] == "Creating":  # made long ago and starting again (a wake, a start): still Ready;
+            new["phase"] = "Ready"      # "Creating" would also stop this refresh for good
+        return new
 
     async def delete(self, body: dict, spec: dict, status: dict, logger) -> None:
         meta = body["metadata"]

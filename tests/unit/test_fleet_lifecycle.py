@@ -141,3 +141,20 @@ async def test_recover_rolls_back_half_made_and_finishes_deletions(tmp_path):
     assert second.get("kept").state == State.RUNNING and second.is_up(kept.uuid)
     await second.shutdown()
     store.close()
+
+
+async def test_the_cooldown_counts_from_running_not_from_a_slow_create(fleet, driver):
+    gate = asyncio.Event()
+    real_create = driver.create
+
+    async def slow_create(spec):
+        await gate.wait()
+        return await real_create(spec)
+    driver.create = slow_create
+    creating = asyncio.ensure_future(fleet.create("slow", cooldown_ms=300))
+    await asyncio.sleep(0.4)  # the create call outlasts the cooldown
+    gate.set()
+    row = (await creating).row
+    timer = fleet.rt[row.uuid].idle_timer  # armed for a whole cooldown from now, not already due
+    assert fleet.get("slow").state == State.RUNNING
+    assert timer is not None and timer.when() - asyncio.get_running_loop().time() > 0.15
