@@ -133,7 +133,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     @app.get("/v1/status", tags=["meta"])
     async def status():
         by_state = ctx.fleet.count_by_state()
-        quotas = ctx.fleet.quotas
+        quotas, _ = ctx.fleet.quota_usage()
         limits = hostlimits.checks(Path(ctx.home), quotas.instances, quotas.live_instances)
         stats = ctx.proxy_stats
         return envelope({

@@ -35,7 +35,7 @@ class BackupSettings(BaseModel):
 def _backups(request: Request) -> Backups:
     backups = request.app.state.ctx.fleet.backups
     if backups is None:
-        driver = request.app.state.ctx.fleet.driver.name
+        driver = request.app.state.ctx.fleet.driver_name
         raise ApiError(501, f"backups and branches are not available with the {driver} driver", "unsupported")
     return backups
 

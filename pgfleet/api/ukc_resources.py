@@ -21,7 +21,6 @@ from pydantic import Field
 from pgfleet.fleet import states
 from pgfleet.fleet.errors import InvalidRequest, NotFound
 from pgfleet import settings as S
-from pgfleet.fleet.quotas import Quotas
 from pgfleet.store import InstanceRow
 
 from .common import ApiContext, iso
@@ -253,7 +252,6 @@ volumes.get("/{uuid}", summary="Get a volume by UUID")(get_volume)
 async def get_quotas(request: Request):
     ctx = ctx_of(request)
     q, used = ctx.fleet.quota_usage()
-    q = q or Quotas.unlimited()
     rows = ctx.fleet.list()
     sizes = await asyncio.gather(*(asyncio.to_thread(_du_mb, ctx.fleet.data_path(r)) for r in rows))
     disk_mb = shutil.disk_usage(ctx.home).total // MiB

@@ -99,8 +99,8 @@ class Fleet:
         self._start_slots = asyncio.Semaphore(start_concurrency or default_start_concurrency())
         self._closing = False
         #: admission control, checked on every path that makes a database live (create and
-        #: every start: wake, resume, the UKC routes, Kubernetes); None admits everything
-        self.quotas = quotas
+        #: every start: wake, resume, the UKC routes, Kubernetes); None: the defaults
+        self.quotas = quotas if quotas is not None else Quotas()
         #: the host memory manager (pgfleet.fleet.memory), when the daemon runs one
         self.memory = None
         #: called with a database's uuid once it is deleted (proxies drop their pools)
@@ -192,8 +192,8 @@ class Fleet:
         """The directory holding everything of one database (its volume)."""
         return self.home / "instances" / row.uuid
 
-    def quota_usage(self) -> tuple[Quotas | None, dict[str, int]]:
-        """The limits in force (None: unlimited) and what counts against them now."""
+    def quota_usage(self) -> tuple[Quotas, dict[str, int]]:
+        """The limits in force and what counts against them now."""
         return self.quotas, Quotas.usage(self)
 
     def runtime(self, uuid: str) -> Runtime:
@@ -351,8 +351,6 @@ class Fleet:
     def _admit(self, name: str, memory_mb: int, create: bool = False) -> None:
         """The quotas' check before a database becomes live (create, or any start);
         raises QuotaExceeded, and says so in the events."""
-        if self.quotas is None:
-            return
         try:
             if create:
                 self.quotas.check_create(self, memory_mb)

@@ -57,12 +57,6 @@ class Quotas:
                 setattr(out, f.name, value)
         return out
 
-    @classmethod
-    def unlimited(cls) -> "Quotas":
-        """What a fleet without quotas admits (reported as the largest integer SQLite and JSON hold)."""
-        big = (1 << 63) - 1
-        return cls(instances=big, live_instances=big, live_memory_mb=big)
-
     def hard(self) -> dict[str, int]:
         return asdict(self)
 
