@@ -89,6 +89,10 @@ class SandboxDriver(SandboxBackups, Driver):
         # Not under the home: a unix socket path must stay within 107 bytes.
         return SOCKET_ROOT / self.home_tag / str(spec.slot)
 
+    def is_running(self, spec: InstanceSpec) -> bool:
+        """Whether this driver runs the instance's postmaster now (backups.py asks)."""
+        return spec.uuid in self._running
+
     def log_path(self, spec: InstanceSpec) -> Path:
         return spec.home / "postgres.log"
 
