@@ -323,8 +323,7 @@ class Fleet:
             row.state, row.provisioned = State.STANDBY, 1
             row.stopped_at, row.stop_reason = time.time(), "created without autostart"
             try:
-                if self.quotas is not None:  # again: others may have been created meanwhile
-                    self.quotas.check_create(self, row.memory_mb)
+                self._admit(row.name, row.memory_mb, create=True)  # again: others may have been created meanwhile
                 self.store.insert(row)
             except Exception as exc:
                 await asyncio.shield(self.driver.destroy(spec))
