@@ -24,6 +24,7 @@ bench: deps
 	$(VENV)/bin/python bench/proxy.py
 	$(VENV)/bin/python bench/microvm.py
 	$(VENV)/bin/python bench/http_sql.py
+	$(VENV)/bin/python bench/branches.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

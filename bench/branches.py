@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -27,7 +28,8 @@ from pathlib import Path
 
 import psycopg
 
-from bench.common import machine, start_daemon, summarise, write_results
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import machine, start_daemon, summarise, write_results  # noqa: E402
 
 TARGETS = {"branch_now_s": 1.0, "parent_stall_ms": 100.0}
 ROW_BYTES = 140  # a row of the fill table on disk, roughly
