@@ -61,7 +61,7 @@ def test_invalid_specs_are_rejected_by_the_schema(cluster: Cluster):
                           input=__import__("json").dumps(database("defaults")))
     spec = __import__("json").loads(ok.stdout)["spec"]
     assert spec == {"postgresVersion": "15", "memoryMb": 128, "deletionPolicy": "Delete",  # pgfleet.settings
-                    "scaleToZero": {"policy": "on", "cooldownMs": 300000},
+                    "diskMb": 0, "cpuPct": 0, "scaleToZero": {"policy": "on", "cooldownMs": 300000},
                     "pooling": {"mode": "transaction", "maxClientConnections": 200}}
 
 
