@@ -3,14 +3,21 @@ SHELL := /bin/bash
 VENV := .venv
 PGFLEET := $(VENV)/bin/pgfleet
 PYTEST_ARGS ?=
+# flags for `pgfleet up`, e.g. make run ARGS="--listen 0.0.0.0:6432 --log-format json"
+ARGS ?=
 
-.PHONY: deps run test test-fast bench clean
+.PHONY: deps deps-run run test test-fast bench clean
 
+# everything: the daemon's packages and the tests', benchmarks' and microVM tool chain
 deps:
-	@./scripts/install-deps.sh
+	@./scripts/install-deps.sh test
 
-run: deps
-	$(PGFLEET) up
+# only what the daemon needs
+deps-run:
+	@./scripts/install-deps.sh run
+
+run: deps-run
+	$(PGFLEET) up $(ARGS)
 
 test: deps
 	@./scripts/run-tests.sh $(PYTEST_ARGS)

@@ -9,6 +9,7 @@ import logging
 import os
 import resource
 import signal
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +76,37 @@ class _Uvicorn(uvicorn.Server):
 
 class AlreadyRunning(RuntimeError):
     pass
+
+
+class ListenError(RuntimeError):
+    """A listener could not be bound (one line for the user, no traceback)."""
+
+
+async def _start_listening(server, what: str, value: str) -> None:
+    try:
+        await server.start()
+    except OSError as exc:
+        raise ListenError(f"cannot listen on {value} ({what}): {(exc.strerror or str(exc)).lower()}") from None
+
+
+def _bind_api(host: str, port: int, value: str) -> socket.socket:
+    """The API's socket, bound here so that a busy port is one clear error (uvicorn's own
+    bind logs and exits)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ListenError(f"cannot listen on {value} (--api): {(exc.strerror or str(exc)).lower()}") from None
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _lock_home(home: Path) -> int:
@@ -158,8 +190,8 @@ async def serve(opts: DaemonOptions, ready: asyncio.Future | None = None) -> Non
     fleet.on_delete.append(pooled.forget_database)
     fleet.on_delete.append(direct.forget_database)
     fleet.warm.on_freeze.append(pooled.close_idle_server_connections)
-    await direct.start()
-    await pooled.start()
+    await _start_listening(direct, "--listen", opts.listen)
+    await _start_listening(pooled, "--listen-pooled", opts.listen_pooled)
     edge = None
     if http_addr is not None:
         from pgfleet.edge.server import EdgeServer
@@ -169,7 +201,8 @@ async def serve(opts: DaemonOptions, ready: asyncio.Future | None = None) -> Non
             raise ValueError("--http-tls needs the proxies' TLS (do not combine it with --no-tls)")
         edge = EdgeServer(fleet, direct, pooled, *http_addr, tls=tls_ctx if http_tls else None, domain=opts.domain,
                           settings=opts.http)
-        await edge.start()
+        await _start_listening(edge, "--listen-http", opts.listen_http or "")
+    api_sock = _bind_api(api_host, api_port, opts.api)
     public_host = proxy_host if proxy_host not in ("0.0.0.0", "::", "") else "127.0.0.1"
     if routing is not None:
         routing.own |= {(public_host, direct.port), (public_host, pooled.port)}
@@ -184,7 +217,7 @@ async def serve(opts: DaemonOptions, ready: asyncio.Future | None = None) -> Non
         create_app(ctx), host=api_host, port=api_port, log_level="warning", lifespan="off",
         access_log=False, timeout_graceful_shutdown=2,
     ))
-    api_task = asyncio.create_task(api.serve())
+    api_task = asyncio.create_task(api.serve(sockets=[api_sock]))
     while not api.started:
         if api_task.done():
             await api_task  # raises the bind error
@@ -200,6 +233,17 @@ async def serve(opts: DaemonOptions, ready: asyncio.Future | None = None) -> Non
         http_tls=edge is not None and edge.tls is not None,
     )
     info.write(opts.home)
+    from pgfleet import daemon_config
+
+    daemon_config.save(opts.home, {  # a plain `pgfleet up` comes back on these listeners
+        "listen": _hostport(proxy_host, direct.port), "listen_pooled": _hostport(pooled_host, pooled.port),
+        "api": _hostport(api_host, api_port), "driver": opts.driver, "domain": opts.domain, "tls": opts.tls,
+        "tls_cert": str(opts.tls_cert) if opts.tls_cert else None,
+        "tls_key": str(opts.tls_key) if opts.tls_key else None, "log_format": opts.log_format,
+        "listen_http": _hostport(http_addr[0], edge.port) if edge is not None and http_addr is not None else "off",
+        "http_tls": opts.http_tls, "ws_session": opts.http.ws_session,
+        "http_max_request_mb": opts.http.max_request_bytes >> 20, "http_max_response_mb": opts.http.max_response_bytes >> 20,
+    })
     log.info("serving: proxy %s, pooled %s, API %s", info.listen, info.listen_pooled, info.api_url)
     if ready is not None and not ready.done():
         ready.set_result(info)

@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# Install what pgfleet needs on a Debian/Ubuntu host, idempotently:
-# the Debian packages in apt-packages.txt that are missing, then the Python venv.
+# Install what pgfleet needs on a Debian/Ubuntu host, idempotently: the Debian packages that
+# are missing, then the Python venv. `install-deps.sh run`: only what the daemon needs
+# (apt-packages.txt, the package without test extras); `install-deps.sh` (or `test`): also the
+# tests', benchmarks' and microVM tool chain (apt-packages-test.txt, .[test], node packages).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+mode="${1:-test}"
+lists=(apt-packages.txt)
+[[ $mode == run ]] || lists+=(apt-packages-test.txt)
 
 missing=()
 while IFS= read -r line; do
@@ -17,7 +22,7 @@ while IFS= read -r line; do
     [[ -n "$have" ]] && continue
     missing+=("$(echo "${alts[0]}" | xargs)")
     alternatives+=("$line")
-done < apt-packages.txt
+done < <(cat "${lists[@]}")
 
 if ((${#missing[@]})); then
     if [[ $EUID -ne 0 ]]; then
@@ -47,17 +52,23 @@ PY="${PYTHON:-python3}"
 if [[ ! -x .venv/bin/python ]]; then
     "$PY" -m venv .venv
 fi
-stamp=.venv/.pgfleet-installed
+if [[ $mode == run ]]; then
+    stamp=.venv/.pgfleet-installed-run target='.' check="import pgfleet.cli.main"
+    [[ -f .venv/.pgfleet-installed && ! pyproject.toml -nt .venv/.pgfleet-installed ]] && stamp=.venv/.pgfleet-installed
+else
+    stamp=.venv/.pgfleet-installed target='.[test]' check="import pgfleet.cli.main, psycopg, pytest"
+fi
 if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
     echo "installing Python packages into .venv" >&2
     .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
-    if ! .venv/bin/pip install -q -e '.[test]' > .venv/pip.log 2>&1; then
+    if ! .venv/bin/pip install -q -e "$target" > .venv/pip.log 2>&1; then
         cat .venv/pip.log >&2
         exit 1
     fi
-    .venv/bin/python -c "import pgfleet.cli.main, psycopg, pytest" 
+    .venv/bin/python -c "$check"
     touch "$stamp"
 fi
+[[ $mode == run ]] && exit 0
 
 # node packages for the compatibility tests, each pinned by its package-lock.json: node-postgres
 # (tests/compat/node) and Neon's serverless driver (tests/edge/node)

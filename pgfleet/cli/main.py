@@ -3,6 +3,7 @@ Every failure is one line on stderr and a non-zero exit."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -53,12 +54,15 @@ def _print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
 
 
-@app.callback()
-def _root(home: Optional[Path] = HomeOpt,
+@app.callback(invoke_without_command=True)
+def _root(ctx: typer.Context, home: Optional[Path] = HomeOpt,
           version: bool = typer.Option(False, "--version", help="print the version and exit")) -> None:
     if version:
-        out.print(__version__)
+        sys.stdout.write(f"pgfleet {__version__}\n")
         raise typer.Exit()
+    if ctx.invoked_subcommand is None:
+        sys.stdout.write(ctx.get_help() + "\n")
+        raise typer.Exit(2)
     if home is not None:
         use_home(home)
 
@@ -67,59 +71,78 @@ def _root(home: Optional[Path] = HomeOpt,
 @app.command()
 def up(
     home: Optional[Path] = HomeOpt,
-    listen: str = typer.Option(DEFAULT_LISTEN, help="proxy listener (one server session per client)"),
-    listen_pooled: str = typer.Option(DEFAULT_LISTEN_POOLED, help="pooled listener"),
-    api: str = typer.Option(DEFAULT_API, help="REST API listener"),
-    listen_http: str = typer.Option(DEFAULT_LISTEN_HTTP, help="SQL over HTTP and WebSocket (Neon's serverless "
-                                    "driver protocol), or 'off'"),
-    http_max_request_mb: int = typer.Option(10, help="largest POST /sql body or WebSocket message, MiB"),
-    http_max_response_mb: int = typer.Option(10, help="largest answer to one POST /sql, MiB"),
-    http_tls: str = typer.Option("auto", help="TLS on --listen-http: on, off, or auto (off on loopback only)"),
-    ws_session: str = typer.Option("direct", help="WebSocket sessions on paths other than /direct, /pooled: "
-                                   "direct or pooled"),
-    driver: str = typer.Option("auto", help="isolation driver: auto, sandbox or microvm"),
+    config: Optional[Path] = typer.Option(None, "--config", help="settings file (TOML; default: <home>/config.toml, "
+                                          "written by every start)"),
+    listen: Optional[str] = typer.Option(None, help=f"proxy listener, one server session per client [{DEFAULT_LISTEN}]"),
+    listen_pooled: Optional[str] = typer.Option(None, help=f"pooled listener [{DEFAULT_LISTEN_POOLED}]"),
+    api: Optional[str] = typer.Option(None, help=f"REST API listener [{DEFAULT_API}]"),
+    listen_http: Optional[str] = typer.Option(None, help="SQL over HTTP and WebSocket (Neon's serverless "
+                                              f"driver protocol), or 'off' [{DEFAULT_LISTEN_HTTP}]"),
+    http_max_request_mb: Optional[int] = typer.Option(None, help="largest POST /sql body or WebSocket message, MiB [10]"),
+    http_max_response_mb: Optional[int] = typer.Option(None, help="largest answer to one POST /sql, MiB [10]"),
+    http_tls: Optional[str] = typer.Option(None, help="TLS on --listen-http: on, off, or auto (off on loopback only) [auto]"),
+    ws_session: Optional[str] = typer.Option(None, help="WebSocket sessions on paths other than /direct, /pooled: "
+                                             "direct or pooled [direct]"),
+    driver: Optional[str] = typer.Option(None, help="isolation driver: auto, sandbox or microvm [auto]"),
     tls_cert: Optional[Path] = typer.Option(None, help="TLS certificate (PEM) for the proxies"),
     tls_key: Optional[Path] = typer.Option(None, help="TLS private key (PEM)"),
-    tls: bool = typer.Option(True, help="without --tls-cert: make a local CA and certificate on first start"),
-    domain: str = typer.Option("db.localhost", help="SNI routing: database NAME answers at NAME.<domain>"),
-    log_format: str = typer.Option("text", help="daemon.log lines: text or json"),
+    tls: Optional[bool] = typer.Option(None, "--tls/--no-tls",
+                                       help="without --tls-cert: make a local CA and certificate on first start [tls]"),
+    domain: Optional[str] = typer.Option(None, help="SNI routing: database NAME answers at NAME.<domain> [db.localhost]"),
+    log_format: Optional[str] = typer.Option(None, help="daemon.log lines: text or json [text]"),
     detach: bool = typer.Option(False, "--detach", "-d", help="run in the background; return once it serves"),
     timeout: float = typer.Option(120.0, help="with --detach: seconds to wait for the daemon"),
     swap: Optional[str] = typer.Option(None, help="make and enable a swap file of this size (and zswap) for "
                                                   "warm standby, e.g. 4G; removed at stop"),
     memory_budget: Optional[str] = typer.Option(None, help="memory the databases may use, e.g. 16G "
                                                            "(default: 75% of RAM); beyond it idle ones are demoted"),
+    as_json: bool = JsonOpt,
 ) -> None:
-    """Run the pgfleet daemon (foreground; Ctrl-C suspends databases and stops cleanly)."""
-    from pgfleet.config import parse_hostport
+    """Run the pgfleet daemon (foreground; Ctrl-C suspends databases and stops cleanly).
+
+    Settings not given as flags come from --config FILE, else from <home>/config.toml, which
+    every start writes with the listeners it serves on."""
+    from pgfleet import daemon_config
     from pgfleet.drivers import DRIVER_NAMES
 
     h = _home(home)
-    if driver not in DRIVER_NAMES:
-        raise CliError(f"unknown driver {driver!r}: choose one of {', '.join(DRIVER_NAMES)}")
-    http_on = listen_http.lower() != "off"
-    checks = [(listen, "--listen"), (listen_pooled, "--listen-pooled"), (api, "--api")]
-    for value, what in checks + ([(listen_http, "--listen-http")] if http_on else []):
-        try:
-            parse_hostport(value, what)
-        except ValueError as exc:
-            raise CliError(str(exc)) from None
+    try:
+        v = daemon_config.resolve(h, config, {
+            "listen": listen, "listen_pooled": listen_pooled, "api": api, "driver": driver, "domain": domain,
+            "tls": tls, "log_format": log_format, "listen_http": listen_http, "http_tls": http_tls,
+            "http_max_request_mb": http_max_request_mb, "http_max_response_mb": http_max_response_mb,
+            "ws_session": ws_session,
+            "tls_cert": str(tls_cert.absolute()) if tls_cert else None,
+            "tls_key": str(tls_key.absolute()) if tls_key else None,
+        })
+    except daemon_config.ConfigError as exc:
+        raise CliError(str(exc)) from None
+    if v["driver"] not in DRIVER_NAMES:
+        raise CliError(f"unknown driver {v['driver']!r}: choose one of {', '.join(DRIVER_NAMES)}")
+    if v["log_format"] not in ("text", "json"):
+        raise CliError(f"unknown log format {v['log_format']!r}: choose text or json")
+    if v["http_tls"] not in ("auto", "on", "off"):
+        raise CliError(f"--http-tls must be auto, on or off, not {v['http_tls']!r}")
+    if v["ws_session"] not in ("direct", "pooled"):
+        raise CliError(f"--ws-session must be direct or pooled, not {v['ws_session']!r}")
+    if v["http_max_request_mb"] < 1 or v["http_max_response_mb"] < 1:
+        raise CliError("--http-max-request-mb and --http-max-response-mb must be at least 1")
+    http_on = v["listen_http"].lower() != "off"
     running = DaemonInfo.read(h)
     if running is not None:
         raise CliError(f"a pgfleet daemon (pid {running.pid}) is already running on {h}")
-    if bool(tls_cert) != bool(tls_key):
+    if bool(v["tls_cert"]) != bool(v["tls_key"]):
         raise CliError("--tls-cert and --tls-key go together")
-    for f in (tls_cert, tls_key):
-        if f is not None and not f.is_file():
+    for f in (v["tls_cert"], v["tls_key"]):
+        if f is not None and not Path(f).is_file():
             raise CliError(f"no such file: {f}")
-    if log_format not in ("text", "json"):
-        raise CliError(f"unknown log format {log_format!r}: choose text or json")
-    if http_tls not in ("auto", "on", "off"):
-        raise CliError(f"--http-tls must be auto, on or off, not {http_tls!r}")
-    if ws_session not in ("direct", "pooled"):
-        raise CliError(f"--ws-session must be direct or pooled, not {ws_session!r}")
-    if http_max_request_mb < 1 or http_max_response_mb < 1:
-        raise CliError("--http-max-request-mb and --http-max-response-mb must be at least 1")
+    listeners = {"--listen": v["listen"], "--listen-pooled": v["listen_pooled"], "--api": v["api"]}
+    if http_on:
+        listeners["--listen-http"] = v["listen_http"]
+    try:
+        daemon_config.check_free(listeners)
+    except (daemon_config.ConfigError, ValueError) as exc:
+        raise CliError(str(exc)) from None
     from pgfleet.drivers.swap import parse_size
 
     sizes: dict[str, int | None] = {}
@@ -128,47 +151,58 @@ def up(
             sizes[flag] = parse_size(value) if value is not None else None
         except ValueError as exc:
             raise CliError(f"{flag}: {exc}") from None
-    extra = [f"--domain={domain}", "--tls" if tls else "--no-tls", f"--log-format={log_format}",
-             f"--listen-http={listen_http}", f"--http-max-request-mb={http_max_request_mb}",
-             f"--http-max-response-mb={http_max_response_mb}", f"--ws-session={ws_session}", f"--http-tls={http_tls}"]
-    extra += [f"{flag}={value}" for flag, value in (("--swap", swap), ("--memory-budget", memory_budget)) if value]
-    if tls_cert and tls_key:
-        extra += [f"--tls-cert={tls_cert.absolute()}", f"--tls-key={tls_key.absolute()}"]
+    # not remembered in the config: they change the host (a swap file), given each time
+    extra = [f"{flag}={value}" for flag, value in (("--swap", swap), ("--memory-budget", memory_budget)) if value]
     if detach:
-        _detach(h, listen, listen_pooled, api, driver, timeout, extra)
+        info = _detach(h, v, timeout, quiet=as_json, extra=extra)
+        if as_json:
+            _print_json(dataclasses.asdict(info))
         return
-    from pgfleet.daemon import AlreadyRunning, DaemonOptions, run
+    from pgfleet.daemon import AlreadyRunning, DaemonOptions, ListenError, run
     from pgfleet.edge.settings import MiB, EdgeSettings
 
-    http = EdgeSettings(max_request_bytes=http_max_request_mb * MiB, max_response_bytes=http_max_response_mb * MiB,
-                        ws_session=ws_session)  # type: ignore[arg-type]
-
+    http = EdgeSettings(max_request_bytes=v["http_max_request_mb"] * MiB,
+                        max_response_bytes=v["http_max_response_mb"] * MiB,
+                        ws_session=v["ws_session"])  # type: ignore[arg-type]
     try:
-        run(DaemonOptions(home=h, listen=listen, listen_pooled=listen_pooled, api=api, driver=driver,
-                          tls_cert=tls_cert, tls_key=tls_key, tls=tls, domain=domain, log_format=log_format,
-                          listen_http=listen_http if http_on else None, http=http, http_tls=http_tls,
+        run(DaemonOptions(home=h, listen=v["listen"], listen_pooled=v["listen_pooled"], api=v["api"],
+                          driver=v["driver"], tls_cert=Path(v["tls_cert"]) if v["tls_cert"] else None,
+                          tls_key=Path(v["tls_key"]) if v["tls_key"] else None, tls=v["tls"], domain=v["domain"],
+                          log_format=v["log_format"], listen_http=v["listen_http"] if http_on else None,
+                          http=http, http_tls=v["http_tls"],
                           swap_bytes=sizes["--swap"], memory_budget_bytes=sizes["--memory-budget"]))
-    except AlreadyRunning as exc:
+    except (AlreadyRunning, ListenError) as exc:
         raise CliError(str(exc)) from None
 
 
-def _detach(home: Path, listen: str, listen_pooled: str, api: str, driver: str, timeout: float,
-            extra: list[str]) -> None:
+def _detach(home: Path, v: dict, timeout: float, quiet: bool, extra: list[str]) -> DaemonInfo:
+    """Start `pgfleet up` in the background with exactly these settings (as flags)."""
     home.mkdir(parents=True, exist_ok=True)
     logf = open(home / "daemon.out", "ab")
-    cmd = [sys.executable, "-m", "pgfleet.cli.main", "up", "--home", str(home), "--listen", listen,
-           "--listen-pooled", listen_pooled, "--api", api, "--driver", driver, *extra]
+    cmd = [sys.executable, "-m", "pgfleet.cli.main", "up", "--home", str(home), "--listen", v["listen"],
+           "--listen-pooled", v["listen_pooled"], "--api", v["api"], "--driver", v["driver"],
+           f"--domain={v['domain']}", "--tls" if v["tls"] else "--no-tls", f"--log-format={v['log_format']}",
+           f"--listen-http={v['listen_http']}", f"--http-tls={v['http_tls']}", f"--ws-session={v['ws_session']}",
+           f"--http-max-request-mb={v['http_max_request_mb']}", f"--http-max-response-mb={v['http_max_response_mb']}"]
+    if v["tls_cert"] and v["tls_key"]:
+        cmd += [f"--tls-cert={v['tls_cert']}", f"--tls-key={v['tls_key']}"]
+    cmd += extra
+    start_at = (home / "daemon.out").stat().st_size
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True)
     deadline = time.monotonic() + timeout
     with err.status("starting the pgfleet daemon…"):
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                tail = (home / "daemon.out").read_text(errors="replace").strip().splitlines()[-1:]
-                raise CliError(f"the daemon exited during start: {' '.join(tail) or 'see ' + str(home / 'daemon.log')}")
+                with open(home / "daemon.out", "rb") as f:
+                    f.seek(start_at)
+                    tail = f.read().decode(errors="replace").strip().splitlines()[-1:]
+                last = " ".join(tail).removeprefix("error: ")
+                raise CliError(f"the daemon exited during start: {last or 'see ' + str(home / 'daemon.log')}")
             info = DaemonInfo.read(home)
             if info is not None and info.pid == proc.pid:
-                err.print(f"pgfleet is up (pid {info.pid}): proxy {info.listen}, API {info.api_url}")
-                return
+                if not quiet:
+                    err.print(f"pgfleet is up (pid {info.pid}): proxy {info.listen}, API {info.api_url}")
+                return info
             time.sleep(0.05)
     proc.terminate()
     raise CliError(f"the daemon did not come up within {timeout:.0f}s (see {home / 'daemon.log'})")
@@ -176,7 +210,8 @@ def _detach(home: Path, listen: str, listen_pooled: str, api: str, driver: str, 
 
 @app.command()
 def down(home: Optional[Path] = HomeOpt,
-         timeout: float = typer.Option(120.0, help="seconds to wait for a clean stop")) -> None:
+         timeout: float = typer.Option(120.0, help="seconds to wait for a clean stop"),
+         as_json: bool = JsonOpt) -> None:
     """Stop the background daemon (running databases are suspended first)."""
     h = _home(home)
     info = DaemonInfo.read(h)
@@ -187,7 +222,10 @@ def down(home: Optional[Path] = HomeOpt,
     with err.status("stopping pgfleet (suspending databases)…"):
         while time.monotonic() < deadline:
             if not pid_alive(info.pid):
-                err.print("pgfleet is down")
+                if as_json:
+                    _print_json({"stopped": True, "pid": info.pid, "home": str(h)})
+                else:
+                    err.print("pgfleet is down")
                 return
             time.sleep(0.05)
     raise CliError(f"the daemon (pid {info.pid}) did not stop within {timeout:.0f}s")
@@ -203,7 +241,11 @@ def status(as_json: bool = JsonOpt) -> None:
     out.print(f"pgfleet {data['version']} on {data['home']} ({data['driver']} driver)")
     out.print(f"proxy {data['listen']}   pooled {data['listen_pooled']}")
     if data.get("tls_ca_file"):
-        out.print(f"TLS CA: {data['tls_ca_file']}   (sslmode=verify-full sslrootcert=<that file>; SNI NAME.{data['domain']})")
+        out.print(f"TLS CA: {data['tls_ca_file']}", soft_wrap=True, highlight=False)
+        out.print(f"verified TLS, routed by SNI (NAME.{data['domain']} needs no DNS entry with hostaddr):",
+                  soft_wrap=True, highlight=False)
+        out.print(f"  {tls_hint(data['listen'], data['domain'], data['tls_ca_file'])}", soft_wrap=True,
+                  highlight=False, markup=False)
     states = ", ".join(f"{n} {s}" for s, n in sorted(data["states"].items())) or "none"
     out.print(f"databases: {data['databases']} ({states})")
     limits = data.get("host_limits") or []
@@ -224,14 +266,25 @@ def status(as_json: bool = JsonOpt) -> None:
                   + ("" if memory["pressure_some_avg10"] is None else f", pressure {memory['pressure_some_avg10']}%"))
 
 
+def tls_hint(listen: str, domain: str, ca_file: str, name: str = "NAME") -> str:
+    """A psql command that works as printed: libpq sends host= as SNI and checks the certificate
+    against it, while hostaddr= says where to connect (NAME.db.localhost needs no resolver)."""
+    host, _, port = listen.rpartition(":")
+    return (f'psql "host={name}.{domain} hostaddr={host.strip("[]")} port={port} user={name} dbname={name} '
+            f'sslmode=verify-full sslrootcert={ca_file}"')
+
+
 @app.command()
-def token() -> None:
+def token(as_json: bool = JsonOpt) -> None:
     """Print the API token (created at the daemon's first start)."""
     h = _home(None)
     path = token_path(h)
     if not path.exists():
         ensure_token(h)
-    sys.stdout.write(path.read_text())
+    if as_json:
+        _print_json({"token": path.read_text().strip(), "path": str(path)})
+    else:
+        sys.stdout.write(path.read_text())
 
 
 # --- databases ---------------------------------------------------------------------
@@ -239,12 +292,20 @@ def _table(rows: list[dict]) -> Table:
     t = Table(box=None, header_style="bold")
     for c in ("NAME", "STATE", "MEMORY", "SCALE TO ZERO", "CLIENTS"):
         t.add_column(c, no_wrap=True)
-    t.add_column("URI", overflow="fold")
+    t.add_column("URI", no_wrap=True, overflow="ignore")  # a URI is copied whole, never split
     for r in rows:
         stz = r["scale_to_zero"]
         stz_text = f"{stz['policy']}, {stz['cooldown_ms'] / 1000:g}s" if stz["policy"] != "off" else "off"
         t.add_row(r["name"], _state_text(r["state"]), f"{r['memory_mb']} MiB", stz_text, str(r["clients"]), r["uri"])
     return t
+
+
+def _print_table(table: Table) -> None:
+    """On a terminal, rich's table; piped, as wide as its longest line (no wrapping at 80)."""
+    if out.is_terminal:
+        out.print(table)
+    else:
+        Console(width=100_000, no_color=True).print(table, crop=False)
 
 
 def _state_text(state: str) -> str:
@@ -350,7 +411,7 @@ def db_list(
     elif not rows:
         err.print("no databases yet: create one with `pgfleet db create NAME`")
     else:
-        out.print(_table(rows))
+        _print_table(_table(rows))
 
 
 @db_app.command("show")
@@ -401,13 +462,14 @@ def db_stop(name: str, as_json: bool = JsonOpt) -> None:
 
 @db_app.command("delete")
 def db_delete(name: str, as_json: bool = JsonOpt,
-              yes: bool = typer.Option(True, "--yes/--confirm", help="ask before deleting"),
+              yes: bool = typer.Option(False, "--yes", "-y", help="do not ask (on a terminal it asks first)"),
               purge: bool = typer.Option(False, "--purge", help="remove its backups too (else kept for their retention)")) -> None:
     """Delete a database and all its data (its backups stay for their retention unless --purge)."""
-    if not yes and not typer.confirm(f"delete {name} and all its data?"):
-        raise typer.Exit(1)
     client = _client()
     d = client.call("GET", f"/v1/databases/{name}")
+    if not yes and sys.stdin.isatty():
+        if not typer.confirm(f"delete {name} and all its data?", default=False, err=True):
+            raise CliError(f"{name}: not deleted")
     gone = client.call("DELETE", f"/v1/databases/{name}")
     if purge:
         gone["backups"] = client.call("DELETE", f"/v1/databases/{d['uuid']}/backups")["backups"]
@@ -416,6 +478,44 @@ def db_delete(name: str, as_json: bool = JsonOpt,
         _print_json(gone)
     else:
         err.print(f"{name}: deleted")
+
+
+@db_app.command("uri")
+def db_uri(name: str, pooled: bool = typer.Option(False, "--pooled", help="the pooled listener's URI"),
+           as_json: bool = JsonOpt) -> None:
+    """Print a database's connection URI (its password is in ~/.pgpass since create)."""
+    d = _client().call("GET", f"/v1/databases/{name}")
+    if as_json:
+        _print_json({"name": d["name"], "uri": d["uri"], "pooled_uri": d["pooled_uri"]})
+    else:
+        sys.stdout.write((d["pooled_uri"] if pooled else d["uri"]) + "\n")
+
+
+@db_app.command("update")
+def db_update(
+    name: str,
+    memory_mb: Optional[int] = typer.Option(None, help="memory limit (applies from the next start)"),
+    cooldown_ms: Optional[int] = typer.Option(None, help="scale to zero after this long without clients"),
+    policy: Optional[str] = typer.Option(None, help="scale-to-zero policy: on, idle (microvm) or off"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Change a database's settings."""
+    client = _client()
+    body: dict[str, Any] = {}
+    if memory_mb is not None:
+        body["memory_mb"] = memory_mb
+    if cooldown_ms is not None or policy is not None:
+        current = client.call("GET", f"/v1/databases/{name}")["scale_to_zero"]
+        body["scale_to_zero"] = {"policy": policy if policy is not None else current["policy"],
+                                 "cooldown_ms": cooldown_ms if cooldown_ms is not None else current["cooldown_ms"]}
+    if not body:
+        raise CliError("nothing to change: give --memory-mb, --cooldown-ms or --policy")
+    d = client.call("PATCH", f"/v1/databases/{name}", body)
+    if as_json:
+        _print_json(d)
+    else:
+        stz = d["scale_to_zero"]
+        err.print(f"{name}: memory {d['memory_mb']} MiB, scale to zero {stz['policy']} after {stz['cooldown_ms']} ms")
 
 
 @db_app.command("logs")

@@ -26,6 +26,7 @@ from pgfleet.store import InstanceRow, Store
 from . import states
 from .errors import AlreadyExists, FleetError, InvalidRequest, NotFound, QuotaExceeded, Unavailable
 from .events import EventLog
+from .images import check_image
 from .names import validate_name
 from .quotas import Quotas
 from .standby import WarmTier, is_warm
@@ -253,6 +254,7 @@ class Fleet:
         validate_settings(memory_mb=memory_mb, cooldown_ms=cooldown_ms, policy=policy, cold_after_ms=cold_after_ms,
                           disk_mb=disk_mb, cpu_pct=cpu_pct)
         self._check_disk_supported(disk_mb)
+        check_image(image)
         self._check_policy_supported(policy)
         if self.store.by_name(name) is not None:
             raise AlreadyExists(f"database {name!r} already exists")
