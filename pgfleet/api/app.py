@@ -18,7 +18,7 @@ from pgfleet.fleet.errors import FleetError
 
 from fastapi.responses import HTMLResponse
 
-from . import branches, databases, events, metrics, ukc, ukc_resources
+from . import branches, console, databases, events, metrics, ukc, ukc_resources
 from .common import MAX_BODY_BYTES, ApiContext, ApiError, check_token, envelope, error_body
 from .docs_page import DOCS_HTML
 from .ukc_common import ERROR_RESPONSES
@@ -26,7 +26,8 @@ from .ukc_common import ERROR_RESPONSES
 log = logging.getLogger(__name__)
 
 # the schema and the docs page describe the API and hold no data; everything else needs the token
-PUBLIC_PATHS = {"/healthz", "/openapi.json", "/docs"}
+# (the console's page and script too: they hold no data and ask for the token)
+PUBLIC_PATHS = {"/healthz", "/openapi.json", "/docs", *console.PUBLIC_PATHS}
 
 
 class BodyLimit:
@@ -155,6 +156,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     app.include_router(events.router, responses=ERROR_RESPONSES)
     app.include_router(metrics.router)
     app.include_router(branches.router, responses=ERROR_RESPONSES)
+    app.include_router(console.router)
     app.include_router(ukc.router)
     app.include_router(ukc_resources.services)
     app.include_router(ukc_resources.volumes)

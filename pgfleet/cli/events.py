@@ -76,6 +76,17 @@ def register(app: typer.Typer, db_app: typer.Typer, client: Callable[[], ApiClie
         for e in rows:
             _emit(e, False)
 
+    @app.command("console")
+    def console(as_json: bool = json_opt) -> None:
+        """Print the web console's address, with the token in its fragment (never sent to a server)."""
+        c = client()
+        token = c.http.headers["Authorization"].split(" ", 1)[1]
+        url = f"{c.info.api_url}/console#token={token}"
+        if as_json:
+            sys.stdout.write(json.dumps({"url": url}) + "\n")
+        else:
+            sys.stdout.write(url + "\n")
+
     @db_app.command("history")
     def history(name: str, limit: int = typer.Option(100, help="how many events"),
                 as_json: bool = json_opt) -> None:
