@@ -1,6 +1,6 @@
 """The web console in headless Chromium against a real daemon: sign in with the token, see
-every database with its state and recent wakes, create, suspend, resume and delete from the
-page, live updates from events; hostile text from clients stays text. Screenshots of the
+every database with its state and recent wakes, create, suspend, resume, branch and delete
+from the page, live updates from events; hostile text from clients stays text. Screenshots of the
 main pages are kept in tests/artifacts/console/."""
 
 from __future__ import annotations
@@ -75,10 +75,15 @@ def test_console_end_to_end(daemon, browser):
     page.wait_for(STATE.format(name="elsewhere") + " === 'running'", what="a live update")
     page.screenshot(shots / "after-actions.png")
 
+    # branch from the page (the name asked for in a prompt)
+    page.evaluate("window.prompt = () => 'web-copy'")
+    click(page, "web", "Branch")
+    page.wait_for(STATE.format(name="web-copy") + " === 'running'", timeout_s=120, what="the branch")
+
     page.evaluate("window.confirm = () => true")
     click(page, "web", "Delete")
     page.wait_for(ROW.format(name="web") + " === null", what="web deleted")
-    assert [d["name"] for d in daemon.json("db", "list")] == ["shop", "elsewhere"]
+    assert [d["name"] for d in daemon.json("db", "list")] == ["shop", "elsewhere", "web-copy"]
 
     # a wrong token is refused and the page shows no data
     login = browser.new_page()

@@ -83,6 +83,12 @@ function renderDatabases(rows) {
     const buttons = el("td", {});
     if (d.state === "running") buttons.append(action("Suspend", "", () => api("PUT", path + "/suspend")));
     if (d.state === "standby" || d.state === "stopped") buttons.append(action("Resume", "", () => api("PUT", path + "/resume")));
+    buttons.append(" ", action("Branch", "", async () => {
+      const branch = window.prompt(`Name of the new branch of ${name}:`, `${name}-branch`);
+      if (!branch) return;
+      const made = await api("POST", path + "/branches", { name: branch });
+      notice(`Branched ${name} into ${made.name}.` + (made.password ? ` Its password, shown once: ${made.password}` : ""));
+    }));
     buttons.append(" ", action("Delete", "danger", async () => {
       if (!window.confirm(`Delete ${name} and all its data?`)) return;
       await api("DELETE", path);
