@@ -32,8 +32,9 @@ def test_busy_ports_are_one_line(daemon_env):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        for flag in ("--listen", "--listen-pooled", "--api"):
-            args = {"--listen": "127.0.0.1:0", "--listen-pooled": "127.0.0.1:0", "--api": "127.0.0.1:0"}
+        for flag in ("--listen", "--listen-pooled", "--api", "--listen-http"):
+            args = {"--listen": "127.0.0.1:0", "--listen-pooled": "127.0.0.1:0", "--api": "127.0.0.1:0",
+                    "--listen-http": "127.0.0.1:0"}
             args[flag] = f"127.0.0.1:{port}"
             for detach in ((), ("--detach",)):
                 proc = run(daemon_env, "up", *detach, "--driver", "sandbox", *[w for kv in args.items() for w in kv])

@@ -1,6 +1,6 @@
 """The container image: built by scripts/build-image.sh from Debian packages only, and
 `pgfleet --version` runs from it. The build takes minutes, so the image is cached under
-$PGFLEET_CACHE keyed by its recipe (the build script, the package list, pyproject.toml)."""
+$PGFLEET_CACHE keyed by its recipe (the build script, the package list, the version and pinned dependencies)."""
 
 from __future__ import annotations
 
@@ -29,9 +29,10 @@ def _inputs_key() -> str:
     h = hashlib.sha256()
     # the recipe, not pgfleet's sources: a code change alone does not cost a ~5-15 minute rebuild
     # (the cached image may hold an older pgfleet of the same version; the pipeline is what is tested)
-    files = [REPO / "scripts/build-image.sh", REPO / "apt-packages.txt", REPO / "pyproject.toml"]
-    for f in files:
+    for f in (REPO / "scripts/build-image.sh", REPO / "apt-packages.txt"):
         h.update(str(f.relative_to(REPO)).encode() + b"\0" + f.read_bytes())
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]  # not the test extras
+    h.update(repr((project["version"], project["dependencies"])).encode())
     return h.hexdigest()[:16]
 
 
