@@ -35,8 +35,10 @@ MIB = 1 << 20
 
 
 def tier_of(row: InstanceRow) -> str:
-    """The standby tier where the fleet has tiers, else the state's own name."""
-    return str(getattr(row, "standby_tier", None) or "")
+    """A standby database's tier (warm: frozen, sessions kept; cold: stopped); "" otherwise."""
+    if row.state != State.STANDBY:
+        return ""
+    return str(getattr(row, "standby_tier", None) or "cold")
 
 
 @dataclass
@@ -82,7 +84,8 @@ class _Collector:
         up.add_metric([], 1)
         yield up
         by = GaugeMetricFamily("pgfleet_databases", "Databases by state and standby tier", labels=["state", "tier"])
-        counts: dict[tuple[str, str], int] = {(s.value, ""): 0 for s in State}
+        counts: dict[tuple[str, str], int] = {(s.value, ""): 0 for s in State if s != State.STANDBY}
+        counts.update({(State.STANDBY.value, "warm"): 0, (State.STANDBY.value, "cold"): 0})
         for r in rows:
             key = (r.state, tier_of(r))
             counts[key] = counts.get(key, 0) + 1

@@ -76,8 +76,8 @@ def test_database_commands(daemon):
     assert created["uri"].replace(":" + created["password"], "") in listed
     assert daemon.cli("db", "uri", name).stdout.strip() == daemon.json("db", "show", name)["uri"]
     assert daemon.cli("db", "uri", name, "--pooled").stdout.strip().endswith(f"/{name}")
-    updated = daemon.json("db", "update", name, "--cooldown-ms", "1234", "--memory-mb", "256")
-    assert updated["scale_to_zero"]["cooldown_ms"] == 1234 and updated["memory_mb"] == 256
+    updated = daemon.json("db", "update", name, "--cooldown-ms", "123456", "--memory-mb", "256")
+    assert updated["scale_to_zero"]["cooldown_ms"] == 123456 and updated["memory_mb"] == 256
     assert updated["scale_to_zero"]["policy"] == "on"
     proc = daemon.cli("db", "update", name, check=False)
     assert proc.returncode == 1 and "nothing to change" in proc.stderr
