@@ -19,6 +19,7 @@ answers); every other message is forwarded as its bytes arrive, however large it
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import re
 import struct
@@ -38,9 +39,21 @@ from .statements import ClientStatements, SharedTexts, server_statement_name
 
 log = logging.getLogger(__name__)
 
-# expectation kinds: how the proxy treats the server's answer to one request
-FWD, DROP, SYNTH, SYNC = 0, 1, 2, 3
-PSYNC, PROBE = 4, 5  # the proxy's own queries: everything up to their ReadyForQuery is dropped
+class Answer(enum.IntEnum):
+    """How the proxy treats the server's answer to one request (an Expect's kind). Code
+    never relies on their order: `Expect.own` says whether a request is the proxy's own."""
+
+    FWD = 0  # forwarded to the client
+    DROP = 1  # dropped: a Parse the proxy sent to re-prepare a statement the client thinks exists
+    SYNTH = 2  # no request was sent: the proxy writes the answer (payload) itself, in order
+    SYNC = 3  # forwarded, ends with ReadyForQuery (Query, Sync, FunctionCall)
+    PSYNC = 4  # the proxy's own Query setting session parameters: dropped up to its ReadyForQuery
+    PROBE = 5  # the proxy's own Query asking parameter values: read, dropped up to its ReadyForQuery
+
+
+FWD, DROP, SYNTH, SYNC, PSYNC, PROBE = Answer  # bound names for the walkers
+#: the proxy's own queries: nothing of their answers reaches the client
+OWN_QUERIES = frozenset({Answer.PSYNC, Answer.PROBE})
 _ASYNC = frozenset(b"NSA")  # NoticeResponse, ParameterStatus, NotificationResponse
 _EXEC_END = frozenset(b"CIs")  # CommandComplete, EmptyQueryResponse, PortalSuspended
 PARSE_COMPLETE = m.message(b"1")
@@ -55,11 +68,14 @@ CONNECT_TIMEOUT_S = 60.0
 
 
 class Expect:
-    __slots__ = ("kind", "ends", "payload", "on_error")
+    """The answer the proxy expects next from the server, and what to do with it."""
 
-    def __init__(self, kind: int, ends: frozenset[int] = frozenset(), payload=b"",
+    __slots__ = ("kind", "own", "ends", "payload", "on_error")
+
+    def __init__(self, kind: Answer, ends: frozenset[int] = frozenset(), payload=b"",
                  on_error: Callable[[], None] | None = None) -> None:
         self.kind = kind
+        self.own = kind in OWN_QUERIES
         self.ends = ends
         self.payload = payload
         self.on_error = on_error
@@ -732,7 +748,7 @@ class PooledClient(asyncio.Protocol):
         else:
             self._prepare_on(server, sname, rest, FWD)
 
-    def _prepare_on(self, server: ServerConn, sname: str, rest: bytes, kind: int) -> None:
+    def _prepare_on(self, server: ServerConn, sname: str, rest: bytes, kind: Answer) -> None:
         server.prepared.add(sname)
         self._out.append(_raw(0x50, sname.encode() + b"\0" + rest))
         self.queue.append(Expect(kind, frozenset(b"1"), on_error=lambda: server.prepared.discard(sname)))
@@ -886,9 +902,10 @@ class PooledClient(asyncio.Protocol):
             if queue:
                 head = queue[0]
                 hk = head.kind
+                own = head.own
             else:
-                head, hk = None, -1
-            if hk >= PSYNC:  # the proxy's own query: nothing reaches the client
+                head, hk, own = None, -1, False
+            if own:  # the proxy's own query: nothing reaches the client
                 out.append(data[run:pos])
                 run = mend
                 if kind in _PROXY_READS:
