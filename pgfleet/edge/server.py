@@ -19,6 +19,7 @@ from aiohttp import web
 from aiohttp.web_exceptions import HTTPRequestEntityTooLarge
 
 from pgfleet.fleet.manager import Fleet
+from pgfleet.proxy.errors import ClientError
 from pgfleet.proxy.pool import AnswerTooLarge
 from pgfleet.proxy.server import ProxyServer, route
 
@@ -134,11 +135,7 @@ class EdgeServer:
         raw_text = headers.get("Neon-Raw-Text-Output", "").lower() == _TRUE
         array_mode = headers.get("Neon-Array-Mode", "").lower() == _TRUE
         batch_opts = _batch_options(headers)
-        # the password before the body: a stranger's body is never read (it waits in the socket)
-        if target.password is None or target.user != row.role or not await self.passwords.check(
-                row.verifier, target.password):
-            self.pooled.note_auth_failure(row, target.user, "http", request.remote)
-            raise HttpError(400, f'password authentication failed for user "{target.user}"', "28P01")
+        await self._authenticate(row, target, request.remote or "unknown")
         try:
             queries, is_batch = q.parse_body(await request.read(), self.settings.max_batch)
             payload, readies = q.messages(queries, batch_opts if is_batch else None)
@@ -150,6 +147,23 @@ class EdgeServer:
         results = [q.result_json(r, x.array_mode if x.array_mode is not None else array_mode, raw_text)
                    for r, x in zip(answers.results, queries)]
         return _dumps({"results": results} if is_batch else results[0])
+
+    async def _authenticate(self, row, target: connstr.ConnectionString, source: str) -> None:
+        """The password before the body (a stranger's body is never read: it waits in the
+        socket), under the proxy listeners' login backoff per role and source address."""
+        logins = self.pooled.guards.logins
+        try:
+            logins.check(target.user, source)
+        except ClientError as exc:
+            self.fleet.events.emit("connection_refused", row.name, reason="login backoff", user=target.user[:64],
+                                   listener="http", peer=source)
+            raise HttpError(429, str(exc), exc.sqlstate)
+        if target.password is None or target.user != row.role or not await self.passwords.check(
+                row.verifier, target.password):
+            failures = logins.failed(target.user, source)
+            self.pooled.note_auth_failure(row, target.user, "http", source, failures=failures)
+            raise HttpError(400, f'password authentication failed for user "{target.user}"', "28P01")
+        logins.succeeded(target.user, source)
 
     def _find(self, request: web.BaseRequest, target: connstr.ConnectionString):
         """The proxy's routing: the TLS server name, else the connection string's host, as

@@ -111,4 +111,4 @@ def _origin(request: web.BaseRequest, domain: str) -> Origin:
                   request.host.rsplit(":", 1)[0]]
     suffix = "." + domain
     sni = next((c for c in candidates if c and c.lower().rstrip(".").endswith(suffix)), None)
-    return Origin(tls=ssl_obj is not None, sni=sni, cleartext_ok=True)
+    return Origin(tls=ssl_obj is not None, sni=sni, cleartext_ok=True, peer=request.remote)

@@ -187,3 +187,26 @@ def test_fuzzed_headers_never_get_a_server_error(served, conn, level, flag):
                   "Neon-Batch-Read-Only": flag, "Neon-Array-Mode": flag, "Neon-Raw-Text-Output": flag})
         assert r.status_code in (200, 400), (r.status_code, r.text)
         assert "message" in r.json() or "results" in r.json()
+
+
+async def test_failed_http_logins_back_off_like_the_proxy_listeners(strict_edge, env):
+    """Guessing passwords over HTTP meets the same login backoff (per role and source) as the
+    proxy's listeners: after the free failures even the right password waits, and nothing wakes."""
+    from pgfleet.proxy.guards import GuardLimits, LoginThrottle
+
+    limits = GuardLimits(free_login_failures=3, backoff_base_s=60.0)  # long enough to outlast a slow host
+    strict_edge.pooled.guards.logins = LoginThrottle(limits)
+    created = await env.fleet.create("guessed", cooldown_ms=600_000)
+    await env.fleet.suspend("guessed")
+    url = f"http://127.0.0.1:{strict_edge.port}/sql"
+    async with httpx.AsyncClient(timeout=30) as client:
+        for _ in range(3):
+            r = await client.post(url, json={"query": "SELECT 1"},
+                                  headers={"Neon-Connection-String": "postgresql://guessed:guess@x/guessed"})
+            assert r.status_code == 400 and r.json()["code"] == "28P01"
+        r = await client.post(url, json={"query": "SELECT 1"}, headers={
+            "Neon-Connection-String": f"postgresql://guessed:{created.password}@x/guessed"})
+    assert r.status_code == 429 and r.json()["code"] == "28000", r.text
+    assert "too many failed login attempts" in r.json()["message"]
+    assert env.fleet.get("guessed").state == "standby"
+    assert strict_edge.pooled.guards.logins.refused == 1
