@@ -156,7 +156,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     app.include_router(events.router, responses=ERROR_RESPONSES)
     app.include_router(metrics.router)
     app.include_router(branches.router, responses=ERROR_RESPONSES)
-    app.include_router(console.router)
+    app.include_router(console.router, responses=ERROR_RESPONSES)
     app.include_router(ukc.router)
     app.include_router(ukc_resources.services)
     app.include_router(ukc_resources.volumes)

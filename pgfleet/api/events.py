@@ -30,7 +30,12 @@ def _ctx(request: Request) -> ApiContext:
     return request.app.state.ctx
 
 
-@router.get("/v1/events")
+#: a list (JSON) or, with follow=true, a live stream (server-sent events): both documented
+_EVENTS_200 = {200: {"description": "Recent events, or with `follow=true` a server-sent event stream",
+                     "content": {"application/json": {}, "text/event-stream": {}}}}
+
+
+@router.get("/v1/events", responses=_EVENTS_200)
 async def events(request: Request, database: str | None = Query(None, max_length=64),
                  limit: int = Query(100, ge=0, le=2000), follow: bool = False):
     ctx = _ctx(request)

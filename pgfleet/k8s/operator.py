@@ -248,7 +248,8 @@ class Operator:
             password = db["password"]
         if password is not None:
             await self.write_secret(body, ref, db, password)
-        if (db["memory_mb"] != memory_mb or db["scale_to_zero"] != wanted["scale_to_zero"]
+        stz = db["scale_to_zero"]  # the API also reports settings the resource does not set (cold_after_ms)
+        if (db["memory_mb"] != memory_mb or any(stz.get(k) != v for k, v in wanted["scale_to_zero"].items())
                 or db.get("disk_mb", 0) != wanted["disk_mb"] or db.get("cpu_pct", 0) != wanted["cpu_pct"]):
             db = await ref.api.call("PATCH", f"/v1/databases/{name}", wanted)
         return self.status_for(ref, db)

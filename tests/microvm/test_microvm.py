@@ -76,8 +76,10 @@ async def test_reserved_role_names_are_refused(driver, tmp_path):
 
 
 async def test_failed_create_leaves_nothing(driver, tmp_path):
-    spec = new_spec(tmp_path, role="")  # restored fine, then Postgres refuses the role name
-    with pytest.raises(DriverError, match="zero-length"):
+    # passes the driver's own name check (it refuses "" and pg_* up front), is restored fine,
+    # then Postgres refuses the role name: the teardown after a restore is what is tested
+    spec = new_spec(tmp_path, role="public")
+    with pytest.raises(DriverError, match='role name "public" is reserved'):
         await driver.create(spec)
     assert qemu_pids(spec.home) == []
     assert not Path(f"/run/netns/pgf-{spec.slot}").exists()
