@@ -51,7 +51,9 @@ def test_create_query_suspend_and_wake_through_the_proxy(vm_daemon):
 
 def test_idle_policy_suspends_under_an_open_session_and_its_next_query_wakes_it(vm_daemon):
     d = vm_daemon
-    created = d.json("db", "create", "vm2", "--policy", "idle", "--cooldown-ms", "500")
+    # a cooldown the CLI round trip after the wake fits in (a 500 ms one could suspend the VM
+    # again before `db show` answered), shorter than the open transaction below
+    created = d.json("db", "create", "vm2", "--policy", "idle", "--cooldown-ms", "3000")
     with psycopg.connect(created["uri"], autocommit=True, connect_timeout=120) as conn:
         conn.execute("CREATE TABLE t AS SELECT 42 AS x")
         shown = _wait_state(d, "vm2", "standby")
@@ -63,7 +65,7 @@ def test_idle_policy_suspends_under_an_open_session_and_its_next_query_wakes_it(
         # while a transaction is open it is never suspended
         conn.execute("BEGIN")
         conn.execute("SELECT 1")
-        deadline = time.monotonic() + 3
+        deadline = time.monotonic() + 4.5  # longer than the cooldown
         while time.monotonic() < deadline:
             assert d.json("db", "show", "vm2")["state"] == "running"
             time.sleep(0.2)
