@@ -232,10 +232,11 @@ async def startup_error(port: int, params: dict) -> dict[str, str]:
     import asyncio
 
     from pgfleet.pgwire import messages as m
+    from pgfleet.pgwire.protocol import BackendMsg
 
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(m.startup_message(params))
     kind, body = await m.read_message(reader)
     writer.close()
-    assert kind == b"E", f"expected an ErrorResponse, got {kind!r}"
+    assert kind == BackendMsg.ERROR_RESPONSE, f"expected an ErrorResponse, got {kind!r}"
     return m.parse_error_fields(body)

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from scramp import ScramClient
 
 from pgfleet.pgwire import messages as m
+from pgfleet.pgwire.protocol import BackendMsg, FrontendMsg, Target, byte
 from pgfleet.proxy.server import ProxyServer
 
 MB = 1024 * 1024
@@ -46,54 +47,54 @@ class RawClient:
         scram = ScramClient(["SCRAM-SHA-256"], name, password)
         while True:
             kind, body = await m.read_message(reader)
-            if kind == b"R":
+            if kind == BackendMsg.AUTHENTICATION:
                 code = int.from_bytes(body[:4], "big")
                 if code == m.AUTH_SASL:
                     first = scram.get_client_first().encode()
-                    writer.write(m.message(b"p", b"SCRAM-SHA-256\0" + len(first).to_bytes(4, "big") + first))
+                    writer.write(m.message(FrontendMsg.PASSWORD, b"SCRAM-SHA-256\0" + len(first).to_bytes(4, "big") + first))
                 elif code == m.AUTH_SASL_CONTINUE:
                     scram.set_server_first(body[4:].decode())
-                    writer.write(m.message(b"p", scram.get_client_final().encode()))
+                    writer.write(m.message(FrontendMsg.PASSWORD, scram.get_client_final().encode()))
                 elif code == m.AUTH_SASL_FINAL:
                     scram.set_server_final(body[4:].decode())
-            elif kind == b"E":
+            elif kind == BackendMsg.ERROR_RESPONSE:
                 raise AssertionError(m.parse_error_fields(body))
-            elif kind == b"Z":
+            elif kind == BackendMsg.READY_FOR_QUERY:
                 return cls(reader, writer)
 
-    async def until_ready(self) -> tuple[dict[bytes, int], list[tuple[bytes, bytes]]]:
+    async def until_ready(self) -> tuple[dict[int, int], list[tuple[int, bytes]]]:
         """Read up to ReadyForQuery: bytes of body per message kind, and the small messages
         (under 64 kB) whole. Large bodies are counted as they pass, never kept."""
-        sizes: dict[bytes, int] = {}
-        small: list[tuple[bytes, bytes]] = []
+        sizes: dict[int, int] = {}
+        small: list[tuple[int, bytes]] = []
         while True:
             kind, length = await self._header()
             sizes[kind] = sizes.get(kind, 0) + length
             if length < 64 * 1024:
                 body = await self.reader.readexactly(length)
                 small.append((kind, body))
-                if kind == b"Z":
+                if kind == BackendMsg.READY_FOR_QUERY:
                     return sizes, small
                 continue
             left = length
             while left:
                 left -= len(await self.reader.read(min(left, MB)))
 
-    async def _header(self) -> tuple[bytes, int]:
+    async def _header(self) -> tuple[int, int]:
         head = await self.reader.readexactly(5)
-        return head[:1], int.from_bytes(head[1:], "big") - 4
+        return head[0], int.from_bytes(head[1:], "big") - 4
 
     async def query(self, sql: str):
-        self.writer.write(m.message(b"Q", m.cstr(sql)))
+        self.writer.write(m.message(FrontendMsg.QUERY, m.cstr(sql)))
         return await self.until_ready()
 
     async def close(self) -> None:
-        self.writer.write(m.message(b"X"))
+        self.writer.write(m.message(FrontendMsg.TERMINATE))
         self.writer.close()
 
 
-def _first_value(small: list[tuple[bytes, bytes]]) -> bytes:
-    body = next(b for k, b in small if k == b"D")
+def _first_value(small: list[tuple[int, bytes]]) -> bytes:
+    body = next(b for k, b in small if k == BackendMsg.DATA_ROW)
     n = int.from_bytes(body[2:6], "big")
     return body[6 : 6 + n]
 
@@ -107,7 +108,7 @@ async def test_a_huge_row_streams_through(env, pooled):
         sizes, small = await c.query(f"SELECT repeat('x', {SIZE})")
         grew = _status("VmHWM") - rss
         # the DataRow: column count (2), value length (4), value
-        assert sizes[b"D"] == 2 + 4 + SIZE, sizes
+        assert sizes[BackendMsg.DATA_ROW] == 2 + 4 + SIZE, sizes
         assert grew < BUDGET, f"peak memory grew by {grew / MB:.0f} MB for a {SIZE / MB:.0f} MB row"
         # the session goes on
         _, small = await c.query("SELECT 'after'")
@@ -121,9 +122,9 @@ async def test_a_huge_copy_data_message_streams_through(env, pooled):
     c = await RawClient.connect(pooled.port, "bigcopy", created.password)
     try:
         await c.query("CREATE TABLE t(s text)")
-        c.writer.write(m.message(b"Q", m.cstr("COPY t FROM STDIN")))
+        c.writer.write(m.message(FrontendMsg.QUERY, m.cstr("COPY t FROM STDIN")))
         kind, length = await c._header()
-        assert kind == b"G", kind  # CopyInResponse
+        assert kind == BackendMsg.COPY_IN_RESPONSE, kind  # CopyInResponse
         await c.reader.readexactly(length)
         rss = reset_peak()
         # one CopyData message of SIZE bytes (one line), written a piece at a time
@@ -132,11 +133,11 @@ async def test_a_huge_copy_data_message_streams_through(env, pooled):
         for _ in range(SIZE // MB):
             c.writer.write(piece)
             await c.writer.drain()
-        c.writer.write(b"\n" + m.message(b"c"))  # the end of the line, CopyDone
+        c.writer.write(b"\n" + m.message(FrontendMsg.COPY_DONE))  # the end of the line, CopyDone
         sizes, small = await c.until_ready()
         grew = _status("VmHWM") - rss
-        assert b"E" not in sizes, small
-        assert any(k == b"C" and body.startswith(b"COPY 1") for k, body in small), small
+        assert BackendMsg.ERROR_RESPONSE not in sizes, small
+        assert any(k == BackendMsg.COMMAND_COMPLETE and body.startswith(b"COPY 1") for k, body in small), small
         assert grew < BUDGET, f"peak memory grew by {grew / MB:.0f} MB for a {SIZE / MB:.0f} MB message"
         _, small = await c.query("SELECT length(s) FROM t")
         assert _first_value(small) == str(SIZE).encode()
@@ -144,9 +145,9 @@ async def test_a_huge_copy_data_message_streams_through(env, pooled):
         await c.close()
 
 
-async def _send_big(c: RawClient, kind: bytes, prefix: bytes, size: int, fill: bytes, suffix: bytes) -> None:
+async def _send_big(c: RawClient, kind: int, prefix: bytes, size: int, fill: bytes, suffix: bytes) -> None:
     """One message of `size` bytes of `fill` between prefix and suffix, written a piece at a time."""
-    c.writer.write(kind + (4 + len(prefix) + size + len(suffix)).to_bytes(4, "big") + prefix)
+    c.writer.write(byte(kind) + (4 + len(prefix) + size + len(suffix)).to_bytes(4, "big") + prefix)
     piece = fill * MB
     for _ in range(size // MB):
         c.writer.write(piece)
@@ -162,13 +163,13 @@ async def test_a_huge_query_and_bind_stream_through(env, pooled):
     try:
         c.writer.write(_parse("st", "SELECT length($1::text)") + _SYNC)
         sizes, small = await c.until_ready()
-        assert b"E" not in sizes, small
+        assert BackendMsg.ERROR_RESPONSE not in sizes, small
         rss = reset_peak()
-        await _send_big(c, b"Q", b"SELECT length('", SIZE, b"q", b"')\0")
+        await _send_big(c, FrontendMsg.QUERY, b"SELECT length('", SIZE, b"q", b"')\0")
         sizes, small = await c.until_ready()
         assert _first_value(small) == str(SIZE).encode(), small
         # Bind: unnamed portal, statement "st", no formats, one parameter of SIZE bytes, no result formats
-        await _send_big(c, b"B", b"\0st\0\0\0\0\x01" + SIZE.to_bytes(4, "big"), SIZE, b"b", b"\0\0")
+        await _send_big(c, FrontendMsg.BIND, b"\0st\0\0\0\0\x01" + SIZE.to_bytes(4, "big"), SIZE, b"b", b"\0\0")
         c.writer.write(_EXECUTE + _SYNC)
         sizes, small = await c.until_ready()
         grew = _status("VmHWM") - rss
@@ -181,20 +182,20 @@ async def test_a_huge_query_and_bind_stream_through(env, pooled):
 # --- any split of either stream gives the same answers ---------------------------------
 
 def _q(sql: str) -> bytes:
-    return m.message(b"Q", m.cstr(sql))
+    return m.message(FrontendMsg.QUERY, m.cstr(sql))
 
 
 def _parse(name: str, sql: str) -> bytes:
-    return m.message(b"P", m.cstr(name) + m.cstr(sql) + b"\0\0")
+    return m.message(FrontendMsg.PARSE, m.cstr(name) + m.cstr(sql) + b"\0\0")
 
 
 def _bind(stmt: str, *values: bytes) -> bytes:
     body = b"\0" + m.cstr(stmt) + b"\0\0" + len(values).to_bytes(2, "big")
     body += b"".join(len(v).to_bytes(4, "big") + v for v in values) + b"\0\0"
-    return m.message(b"B", body)
+    return m.message(FrontendMsg.BIND, body)
 
 
-_DESCRIBE_PORTAL, _EXECUTE, _SYNC = m.message(b"D", b"P\0"), m.message(b"E", b"\0\0\0\0\0"), m.message(b"S")
+_DESCRIBE_PORTAL, _EXECUTE, _SYNC = m.message(FrontendMsg.DESCRIBE, byte(Target.PORTAL) + b"\0"), m.message(FrontendMsg.EXECUTE, b"\0\0\0\0\0"), m.message(FrontendMsg.SYNC)
 
 #: every path of the pooler's framing: named statements (re-prepared, rewritten Binds, a
 #: large parameter), unnamed ones, an error in a pipeline, SETs reported and not (asked for
@@ -208,9 +209,9 @@ SCRIPT = b"".join([
     _q("SELECT current_setting('extra_float_digits'), current_setting('application_name')"),
     _q("SELECT length('" + "q" * 200_000 + "')"),
     _bind("s1", b"b" * 100_000), _EXECUTE, _SYNC,
-    _q("COPY c FROM STDIN"), m.message(b"d", b"line one\n"), m.message(b"d", b"w" * 150_000 + b"\n"), m.message(b"c"),
+    _q("COPY c FROM STDIN"), m.message(FrontendMsg.COPY_DATA, b"line one\n"), m.message(FrontendMsg.COPY_DATA, b"w" * 150_000 + b"\n"), m.message(FrontendMsg.COPY_DONE),
     _q("DEALLOCATE ALL"),
-    _bind("s1", b"c"), _EXECUTE, m.message(b"C", b"Ss1\0"), _SYNC,
+    _bind("s1", b"c"), _EXECUTE, m.message(FrontendMsg.CLOSE, b"Ss1\0"), _SYNC,
     _q("SELECT 'end'"),
 ])
 READIES = 12
@@ -221,7 +222,7 @@ async def _replies(c: RawClient, readies: int) -> bytes:
     while readies:
         head = await c.reader.readexactly(5)
         got.append(head + await c.reader.readexactly(int.from_bytes(head[1:], "big") - 4))
-        readies -= head[:1] == b"Z"
+        readies -= head[0] == BackendMsg.READY_FOR_QUERY
     return b"".join(got)
 
 

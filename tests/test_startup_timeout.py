@@ -8,6 +8,7 @@ import asyncio
 import pytest
 
 from pgfleet.pgwire import messages as m
+from pgfleet.pgwire.protocol import BackendMsg
 from pgfleet.proxy import server as proxy_server
 
 TIMEOUT_S = 0.5
@@ -52,7 +53,7 @@ async def test_a_client_stalled_in_scram_is_dropped(env, short_startup_timeout):
         writer.write(m.startup_message({"user": created.row.role, "database": "stall"}))
         await writer.drain()
         kind, body = await asyncio.wait_for(m.read_message(reader), timeout=10)
-        assert kind == b"R" and int.from_bytes(body[:4], "big") == m.AUTH_SASL
+        assert kind == BackendMsg.AUTHENTICATION and int.from_bytes(body[:4], "big") == m.AUTH_SASL
         rest = await _dropped(reader)  # we never answer the SASL challenge
         assert rest == b"" or rest[:1] == b"E"
     finally:

@@ -16,12 +16,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pgfleet.pgwire import messages as m
+from pgfleet.pgwire.protocol import BackendMsg, FrontendMsg, Target, TransactionStatus, byte
 from pgfleet.proxy import params as pm
 
 _I16 = struct.Struct("!h")
 _I32 = struct.Struct("!i")
 _FIELD = struct.Struct("!ihihih")
 MAX_PARAMS = 65535
+_IDLE_STATUS = byte(TransactionStatus.IDLE)
 
 ISOLATION = {
     "serializable": "SERIALIZABLE", "readuncommitted": "READ UNCOMMITTED",
@@ -158,7 +160,7 @@ def messages(queries: list[Query], batch: Batch | None) -> tuple[bytes, int]:
         out.append(_extended(q.sql, q.params, describe=True))
     if batch is not None:
         out.append(_extended("COMMIT", (), describe=False))
-    out.append(m.message(b"S"))
+    out.append(m.message(FrontendMsg.SYNC))
     if batch is not None:
         out.append(pm.query("ROLLBACK"))  # only if a query failed: a notice otherwise
         return b"".join(out), 3
@@ -175,10 +177,11 @@ def _extended(sql: str, params: tuple[str | None, ...], describe: bool) -> bytes
     for v in values:
         bind.append(_I32.pack(-1) if v is None else _I32.pack(len(v)) + v)
     bind.append(_I16.pack(0))
-    parts = [m.message(b"P", b"\0" + text + b"\0" + _I16.pack(0)), m.message(b"B", b"".join(bind))]
+    parts = [m.message(FrontendMsg.PARSE, b"\0" + text + b"\0" + _I16.pack(0)),
+             m.message(FrontendMsg.BIND, b"".join(bind))]
     if describe:
-        parts.append(m.message(b"D", b"P\0"))
-    parts.append(m.message(b"E", b"\0" + _I32.pack(0)))
+        parts.append(m.message(FrontendMsg.DESCRIBE, byte(Target.PORTAL) + b"\0"))
+    parts.append(m.message(FrontendMsg.EXECUTE, b"\0" + _I32.pack(0)))
     return b"".join(parts)
 
 
@@ -208,31 +211,31 @@ def read_answers(msgs: list[tuple[int, bytes]]) -> Answers:
     results: list[Result] = []
     current: Result | None = None
     error: dict[str, str] | None = None
-    status = b"I"
+    status = _IDLE_STATUS
     reported = False
     for kind, body in msgs:
-        if kind == 0x44:  # DataRow
+        if kind == BackendMsg.DATA_ROW:
             if current is not None:
                 current.rows.append(m.parse_data_row(body))
-        elif kind == 0x54:  # RowDescription
+        elif kind == BackendMsg.ROW_DESCRIPTION:
             current = Result(fields=_row_description(body))
             results.append(current)
-        elif kind == 0x6E:  # NoData
+        elif kind == BackendMsg.NO_DATA:
             current = Result()
             results.append(current)
-        elif kind in (0x43, 0x49):  # CommandComplete, EmptyQueryResponse
+        elif kind == BackendMsg.COMMAND_COMPLETE or kind == BackendMsg.EMPTY_QUERY_RESPONSE:
             if current is not None:
-                current.tag = body[:-1].decode("utf-8", "replace") if kind == 0x43 else ""
+                current.tag = body[:-1].decode("utf-8", "replace") if kind == BackendMsg.COMMAND_COMPLETE else ""
                 current = None
-        elif kind == 0x45:  # ErrorResponse
+        elif kind == BackendMsg.ERROR_RESPONSE:
             if error is None:
                 error = m.parse_error_fields(body)
             current = None
-        elif kind == 0x5A:  # ReadyForQuery
+        elif kind == BackendMsg.READY_FOR_QUERY:
             status = body[:1]
-        elif kind == 0x53:  # ParameterStatus: a reported parameter changed
+        elif kind == BackendMsg.PARAMETER_STATUS:  # a reported parameter changed
             reported = True
-    return Answers(results, error, clean=status == b"I" and not reported)
+    return Answers(results, error, clean=status == _IDLE_STATUS and not reported)
 
 
 def _row_description(body: bytes) -> list[tuple[str, int, int, int, int, int]]:

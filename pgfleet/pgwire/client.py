@@ -9,6 +9,7 @@ import asyncio
 from dataclasses import dataclass
 
 from . import messages as m
+from .protocol import BackendMsg, FrontendMsg
 
 
 class QueryError(Exception):
@@ -48,40 +49,40 @@ class AdminConnection:
     async def _until_ready(self, expect_auth: bool = False) -> None:
         while True:
             kind, body = await m.read_message(self.reader)
-            if kind == b"R":
+            if kind == BackendMsg.AUTHENTICATION:
                 code = int.from_bytes(body[:4], "big")
                 if code != m.AUTH_OK:
                     raise QueryError({"C": "28000", "M": f"server asked for authentication {code}"})
-            elif kind == b"S":
+            elif kind == BackendMsg.PARAMETER_STATUS:
                 name, value, _ = body.split(b"\0", 2)
                 self.parameters[name.decode()] = value.decode()
-            elif kind == b"K":
+            elif kind == BackendMsg.BACKEND_KEY_DATA:
                 self.process_id = int.from_bytes(body[:4], "big", signed=True)
                 self.secret_key = int.from_bytes(body[4:8], "big", signed=True)
-            elif kind == b"E":
+            elif kind == BackendMsg.ERROR_RESPONSE:
                 raise QueryError(m.parse_error_fields(body))
-            elif kind == b"Z":
+            elif kind == BackendMsg.READY_FOR_QUERY:
                 return
 
     async def query(self, sql: str) -> list[Result]:
         """Run a simple-protocol query string; returns one Result per statement."""
-        self.writer.write(m.message(b"Q", m.cstr(sql)))
+        self.writer.write(m.message(FrontendMsg.QUERY, m.cstr(sql)))
         results: list[Result] = []
         columns: list[str] = []
         rows: list[tuple[str | None, ...]] = []
         error: QueryError | None = None
         while True:
             kind, body = await m.read_message(self.reader)
-            if kind == b"T":
+            if kind == BackendMsg.ROW_DESCRIPTION:
                 columns, rows = _row_description(body), []
-            elif kind == b"D":
+            elif kind == BackendMsg.DATA_ROW:
                 rows.append(_data_row(body))
-            elif kind == b"C":
+            elif kind == BackendMsg.COMMAND_COMPLETE:
                 results.append(Result(columns, rows, body.rstrip(b"\0").decode()))
                 columns, rows = [], []
-            elif kind == b"E":
+            elif kind == BackendMsg.ERROR_RESPONSE:
                 error = QueryError(m.parse_error_fields(body))
-            elif kind == b"Z":
+            elif kind == BackendMsg.READY_FOR_QUERY:
                 if error is not None:
                     raise error
                 return results
@@ -92,7 +93,7 @@ class AdminConnection:
 
     async def close(self) -> None:
         try:
-            self.writer.write(m.message(b"X"))
+            self.writer.write(m.message(FrontendMsg.TERMINATE))
             self.writer.close()
             await self.writer.wait_closed()
         except (ConnectionError, OSError):

@@ -10,6 +10,8 @@ import asyncio
 import struct
 from dataclasses import dataclass, field
 
+from .protocol import BackendMsg, ErrorField, TransactionStatus, byte
+
 PROTOCOL_3_0 = 196608
 SSL_REQUEST_CODE = 80877103
 GSSENC_REQUEST_CODE = 80877104
@@ -24,7 +26,7 @@ MAX_MESSAGE_LENGTH = 1 << 30
 MAX_READ_WHOLE = 1 << 20
 
 _I32 = struct.Struct("!i")
-_HEADER = struct.Struct("!ci")
+_HEADER = struct.Struct("!Bi")  # type byte, length (itself included, the type not)
 
 
 class ProtocolError(Exception):
@@ -111,16 +113,17 @@ async def read_startup(reader: asyncio.StreamReader) -> StartupPacket:
 
 async def read_message(
     reader: asyncio.StreamReader, max_length: int = MAX_MESSAGE_LENGTH
-) -> tuple[bytes, bytes]:
-    """Read one regular message; returns (type byte, body)."""
+) -> tuple[int, bytes]:
+    """Read one regular message; returns (type, body): the type as an int (protocol.py)."""
     header = await reader.readexactly(5)
     kind, length = _HEADER.unpack(header)
     if length < 4 or length > max_length:
-        raise ProtocolError(f"invalid message length {length} for {kind!r}")
+        raise ProtocolError(f"invalid message length {length} for {byte(kind)!r}")
     return kind, await reader.readexactly(length - 4)
 
 
-def message(kind: bytes, body: bytes = b"") -> bytes:
+def message(kind: int, body: bytes = b"") -> bytes:
+    """One message: its type (a FrontendMsg or BackendMsg member), length and body."""
     return _HEADER.pack(kind, len(body) + 4) + body
 
 
@@ -152,7 +155,7 @@ AUTH_SASL_FINAL = 12
 
 
 def authentication(code: int, payload: bytes = b"") -> bytes:
-    return message(b"R", _I32.pack(code) + payload)
+    return message(BackendMsg.AUTHENTICATION, _I32.pack(code) + payload)
 
 
 def auth_sasl(mechanisms: list[str]) -> bytes:
@@ -160,27 +163,25 @@ def auth_sasl(mechanisms: list[str]) -> bytes:
 
 
 def parameter_status(name: str, value: str) -> bytes:
-    return message(b"S", cstr(name) + cstr(value))
+    return message(BackendMsg.PARAMETER_STATUS, cstr(name) + cstr(value))
 
 
 def backend_key_data(process_id: int, secret_key: int) -> bytes:
-    return message(b"K", struct.pack("!ii", process_id, secret_key))
+    return message(BackendMsg.BACKEND_KEY_DATA, struct.pack("!ii", process_id, secret_key))
 
 
-def ready_for_query(status: bytes = b"I") -> bytes:
-    return message(b"Z", status)
+def ready_for_query(status: int = TransactionStatus.IDLE) -> bytes:
+    return message(BackendMsg.READY_FOR_QUERY, byte(status))
 
 
 def error_response(
     sqlstate: str, text: str, severity: str = "FATAL", detail: str | None = None,
     hint: str | None = None,
 ) -> bytes:
-    fields = [b"S" + cstr(severity), b"V" + cstr(severity), b"C" + cstr(sqlstate), b"M" + cstr(text)]
-    if detail:
-        fields.append(b"D" + cstr(detail))
-    if hint:
-        fields.append(b"H" + cstr(hint))
-    return message(b"E", b"".join(fields) + b"\0")
+    fields = [(ErrorField.SEVERITY, severity), (ErrorField.SEVERITY_NONLOCALIZED, severity),
+              (ErrorField.SQLSTATE, sqlstate), (ErrorField.MESSAGE, text)]
+    fields += [(code, value) for code, value in ((ErrorField.DETAIL, detail), (ErrorField.HINT, hint)) if value]
+    return message(BackendMsg.ERROR_RESPONSE, b"".join(byte(code) + cstr(value) for code, value in fields) + b"\0")
 
 
 def parse_error_fields(body: bytes) -> dict[str, str]:

@@ -8,6 +8,7 @@ import hmac
 from scramp import ScramException, ScramMechanism
 
 from pgfleet.pgwire import messages as m
+from pgfleet.pgwire.protocol import FrontendMsg, byte
 from pgfleet.pgwire.scram import MECHANISM, Verifier
 
 # Used when the role is unknown, so that the exchange looks and costs the same either way.
@@ -30,8 +31,8 @@ async def scram_authenticate(
     server = _MECHANISM.make_server(lambda _user: (v.salt, v.stored_key, v.server_key, v.iterations))
     writer.write(m.auth_sasl([MECHANISM]))
     kind, body = await m.read_message(reader, max_length=m.MAX_STARTUP_LENGTH)
-    if kind != b"p":
-        raise m.ProtocolError(f"expected SASLInitialResponse, got {kind!r}")
+    if kind != FrontendMsg.PASSWORD:
+        raise m.ProtocolError(f"expected SASLInitialResponse, got {byte(kind)!r}")
     mechanism, client_first = m.parse_sasl_initial_response(body)
     if mechanism != MECHANISM:
         raise AuthFailed(f"unsupported SASL mechanism {mechanism!r}")
@@ -39,8 +40,8 @@ async def scram_authenticate(
         server.set_client_first(client_first.decode("utf-8"))
         writer.write(m.authentication(m.AUTH_SASL_CONTINUE, server.get_server_first().encode()))
         kind, body = await m.read_message(reader, max_length=m.MAX_STARTUP_LENGTH)
-        if kind != b"p":
-            raise m.ProtocolError(f"expected SASLResponse, got {kind!r}")
+        if kind != FrontendMsg.PASSWORD:
+            raise m.ProtocolError(f"expected SASLResponse, got {byte(kind)!r}")
         server.set_client_final(body.decode("utf-8"))
         final = server.get_server_final()
     except (ScramException, UnicodeDecodeError) as exc:
@@ -69,7 +70,7 @@ async def cleartext_authenticate(
     raises AuthFailed or ProtocolError. Leaves AuthenticationOk unsent, as scram_authenticate."""
     writer.write(m.authentication(m.AUTH_CLEARTEXT))
     kind, body = await m.read_message(reader, max_length=m.MAX_STARTUP_LENGTH)
-    if kind != b"p" or not body.endswith(b"\0"):
+    if kind != FrontendMsg.PASSWORD or not body.endswith(b"\0"):
         raise m.ProtocolError("expected a PasswordMessage")
     try:
         password = body[:-1].decode("utf-8")

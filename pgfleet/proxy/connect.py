@@ -11,6 +11,7 @@ import asyncio
 
 from pgfleet.drivers.base import Backend
 from pgfleet.pgwire import messages as m
+from pgfleet.pgwire.protocol import BackendMsg
 
 from .errors import ClientError
 
@@ -33,7 +34,7 @@ class _NotYet(Exception):
 
 
 async def open_session(backend: Backend, params: dict[str, str], timeout_s: float
-                       ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, list[tuple[bytes, bytes]]]:
+                       ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, list[tuple[int, bytes]]]:
     """A server session (startup without a password, as the host is trusted by the backend):
     its reader, writer and every message up to and including the first ReadyForQuery.
     Raises ClientError (unreachable, or still not accepting connections at the timeout) or
@@ -66,18 +67,18 @@ async def open_session(backend: Backend, params: dict[str, str], timeout_s: floa
         return reader, writer, replies
 
 
-async def _until_ready(reader: asyncio.StreamReader) -> list[tuple[bytes, bytes]]:
-    replies: list[tuple[bytes, bytes]] = []
+async def _until_ready(reader: asyncio.StreamReader) -> list[tuple[int, bytes]]:
+    replies: list[tuple[int, bytes]] = []
     while True:
         kind, body = await m.read_message(reader, max_length=m.MAX_READ_WHOLE)
-        if kind == b"R":
+        if kind == BackendMsg.AUTHENTICATION:
             if int.from_bytes(body[:4], "big") != m.AUTH_OK:
                 raise ClientError("28000", "the database asked the proxy for a password")
             continue
-        if kind == b"E":
+        if kind == BackendMsg.ERROR_RESPONSE:
             if m.parse_error_fields(body).get("C") == CANNOT_CONNECT_NOW:
                 raise _NotYet()
             raise BackendRefused(body)
         replies.append((kind, body))
-        if kind == b"Z":
+        if kind == BackendMsg.READY_FOR_QUERY:
             return replies

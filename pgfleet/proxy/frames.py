@@ -8,9 +8,13 @@ headers and bodies across reads.
 from __future__ import annotations
 
 from pgfleet.pgwire.messages import MAX_MESSAGE_LENGTH, ProtocolError
+from pgfleet.pgwire.protocol import BackendMsg, FrontendMsg
 
 #: client messages that each make the server answer with exactly one ReadyForQuery
-SYNC_POINTS = frozenset(b"QSF")
+SYNC_POINTS = frozenset({FrontendMsg.QUERY, FrontendMsg.SYNC, FrontendMsg.FUNCTION_CALL})
+#: bound as plain ints for the scanning loops (an enum attribute lookup costs ~6x a global's)
+_READY = int(BackendMsg.READY_FOR_QUERY)
+_TERMINATE = int(FrontendMsg.TERMINATE)
 
 
 class ServerScanner:
@@ -42,7 +46,7 @@ class ServerScanner:
             if length < 4:
                 raise ProtocolError("server message length below 4")
             self._skip = length - 4
-            if kind == 0x5A:  # 'Z'
+            if kind == _READY:
                 if pos < end:
                     statuses.append(data[pos])
                 else:
@@ -63,7 +67,7 @@ class ServerScanner:
                 raise ProtocolError("server message length below 4")
             pos += 5
             skip = length - 4
-            if kind == 0x5A:
+            if kind == _READY:
                 if pos < end:
                     statuses.append(data[pos])
                 else:
@@ -112,7 +116,7 @@ class ClientScanner:
         if length < 4 or length > MAX_MESSAGE_LENGTH:
             raise ProtocolError(f"invalid message length {length}")
         self._skip = length - 4
-        if kind == 0x58:  # 'X'
+        if kind == _TERMINATE:
             self.terminated = True
         return 1 if kind in SYNC_POINTS else 0
 

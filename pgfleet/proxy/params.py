@@ -19,6 +19,7 @@ import re
 import weakref
 
 from pgfleet.pgwire import messages as m
+from pgfleet.pgwire.protocol import FrontendMsg
 from pgfleet.pgwire.client import quote_ident, quote_literal
 
 #: reported parameters that are not session state a client sets
@@ -139,8 +140,7 @@ def hex_text(expr: str) -> str:
 
 
 def query(sql: str) -> bytes:
-    body = sql.encode("utf-8", "surrogateescape") + b"\0"
-    return b"Q" + (len(body) + 4).to_bytes(4, "big") + body
+    return m.message(FrontendMsg.QUERY, sql.encode("utf-8", "surrogateescape") + b"\0")
 
 
 def _switch_needed(sql: str, client_encoding: str | None) -> bool:

@@ -29,6 +29,7 @@ from typing import Callable
 
 from pgfleet.drivers.base import Backend
 from pgfleet.pgwire import messages as m
+from pgfleet.pgwire.protocol import BackendMsg, FrontendMsg, Target, TransactionStatus, byte
 
 from . import params as pm
 from .connect import BackendRefused, open_session
@@ -54,10 +55,24 @@ class Answer(enum.IntEnum):
 FWD, DROP, SYNTH, SYNC, PSYNC, PROBE = Answer  # bound names for the walkers
 #: the proxy's own queries: nothing of their answers reaches the client
 OWN_QUERIES = frozenset({Answer.PSYNC, Answer.PROBE})
-_ASYNC = frozenset(b"NSA")  # NoticeResponse, ParameterStatus, NotificationResponse
-_EXEC_END = frozenset(b"CIs")  # CommandComplete, EmptyQueryResponse, PortalSuspended
-PARSE_COMPLETE = m.message(b"1")
-CLOSE_COMPLETE = m.message(b"3")
+#: server messages that may come at any time, whatever was asked
+_ASYNC = frozenset({BackendMsg.NOTICE_RESPONSE, BackendMsg.PARAMETER_STATUS, BackendMsg.NOTIFICATION_RESPONSE})
+#: the answers that end an Execute
+_EXEC_END = frozenset({BackendMsg.COMMAND_COMPLETE, BackendMsg.EMPTY_QUERY_RESPONSE, BackendMsg.PORTAL_SUSPENDED})
+PARSE_COMPLETE = m.message(BackendMsg.PARSE_COMPLETE)
+CLOSE_COMPLETE = m.message(BackendMsg.CLOSE_COMPLETE)
+#: the types the hot loops test, bound as plain ints (an enum attribute lookup costs ~6x a global's)
+_QUERY = int(FrontendMsg.QUERY)
+_PARSE = int(FrontendMsg.PARSE)
+_SYNC_MSG = int(FrontendMsg.SYNC)
+_READY = int(BackendMsg.READY_FOR_QUERY)
+_PARAMETER_STATUS = int(BackendMsg.PARAMETER_STATUS)
+_ERROR = int(BackendMsg.ERROR_RESPONSE)
+_IDLE = int(TransactionStatus.IDLE)
+#: the third byte of the SQL "SELECT" (upper or lower case): a Query starting "s?l" is not SET
+_SELECT_THIRD = b"lL"
+_STATEMENT = byte(Target.STATEMENT)
+_IDLE_STATUS = byte(TransactionStatus.IDLE)
 #: how much of a message's body the proxy reads to decide how to pass it on
 PEEK = 256
 #: DEALLOCATE / DISCARD statements longer than this are not looked at
@@ -145,7 +160,7 @@ class ServerConn(asyncio.Protocol):
             return
         for kind, body in msgs:
             got.append((kind, body))
-            if kind == 0x5A:
+            if kind == BackendMsg.READY_FOR_QUERY:
                 left[0] -= 1
                 if not left[0]:
                     fut.set_result(got)
@@ -238,10 +253,10 @@ class Pool:
             status: dict[str, str] = {}
             try:
                 for kind, body in replies:
-                    if kind == b"S":
+                    if kind == BackendMsg.PARAMETER_STATUS:
                         name, value, _ = body.split(b"\0", 2)
                         status[name.decode()] = value.decode("utf-8", "surrogateescape")
-                    elif kind == b"K":
+                    elif kind == BackendMsg.BACKEND_KEY_DATA:
                         conn.process_id, conn.secret_key = struct.unpack("!ii", body[:8])
             except (ValueError, struct.error) as exc:
                 writer.close()
@@ -282,9 +297,9 @@ class Pool:
         error: dict[str, str] | None = None
         values: list[str | None] | None = None
         for kind, body in replies:
-            if kind == 0x45 and error is None:
+            if kind == BackendMsg.ERROR_RESPONSE and error is None:
                 error = m.parse_error_fields(body)
-            elif kind == 0x44:  # the last one: the first of two queries only switched the encoding
+            elif kind == BackendMsg.DATA_ROW:  # the last one: the first of two queries only switched the encoding
                 try:
                     values = pm.decode_hex_row(body)
                 except ValueError:
@@ -451,8 +466,8 @@ class PooledClient(asyncio.Protocol):
             self._discard.data_received(data)
             return
         self.pool.bytes_received += len(data)
-        if (data[0] == 0x51 and len(data) == 1 + _from_bytes(data[1:5], "big") and len(data) > 8
-                and (data[5] not in _SQL_FIRST or data[7] in b"lL")
+        if (data[0] == _QUERY and len(data) == 1 + _from_bytes(data[1:5], "big") and len(data) > 8
+                and (data[5] not in _SQL_FIRST or data[7] in _SELECT_THIRD)
                 and not self._cskip and not self._chead and self._cwhole is None):
             # the fast path: one whole simple Query with nothing to look at (a SELECT, an
             # UPDATE...), on the bound server connection or on an idle one at hand
@@ -477,7 +492,7 @@ class PooledClient(asyncio.Protocol):
         if self.acquiring is not None or self.waiting or self._backlog:
             self._backlog += data
             return
-        if data[:1] == b"X" and not self._chead and self._cwhole is None:  # Terminate while idle
+        if data[0] == FrontendMsg.TERMINATE and not self._chead and self._cwhole is None:  # Terminate while idle
             self.close()
             return
         if not self.busy:
@@ -601,8 +616,9 @@ class PooledClient(asyncio.Protocol):
             whole = False
             exp = _PASS_THROUGH.get(kind)
             if kind in _LOOK:  # decided by the start of the body
-                if kind == 0x51:  # Query
-                    if length == 4 or (end > pos + 7 and (data[pos + 5] not in _SQL_FIRST or data[pos + 7] in b"lL")):
+                if kind == _QUERY:
+                    if length == 4 or (end > pos + 7 and (data[pos + 5] not in _SQL_FIRST
+                                                          or data[pos + 7] in _SELECT_THIRD)):
                         pass  # the common case (not SET/RESET/DEALLOCATE/DISCARD; SELECT): nothing to look at
                     elif (look := pos + 5 + min(length - 4, PEEK)) > end:
                         break
@@ -612,7 +628,7 @@ class PooledClient(asyncio.Protocol):
                         self._note_sql(data, pos + 5, look)
                 elif (look := pos + 5 + min(length - 4, PEEK)) > end:
                     break
-                elif kind == 0x50:  # Parse: an unnamed statement passes as it is
+                elif kind == _PARSE:  # an unnamed statement passes as it is
                     if length > 4 and data[pos + 5] == 0:
                         self._note_sql(data, pos + 6, look)
                         exp = _EXP_PARSE
@@ -660,7 +676,7 @@ class PooledClient(asyncio.Protocol):
             if exp is not None:
                 queue.append(exp)
             if kind not in _CLEAN:
-                self._unsynced = kind != 0x53  # Sync
+                self._unsynced = kind != _SYNC_MSG
             if mend > end:
                 self._cskip = mend - end
                 pos = end
@@ -675,11 +691,11 @@ class PooledClient(asyncio.Protocol):
         """One whole message the proxy reads; False when the session ended."""
         server = self.server
         assert server is not None
-        if kind == 0x58:  # 'X' Terminate
+        if kind == FrontendMsg.TERMINATE:
             self._flush()
             self.close()
             return False
-        if kind != 0x51:
+        if kind != FrontendMsg.QUERY:
             self._unsynced = True
         handler = _HANDLERS.get(kind)
         if handler is not None:
@@ -694,9 +710,9 @@ class PooledClient(asyncio.Protocol):
                 self._fatal("08P01", f"protocol violation: malformed {chr(kind)!r} message")
                 return False
             return True
-        if kind == 0x51:  # DEALLOCATE / DISCARD need bookkeeping
+        if kind == FrontendMsg.QUERY:  # DEALLOCATE / DISCARD need bookkeeping
             body = self._sql_deallocate(server, body)
-        self._out.append(_raw(kind, body))
+        self._out.append(m.message(kind, body))
         exp = _PASS_THROUGH.get(kind)
         if exp is not None and exp is not _NOT_FAST:
             self.queue.append(exp)
@@ -736,7 +752,7 @@ class PooledClient(asyncio.Protocol):
         name, rest = body[:end], body[end + 1 :]
         sets = self._note_sql(rest, 0, min(len(rest), PEEK))
         if not name:
-            self._out.append(_raw(0x50, body))
+            self._out.append(m.message(FrontendMsg.PARSE, body))
             self.queue.append(_EXP_PARSE)
             return
         sname = server_statement_name(rest)
@@ -750,8 +766,8 @@ class PooledClient(asyncio.Protocol):
 
     def _prepare_on(self, server: ServerConn, sname: str, rest: bytes, kind: Answer) -> None:
         server.prepared.add(sname)
-        self._out.append(_raw(0x50, sname.encode() + b"\0" + rest))
-        self.queue.append(Expect(kind, frozenset(b"1"), on_error=lambda: server.prepared.discard(sname)))
+        self._out.append(m.message(FrontendMsg.PARSE, sname.encode() + b"\0" + rest))
+        self.queue.append(Expect(kind, _PARSED, on_error=lambda: server.prepared.discard(sname)))
 
     def _server_name(self, server: ServerConn, client_name: bytes) -> bytes:
         """Map a client statement name to the server's, preparing it there if needed."""
@@ -771,25 +787,25 @@ class PooledClient(asyncio.Protocol):
         p_end = body.index(b"\0")
         s_end = body.index(b"\0", p_end + 1)
         sname = self._server_name(server, body[p_end + 1 : s_end])
-        self._out.append(_raw(0x42, body[: p_end + 1] + sname + body[s_end:]))
+        self._out.append(m.message(FrontendMsg.BIND, body[: p_end + 1] + sname + body[s_end:]))
         self.queue.append(_EXP_BIND)
 
     def _describe(self, server: ServerConn, body: bytes) -> None:
-        if body[:1] == b"S":
+        if body[:1] == _STATEMENT:
             sname = self._server_name(server, body[1:-1])
-            self._out.append(_raw(0x44, b"S" + sname + b"\0"))
+            self._out.append(m.message(FrontendMsg.DESCRIBE, _STATEMENT + sname + b"\0"))
             self.queue.append(_EXP_PARAMS)  # ParameterDescription, then
         else:
-            self._out.append(_raw(0x44, body))
+            self._out.append(m.message(FrontendMsg.DESCRIBE, body))
         self.queue.append(_EXP_ROWS)  # RowDescription or NoData
 
     def _close(self, server: ServerConn, body: bytes) -> None:
-        if body[:1] == b"S" and body[1:-1]:
+        if body[:1] == _STATEMENT and body[1:-1]:
             # the server keeps it for the next client that prepares the same statement
             self.statements.pop(body[1:-1].decode(errors="replace"))
             self._synth(CLOSE_COMPLETE)
             return
-        self._out.append(_raw(0x43, body))
+        self._out.append(m.message(FrontendMsg.CLOSE, body))
         self.queue.append(_EXP_CLOSE)
 
     def _sql_deallocate(self, server: ServerConn, body: bytes) -> bytes:
@@ -828,9 +844,9 @@ class PooledClient(asyncio.Protocol):
             pos, end, ready = 0, len(data), -1
             while end - pos >= 5:
                 kind = data[pos]
-                if kind == 0x5A:
+                if kind == _READY:
                     ready = pos
-                elif kind == 0x53:
+                elif kind == _PARAMETER_STATUS:
                     break
                 nxt = pos + 1 + _from_bytes(data[pos + 1 : pos + 5], "big")
                 if nxt < pos + 5:
@@ -841,7 +857,7 @@ class PooledClient(asyncio.Protocol):
                 if ready >= 0:
                     self.pool.queries += 1
                     queue.popleft()
-                    self.in_tx = data[ready + 5] != 0x49
+                    self.in_tx = data[ready + 5] != _IDLE
                     if not self.in_tx and not self._cskip and not self._unsynced and self.server is not None:
                         if self._dirty:
                             self._probe()
@@ -918,11 +934,11 @@ class PooledClient(asyncio.Protocol):
                     return True
                 pos = mend
                 continue
-            if mend > end and (kind == 0x5A or kind == 0x53):  # read whole: gather it
+            if mend > end and (kind == _READY or kind == _PARAMETER_STATUS):  # read whole: gather it
                 out.append(data[run:pos])
                 return self._gather_server(data, pos, mend, out)
             if kind in _ASYNC:
-                if kind == 0x53:  # ParameterStatus: the session's parameters changed
+                if kind == _PARAMETER_STATUS:  # the session's parameters changed
                     self._parameter_status(data[pos + 5 : mend])
             else:
                 if hk == SYNTH:
@@ -931,7 +947,7 @@ class PooledClient(asyncio.Protocol):
                     run = pos
                     head = queue[0] if queue else None
                     hk = head.kind if head is not None else -1
-                if kind == 0x45:  # ErrorResponse: the server now skips to the next Sync
+                if kind == _ERROR:  # the server now skips to the next Sync
                     while queue and queue[0].kind != SYNC:
                         e = queue.popleft()
                         if e.on_error is not None:
@@ -942,9 +958,9 @@ class PooledClient(asyncio.Protocol):
                         run = mend
                     if kind in head.ends:
                         queue.popleft()
-                if kind == 0x5A:  # ReadyForQuery
+                if kind == _READY:
                     self.pool.queries += 1
-                    self.in_tx = data[pos + 5] != 0x49
+                    self.in_tx = data[pos + 5] != _IDLE
                     self._ready = True
                     if queue and queue[0].kind == SYNTH:
                         out.append(data[run:mend])
@@ -974,15 +990,15 @@ class PooledClient(asyncio.Protocol):
         return True
 
     def _proxy_reply(self, head: Expect, kind: int, body: bytes, out: list[bytes]) -> bool:
-        if kind == 0x45:  # ErrorResponse
+        if kind == BackendMsg.ERROR_RESPONSE:
             if self._proxy_error is None:
                 self._proxy_error = body
-        elif kind == 0x44:  # DataRow
+        elif kind == BackendMsg.DATA_ROW:
             if head.kind == PROBE:
                 self._probe_row(head.payload, body)
         else:  # ReadyForQuery
             self.queue.popleft()
-            self.in_tx = body[:1] != b"I"
+            self.in_tx = body[:1] != _IDLE_STATUS
             error, self._proxy_error = self._proxy_error, None
             if error is not None:
                 self._unsure = True  # the connection's parameters are unknown: it is not reused
@@ -1020,7 +1036,7 @@ class PooledClient(asyncio.Protocol):
         names = sorted(self._dirty or ())
         self._dirty = None
         self.server.transport.write(pm.probe_query(names))  # type: ignore[union-attr]
-        self.queue.append(Expect(PROBE, frozenset(b"Z"), payload=tuple(names)))
+        self.queue.append(Expect(PROBE, _READY_ENDS, payload=tuple(names)))
 
     def _probe_row(self, names: tuple[str, ...], body: bytes) -> None:
         try:
@@ -1135,29 +1151,35 @@ class PooledClient(asyncio.Protocol):
 
 # Answers expected for messages forwarded unchanged (shared: expectations are read-only).
 _NOT_FAST = Expect(FWD)
+_READY_ENDS = frozenset({BackendMsg.READY_FOR_QUERY})
+_PARSED = frozenset({BackendMsg.PARSE_COMPLETE})
 _PASS_THROUGH: dict[int, Expect | None] = {
-    0x51: Expect(SYNC, frozenset(b"Z")),  # Query
-    0x53: Expect(SYNC, frozenset(b"Z")),  # Sync
-    0x46: Expect(SYNC, frozenset(b"Z")),  # FunctionCall
-    0x45: Expect(FWD, _EXEC_END),  # Execute
-    0x48: None, 0x64: None, 0x63: None, 0x66: None,  # Flush, CopyData, CopyDone, CopyFail
-    0x50: _NOT_FAST, 0x42: _NOT_FAST, 0x44: _NOT_FAST, 0x43: _NOT_FAST, 0x58: _NOT_FAST,  # read by the proxy
+    FrontendMsg.QUERY: Expect(SYNC, _READY_ENDS),
+    FrontendMsg.SYNC: Expect(SYNC, _READY_ENDS),
+    FrontendMsg.FUNCTION_CALL: Expect(SYNC, _READY_ENDS),
+    FrontendMsg.EXECUTE: Expect(FWD, _EXEC_END),
+    FrontendMsg.FLUSH: None, FrontendMsg.COPY_DATA: None, FrontendMsg.COPY_DONE: None, FrontendMsg.COPY_FAIL: None,
+    # read by the proxy
+    FrontendMsg.PARSE: _NOT_FAST, FrontendMsg.BIND: _NOT_FAST, FrontendMsg.DESCRIBE: _NOT_FAST,
+    FrontendMsg.CLOSE: _NOT_FAST, FrontendMsg.TERMINATE: _NOT_FAST,
 }
-_EXP_QUERY = _PASS_THROUGH[0x51]
+_EXP_QUERY = _PASS_THROUGH[FrontendMsg.QUERY]
 _from_bytes = int.from_bytes
-_EXP_PARSE = Expect(FWD, frozenset(b"1"))
-_EXP_BIND = Expect(FWD, frozenset(b"2"))
-_EXP_PARAMS = Expect(FWD, frozenset(b"t"))
-_EXP_ROWS = Expect(FWD, frozenset(b"Tn"))
-_EXP_CLOSE = Expect(FWD, frozenset(b"3"))
-_PSYNC = Expect(PSYNC, frozenset(b"Z"))
+_EXP_PARSE = Expect(FWD, _PARSED)
+_EXP_BIND = Expect(FWD, frozenset({BackendMsg.BIND_COMPLETE}))
+_EXP_PARAMS = Expect(FWD, frozenset({BackendMsg.PARAMETER_DESCRIPTION}))
+_EXP_ROWS = Expect(FWD, frozenset({BackendMsg.ROW_DESCRIPTION, BackendMsg.NO_DATA}))
+_EXP_CLOSE = Expect(FWD, frozenset({BackendMsg.CLOSE_COMPLETE}))
+_PSYNC = Expect(PSYNC, _READY_ENDS)
 _PROXY_KINDS = frozenset({SYNTH, PSYNC, PROBE})
 #: messages that leave the server's extended-protocol state as it was: Query, FunctionCall
 #: (which answer with ReadyForQuery) and COPY data (which a COPY consumes, or the server ignores)
-_CLEAN = frozenset(b"QFdcf")
-_PROXY_READS = frozenset(b"EDZ")  # of the answers to its own queries, what the proxy reads
-#: messages decided by the start of their body: Query, Parse, Bind
-_LOOK = frozenset(b"QPB")
+_CLEAN = frozenset({FrontendMsg.QUERY, FrontendMsg.FUNCTION_CALL, FrontendMsg.COPY_DATA, FrontendMsg.COPY_DONE,
+                    FrontendMsg.COPY_FAIL})
+#: of the answers to its own queries, what the proxy reads
+_PROXY_READS = frozenset({BackendMsg.ERROR_RESPONSE, BackendMsg.DATA_ROW, BackendMsg.READY_FOR_QUERY})
+#: messages decided by the start of their body
+_LOOK = frozenset({FrontendMsg.QUERY, FrontendMsg.PARSE, FrontendMsg.BIND})
 #: first bytes of a Query that may need a look (SET, RESET, DEALLOCATE, DISCARD, whitespace)
 _SQL_FIRST = frozenset(b"sSrRdD \t\r\n")
 _DEALLOCATE_START = re.compile(rb"\s*(?:deallocate|discard)\b", re.IGNORECASE)
@@ -1209,8 +1231,9 @@ class _OverBudget(Exception):
     """Holding what the client asks for would exceed the daemon's memory budget."""
 
 
-_NAMES = {0x50: "a named Parse message", 0x42: "a Bind message", 0x44: "a Describe message",
-          0x43: "a Close message", 0x51: "a Query message"}
+_NAMES = {FrontendMsg.PARSE: "a named Parse message", FrontendMsg.BIND: "a Bind message",
+          FrontendMsg.DESCRIBE: "a Describe message", FrontendMsg.CLOSE: "a Close message",
+          FrontendMsg.QUERY: "a Query message"}
 
 
 def _fill(buf: bytearray, total: int, data: bytes) -> bytes | None:
@@ -1229,13 +1252,9 @@ def _emit_synth(queue: deque[Expect], out: list[bytes]) -> None:
         out.append(queue.popleft().payload)
 
 
-def _raw(kind: int, body: bytes) -> bytes:
-    return bytes((kind,)) + (len(body) + 4).to_bytes(4, "big") + body
-
-
 _HANDLERS: dict[int, Callable[[PooledClient, ServerConn, bytes], None]] = {
-    0x50: PooledClient._parse,  # 'P'
-    0x42: PooledClient._bind,  # 'B'
-    0x44: PooledClient._describe,  # 'D'
-    0x43: PooledClient._close,  # 'C'
+    FrontendMsg.PARSE: PooledClient._parse,
+    FrontendMsg.BIND: PooledClient._bind,
+    FrontendMsg.DESCRIBE: PooledClient._describe,
+    FrontendMsg.CLOSE: PooledClient._close,
 }

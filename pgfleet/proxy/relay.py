@@ -13,10 +13,12 @@ from __future__ import annotations
 import asyncio
 from typing import Callable
 
+from pgfleet.pgwire.protocol import TransactionStatus
+
 from .frames import ClientScanner, ServerScanner
 
 HIGH_WATER = 256 * 1024
-_IDLE = ord("I")
+_IDLE = int(TransactionStatus.IDLE)
 
 
 class SessionActivity:

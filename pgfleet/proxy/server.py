@@ -21,6 +21,7 @@ from pgfleet.drivers.base import Backend
 from pgfleet.fleet.errors import FleetError, NotFound, QuotaExceeded
 from pgfleet.fleet.manager import Fleet
 from pgfleet.pgwire import messages as m
+from pgfleet.pgwire.protocol import SSL_ACCEPTED, SSL_REFUSED, BackendMsg, FrontendMsg, byte
 from pgfleet.pgwire.scram import Verifier
 from pgfleet.store import InstanceRow
 
@@ -271,9 +272,9 @@ class ProxyServer:
             packet = await m.read_startup(reader)
             if isinstance(packet, m.SSLRequest):
                 if self.tls is None or tls_used:
-                    writer.write(b"N")
+                    writer.write(SSL_REFUSED)
                     continue
-                writer.write(b"S")
+                writer.write(SSL_ACCEPTED)
                 await writer.drain()
                 if reader._buffer:  # type: ignore[attr-defined]
                     raise m.ProtocolError("data after SSLRequest before the TLS handshake")
@@ -281,7 +282,7 @@ class ProxyServer:
                 tls_used = True
                 continue
             if isinstance(packet, m.GSSENCRequest):
-                writer.write(b"N")
+                writer.write(SSL_REFUSED)
                 continue
             return packet, tls_used
 
@@ -355,7 +356,7 @@ class ProxyServer:
             try:
                 b_reader, b_writer, replies = await open_session(backend, params, WAKE_TIMEOUT_S)
             except BackendRefused as exc:  # the database's own error, as it sent it
-                writer.write(m.message(b"E", exc.body))
+                writer.write(m.message(BackendMsg.ERROR_RESPONSE, exc.body))
                 raise ClientError("", "")
             key = self.cancels.mint()
             try:
@@ -384,11 +385,11 @@ class ProxyServer:
             self.cancels.release(key)
             b_writer.close()
 
-    def _startup_replies(self, replies: list[tuple[bytes, bytes]], backend: Backend, key: tuple[int, int]) -> bytes:
+    def _startup_replies(self, replies: list[tuple[int, bytes]], backend: Backend, key: tuple[int, int]) -> bytes:
         """The backend's startup replies for the client, with our cancel key swapped in."""
         out = bytearray()
         for kind, body in replies:
-            if kind == b"K":
+            if kind == BackendMsg.BACKEND_KEY_DATA:
                 pid, secret = struct.unpack("!ii", body[:8])
                 self.cancels.bind(key, CancelTarget(backend, pid, secret))
                 out += m.backend_key_data(*key)
@@ -434,7 +435,7 @@ class ProxyServer:
             raise ClientError("08006", f"could not set the session parameters: {str(exc) or 'timed out'}")
         key = self.cancels.mint()
         out = [m.parameter_status(k, v) for k, v in pool.startup_status(pset).items()]
-        out += [m.backend_key_data(*key), m.ready_for_query(b"I")]
+        out += [m.backend_key_data(*key), m.ready_for_query()]
         writer.write(b"".join(out))
         fleet, uuid = self.fleet, row.uuid
         per_tx = self._tracks_transactions(row)
@@ -509,7 +510,7 @@ def route(options: str | None, database: str, sni: str | None, domain: str) -> R
 
 def _pipelined_password(reader: asyncio.StreamReader) -> bool:
     """The client sent a PasswordMessage with its startup packet, before being asked."""
-    return bytes(reader._buffer[:1]) == b"p"  # type: ignore[attr-defined]
+    return bytes(reader._buffer[:1]) == byte(FrontendMsg.PASSWORD)  # type: ignore[attr-defined]
 
 
 def _take_endpoint(options: str | None) -> tuple[str | None, str | None]:

@@ -16,6 +16,7 @@ import psycopg
 import pytest
 
 from pgfleet.pgwire import messages as m
+from pgfleet.pgwire.protocol import BackendMsg
 from tests.conftest import postmasters_under
 
 
@@ -56,9 +57,9 @@ async def _probe_sqlstate(backend) -> str | None:
         writer.write(m.startup_message({"user": backend.admin_user, "database": "postgres"}))
         while True:
             kind, body = await asyncio.wait_for(m.read_message(reader), 10)
-            if kind == b"E":
+            if kind == BackendMsg.ERROR_RESPONSE:
                 return m.parse_error_fields(body).get("C")
-            if kind == b"Z":
+            if kind == BackendMsg.READY_FOR_QUERY:
                 return None
     finally:
         writer.close()

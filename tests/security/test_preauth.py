@@ -11,6 +11,7 @@ import pytest
 
 from pgfleet.fleet.states import State
 from pgfleet.pgwire import messages as m
+from pgfleet.pgwire.protocol import BackendMsg, FrontendMsg
 from pgfleet.proxy.guards import GuardLimits, ProxyGuards
 from pgfleet.proxy.server import ProxyServer
 
@@ -56,9 +57,9 @@ async def test_a_startup_packet_alone_does_not_wake_a_standby_database(env, list
     try:
         # the proxy has routed the client and sent its challenge: nothing started the database
         assert env.fleet.get(uuid).state == State.STANDBY
-        writer.write(m.message(b"p", b"SCRAM-SHA-256\0" + (4).to_bytes(4, "big") + b"n,,x"))  # garbage
+        writer.write(m.message(FrontendMsg.PASSWORD, b"SCRAM-SHA-256\0" + (4).to_bytes(4, "big") + b"n,,x"))  # garbage
         kind, body = await asyncio.wait_for(m.read_message(reader), 30)
-        assert kind == b"E"
+        assert kind == BackendMsg.ERROR_RESPONSE
         assert env.fleet.get(uuid).state == State.STANDBY
     finally:
         writer.close()
@@ -108,7 +109,7 @@ async def _refused(port: int, database: str, source: str) -> dict[str, str]:
     try:
         writer.write(m.startup_message({"user": database, "database": database}))
         kind, body = await asyncio.wait_for(m.read_message(reader), 30)
-        assert kind == b"E", kind
+        assert kind == BackendMsg.ERROR_RESPONSE, kind
         return m.parse_error_fields(body)
     finally:
         writer.close()

@@ -133,10 +133,11 @@ async def test_remembered_statement_texts_are_shared_and_budgeted(env):
 
 async def _until_ready(reader: asyncio.StreamReader) -> None:
     from pgfleet.pgwire import messages as m
+    from pgfleet.pgwire.protocol import BackendMsg
 
     async with asyncio.timeout(30):
         while True:
             kind, body = await m.read_message(reader)
-            assert kind != b"E", m.parse_error_fields(body)
-            if kind == b"Z":
+            assert kind != BackendMsg.ERROR_RESPONSE, m.parse_error_fields(body)
+            if kind == BackendMsg.READY_FOR_QUERY:
                 return

@@ -8,6 +8,7 @@ import asyncio
 from scramp import ScramClient
 
 from pgfleet.pgwire import messages as m
+from pgfleet.pgwire.protocol import BackendMsg, FrontendMsg
 
 
 async def open_from(port: int, source: str = "127.0.0.1") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -21,7 +22,7 @@ async def stall_after_startup(port: int, user: str, database: str, source: str =
     reader, writer = await open_from(port, source)
     writer.write(m.startup_message({"user": user, "database": database}))
     kind, body = await asyncio.wait_for(m.read_message(reader), 30)
-    assert kind == b"R" and int.from_bytes(body[:4], "big") == m.AUTH_SASL, (kind, body)
+    assert kind == BackendMsg.AUTHENTICATION and int.from_bytes(body[:4], "big") == m.AUTH_SASL, (kind, body)
     return reader, writer
 
 
@@ -34,21 +35,21 @@ async def login(port: int, user: str, password: str, database: str, source: str 
     client = ScramClient(["SCRAM-SHA-256"], "", password)
     while True:
         kind, body = await asyncio.wait_for(m.read_message(reader), 60)
-        if kind == b"E":
+        if kind == BackendMsg.ERROR_RESPONSE:
             writer.close()
             raise LoginRefused(m.parse_error_fields(body))
-        if kind == b"R":
+        if kind == BackendMsg.AUTHENTICATION:
             code = int.from_bytes(body[:4], "big")
             if code == m.AUTH_SASL:
                 first = client.get_client_first().encode()
                 payload = b"SCRAM-SHA-256\0" + len(first).to_bytes(4, "big") + first
-                writer.write(m.message(b"p", payload))
+                writer.write(m.message(FrontendMsg.PASSWORD, payload))
             elif code == m.AUTH_SASL_CONTINUE:
                 client.set_server_first(body[4:].decode())
-                writer.write(m.message(b"p", client.get_client_final().encode()))
+                writer.write(m.message(FrontendMsg.PASSWORD, client.get_client_final().encode()))
             elif code == m.AUTH_SASL_FINAL:
                 client.set_server_final(body[4:].decode())
-        elif kind == b"Z":
+        elif kind == BackendMsg.READY_FOR_QUERY:
             return reader, writer
 
 
@@ -63,7 +64,7 @@ async def error_then_eof(reader: asyncio.StreamReader, timeout: float = 30) -> d
     async with asyncio.timeout(timeout):
         while True:
             kind, body = await m.read_message(reader)
-            if kind == b"E":
+            if kind == BackendMsg.ERROR_RESPONSE:
                 fields = m.parse_error_fields(body)
                 break
         try:
