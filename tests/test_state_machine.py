@@ -92,7 +92,7 @@ def test_the_fleet_refuses_an_illegal_transition_and_writes_nothing(tmp_path):
     store.transition(row.uuid, State.STARTING, State.STANDBY, "test")
     fleet = Fleet(store, SandboxDriver.__new__(SandboxDriver), tmp_path)
     with pytest.raises(states.IllegalTransition):
-        fleet._move(row.uuid, State.STANDBY, State.RUNNING, "skipping starting")
+        fleet.transitions.change_state(row.uuid, State.STANDBY, State.RUNNING, "skipping starting")
     assert store.get(row.uuid).state == State.STANDBY
     assert [h["to_state"] for h in store.history(row.uuid)] == ["standby", "starting"]
 

@@ -169,7 +169,7 @@ class Backups:
     async def take_base_backup(self, ref: str) -> BaseBackup:
         row = self.fleet.get(ref)
         self._ensure_indexed(row)
-        async with self.fleet.locked(row.uuid) as rt:  # a stopped database stays stopped, a running one running, meanwhile
+        async with self.fleet.rt.locked(row.uuid) as rt:  # a stopped database stays stopped, a running one running, meanwhile
             row = await self.fleet.warm.thawed_locked(self.fleet.get(row.uuid), rt, "base backup")
             if row.state not in (State.RUNNING, State.STANDBY, State.STOPPED):
                 raise Unavailable(f"database {row.name!r} is {row.state}")
@@ -367,7 +367,7 @@ class Branches:
         return RecoveryTarget("time", at)
 
     async def _populate_now(self, parent: InstanceRow, spec: InstanceSpec) -> Backend:
-        async with self.fleet.locked(parent.uuid) as rt:  # the parent is not started, suspended or deleted during the copy
+        async with self.fleet.rt.locked(parent.uuid) as rt:  # the parent is not started, suspended or deleted during the copy
             row = await self.fleet.warm.thawed_locked(self.fleet.get(parent.uuid), rt, "branch")
             if row.state not in (State.RUNNING, State.STANDBY, State.STOPPED) or row.deleting:
                 raise Unavailable(f"database {row.name!r} is {row.state}")
@@ -380,7 +380,7 @@ class Branches:
                            target: RecoveryTarget) -> Backend:
         repo = self.backups.repo(arch.uuid)
         if parent is not None:
-            async with self.fleet.locked(parent.uuid) as rt:
+            async with self.fleet.rt.locked(parent.uuid) as rt:
                 row = await self.fleet.warm.thawed_locked(self.fleet.get(parent.uuid), rt, "branch")
                 if row.state == State.RUNNING:
                     await self.fleet.driver.flush_archive(self.fleet.spec(row), repo)

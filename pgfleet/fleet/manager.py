@@ -12,7 +12,7 @@ import logging
 import os
 import time
 import uuid as uuidlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable
 
@@ -29,9 +29,11 @@ from .events import EventLog
 from .images import check_image
 from .names import validate_name
 from .quotas import Quotas
+from .runtime import Runtime, Runtimes
 from .standby import WarmTier, is_warm
 from .states import COLD, WARM, State
 from .telemetry import Telemetry
+from .transitions import Transitions
 
 log = logging.getLogger(__name__)
 
@@ -43,40 +45,6 @@ def default_start_concurrency() -> int:
     """Starts at once: a Postgres start is ~20-40 ms of CPU, so more than two per core
     only makes every one of them slower; the rest wait their turn in a FIFO queue."""
     return 2 * (os.cpu_count() or 1)
-
-
-@dataclass
-class Runtime:
-    """In-memory facts about one instance that need not survive a restart."""
-
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    backend: Backend | None = None
-    clients: int = 0  # open client sessions (leases)
-    busy: int = 0  # sessions with a query running or a transaction open
-    # settings cached from the store for the per-transaction path (refreshed on transitions)
-    policy: str | None = None
-    cooldown_ms: int = S.COOLDOWN_MS.default
-    running: bool = False
-    last_active: float = field(default_factory=time.monotonic)
-    idle_timer: asyncio.TimerHandle | None = None
-    cold_timer: asyncio.TimerHandle | None = None  # warm standby -> cold
-    drained: asyncio.Event = field(default_factory=asyncio.Event)
-    total_connections: int = 0
-    holders: int = 0  # lifecycle operations holding or waiting for `lock`
-
-    def unused(self) -> bool:
-        """Nothing refers to this instance's in-memory facts: they can be dropped and made
-        afresh on the next use (a fleet of 10,000 keeps objects only for those in use)."""
-        return (self.holders == 0 and self.clients == 0 and self.busy == 0 and self.backend is None
-                and self.idle_timer is None and self.cold_timer is None)
-
-
-@dataclass(frozen=True)
-class Sessions:
-    """A database's client sessions as callers outside the fleet may see them."""
-
-    open: int = 0
-    total: int = 0
 
 
 @dataclass(frozen=True)
@@ -91,8 +59,7 @@ class Fleet:
         self.store = store
         self.driver = driver
         self.home = home
-        self.rt: dict[str, Runtime] = {}
-        self._changed = asyncio.Condition()
+        self.rt = Runtimes()
         self._tasks: set[asyncio.Task] = set()
         self._reserved_slots: set[int] = set()  # taken by creates not yet in the store
         #: admission of starts (wakes and creates): bounded, first come first served, so a
@@ -111,6 +78,13 @@ class Fleet:
         #: what operators see: structured events (log, ring, followers) and lifecycle numbers
         self.events = EventLog()
         self.telemetry = Telemetry()
+        self.transitions = Transitions(store, self.events, self.get)
+        # what the proxy and the API read on every message, bound once
+        self.backend_of = self.rt.backend_of
+        self.is_known = self.rt.is_known
+        self.is_up = self.rt.is_up
+        self.sessions = self.rt.sessions
+        self.wait_for = self.transitions.wait_for
         #: continuous archiving (pgfleet.fleet.branches.Backups attaches itself), or None
         self.backups = None
         driver.on_exit = self._on_driver_exit
@@ -160,19 +134,6 @@ class Fleet:
         """The database's state transitions, newest first."""
         return self.store.history(uuid, limit)
 
-    def sessions(self, uuid: str) -> Sessions:
-        rt = self.rt.get(uuid)
-        return Sessions(rt.clients, rt.total_connections) if rt is not None else Sessions()
-
-    def is_known(self, uuid: str) -> bool:
-        """True while the fleet holds the database in memory (from its first use to its deletion)."""
-        return uuid in self.rt
-
-    def is_up(self, uuid: str) -> bool:
-        """True while the database has a backend to forward to (the proxy's per-message check)."""
-        rt = self.rt.get(uuid)
-        return rt is not None and rt.backend is not None
-
     @property
     def keeps_sessions_across_suspend(self) -> bool:
         """Whether the driver keeps sessions open across a suspend (the `idle` policy needs it)."""
@@ -196,32 +157,6 @@ class Fleet:
     def quota_usage(self) -> tuple[Quotas, dict[str, int]]:
         """The limits in force and what counts against them now."""
         return self.quotas, Quotas.usage(self)
-
-    def runtime(self, uuid: str) -> Runtime:
-        rt = self.rt.get(uuid)
-        if rt is None:
-            rt = self.rt[uuid] = Runtime()
-        return rt
-
-    @asynccontextmanager
-    async def locked(self, uuid: str) -> AsyncIterator[Runtime]:
-        """Hold one instance's lifecycle lock (every holder goes through here: a Runtime is
-        dropped once unused, and a lock taken any other way could be dropped under it)."""
-        rt = self.runtime(uuid)
-        rt.holders += 1
-        try:
-            async with rt.lock:
-                yield rt
-        finally:
-            rt.holders -= 1
-            self._forget_if_unused(uuid, rt)
-
-    def _forget_if_unused(self, uuid: str, rt: Runtime) -> None:
-        if rt.unused() and self.rt.get(uuid) is rt:
-            del self.rt[uuid]
-
-    def backend_of(self, uuid: str) -> Backend | None:
-        return self.rt[uuid].backend if uuid in self.rt else None
 
     def memory_charged(self, row: InstanceRow) -> tuple[int, int]:
         """(bytes charged, bytes in swap) of a running or warm database; (0, 0) when cold."""
@@ -278,7 +213,7 @@ class Fleet:
             self.store.insert(row)  # provisioned=0: recovery rolls it back if we crash now
         except Exception as exc:  # the UNIQUE constraint lost a race
             raise AlreadyExists(f"database {name!r} already exists") from exc
-        async with self.locked(row.uuid) as rt:
+        async with self.rt.locked(row.uuid) as rt:
             started = time.monotonic()
             try:
                 async with self._start_slots:
@@ -289,7 +224,7 @@ class Fleet:
                 raise
             boot_s = time.monotonic() - started
             boot_us = int(boot_s * 1e6)
-            self._move(
+            self.transitions.change_state(
                 row.uuid, State.STARTING, State.RUNNING, "created", provisioned=1,
                 started_at=time.time(), start_count=1, boot_time_us=boot_us,
             )
@@ -300,7 +235,7 @@ class Fleet:
                 self.backups.created(row)
         self.telemetry.created(row.uuid, boot_s)
         self.events.emit("created", name, latency_ms=round(boot_s * 1000, 1), memory_mb=memory_mb, image=image)
-        await self._notify()
+        await self.transitions.notify()
         if not autostart:
             await self.suspend(row.uuid, reason="created without autostart")
         return Created(self.store.get(row.uuid), password)  # type: ignore[arg-type]
@@ -337,7 +272,7 @@ class Fleet:
         # an event but no per-database telemetry object: untouched databases cost no memory
         self.events.emit("created", row.name, latency_ms=round((time.monotonic() - started) * 1000, 1),
                          memory_mb=row.memory_mb, image=row.image, started=False)
-        await self._notify()
+        await self.transitions.notify()
         return Created(row, password)
 
     async def _rollback_create(self, row: InstanceRow, exc: BaseException) -> None:
@@ -347,7 +282,7 @@ class Fleet:
             await asyncio.shield(self.driver.destroy(self.spec(row)))
         finally:
             self.store.delete(row.uuid)
-            self.rt.pop(row.uuid, None)
+            self.rt.drop(row.uuid)
 
     def _admit(self, name: str, memory_mb: int, create: bool = False) -> None:
         """The quotas' check before a database becomes live (create, or any start);
@@ -382,7 +317,7 @@ class Fleet:
     async def delete(self, ref: str) -> InstanceRow:
         row = self.get(ref)
         self.store.update(row.uuid, deleting=1)  # from now on the proxy refuses it (57P03)
-        async with self.locked(row.uuid) as rt:
+        async with self.rt.locked(row.uuid) as rt:
             self._cancel_idle_timer(rt)
             self.warm._cancel_cold_timer(rt)
             rt.backend = None
@@ -391,12 +326,12 @@ class Fleet:
                 await self.backups.deleting(row)
             await self.driver.destroy(self.spec(row))
             self.store.delete(row.uuid)
-            self.rt.pop(row.uuid, None)
+            self.rt.drop(row.uuid)
         for callback in self.on_delete:
             callback(row.uuid)
         self.telemetry.forget(row.uuid)
         self.events.emit("deleted", row.name)
-        await self._notify()
+        await self.transitions.notify()
         return row
 
     async def rotate_password(self, ref: str, password: str | None = None) -> tuple[InstanceRow, str]:
@@ -419,7 +354,7 @@ class Fleet:
                 raise InvalidRequest("disk_mb can only be set when a database is created")
             if changes["disk_mb"] < row.disk_mb:
                 raise InvalidRequest(f"disk_mb can only grow (it is {row.disk_mb})")
-            async with self.runtime(row.uuid).lock:  # grown before it is recorded: never over-promised
+            async with self.rt.locked(row.uuid):  # grown before it is recorded: never over-promised
                 await self.driver.resize_disk(replace(self.spec(row), disk_mb=changes["disk_mb"]))
         self.store.update(row.uuid, **changes)
         self._arm_idle_timer(row.uuid)
@@ -441,7 +376,7 @@ class Fleet:
         rt = self.rt.get(row.uuid)
         if row.state == State.RUNNING and rt is not None and rt.backend is not None:
             return rt.backend
-        async with self.locked(row.uuid) as rt:
+        async with self.rt.locked(row.uuid) as rt:
             row = self.get(row.uuid)
             if row.deleting:
                 raise Unavailable(f"database {row.name!r} is being deleted")
@@ -454,7 +389,7 @@ class Fleet:
             return await self._start_locked(row, reason="wake" if row.state == State.STANDBY else "start")
 
     async def _start_locked(self, row: InstanceRow, reason: str) -> Backend:
-        rt = self.runtime(row.uuid)
+        rt = self.rt.of(row.uuid)
         if row.state == State.RUNNING and rt.backend is not None:
             return rt.backend
         if row.state not in (State.STANDBY, State.STOPPED):
@@ -464,19 +399,19 @@ class Fleet:
 
     async def _start_admitted(self, row: InstanceRow, rt: Runtime, reason: str) -> Backend:
         self._admit(row.name, row.memory_mb)  # no await between this check and the move
-        self._move(row.uuid, row.state, State.STARTING, reason, standby_tier=None)
+        self.transitions.change_state(row.uuid, row.state, State.STARTING, reason, standby_tier=None)
         started = time.monotonic()
         try:
             backend = await self.driver.start(self.spec(row))
         except BaseException as exc:
-            self._move(row.uuid, State.STARTING, State.STANDBY, f"start failed: {exc}",
+            self.transitions.change_state(row.uuid, State.STARTING, State.STANDBY, f"start failed: {exc}",
                                   stop_reason="start failed", stopped_at=time.time(), standby_tier=COLD)
-            await self._notify()
+            await self.transitions.notify()
             if isinstance(exc, DriverError):
                 raise Unavailable(f"database {row.name!r} failed to start: {exc}") from exc
             raise
         took = time.monotonic() - started
-        self._move(
+        self.transitions.change_state(
             row.uuid, State.STARTING, State.RUNNING, reason, started_at=time.time(),
             start_count=row.start_count + 1, boot_time_us=int(took * 1e6),
             stop_reason=None,
@@ -487,7 +422,7 @@ class Fleet:
         rt.backend = backend
         rt.last_active = time.monotonic()
         self._arm_idle_timer(row.uuid)
-        await self._notify()
+        await self.transitions.notify()
         return backend
 
     async def resume(self, ref: str) -> InstanceRow:
@@ -524,7 +459,7 @@ class Fleet:
     async def _shut(self, ref: str, target: State, reason: str, drain_timeout_s: float,
                     only_if_idle: bool, if_unused: bool = False) -> InstanceRow:
         row = self.get(ref)
-        async with self.locked(row.uuid) as rt:
+        async with self.rt.locked(row.uuid) as rt:
             row = self.get(row.uuid)
             rt.policy = row.stz_policy
             if only_if_idle and (self._in_use(rt) or row.state != State.RUNNING
@@ -537,24 +472,24 @@ class Fleet:
                 row = self.get(row.uuid)
             if row.state in (State.STANDBY, State.STOPPED):
                 if row.state != target:
-                    self._move(row.uuid, row.state, target, reason)
-                    await self._notify()
+                    self.transitions.change_state(row.uuid, row.state, target, reason)
+                    await self.transitions.notify()
                 return self.get(row.uuid)
             if row.state != State.RUNNING:
                 raise Unavailable(f"database {row.name!r} is {row.state}")
             self._cancel_idle_timer(rt)
             shut_started = time.monotonic()
-            self._move(row.uuid, State.RUNNING, State.DRAINING, reason)
-            await self._notify()
+            self.transitions.change_state(row.uuid, State.RUNNING, State.DRAINING, reason)
+            await self.transitions.notify()
             if rt.clients > 0 and drain_timeout_s > 0 and not (row.stz_policy == "idle" and reason == "idle"):
                 rt.drained.clear()
                 try:
                     await asyncio.wait_for(rt.drained.wait(), drain_timeout_s)
                 except asyncio.TimeoutError:
                     log.info("%s: %d clients still connected after draining; closing them", row.name, rt.clients)
-            self._move(row.uuid, State.DRAINING, State.STOPPING, reason,
+            self.transitions.change_state(row.uuid, State.DRAINING, State.STOPPING, reason,
                                   stop_reason="stop" if target == State.STOPPED else reason)
-            await self._notify()
+            await self.transitions.notify()
             rt.backend = None
             rt.running = False
             spec = self.spec(row)
@@ -569,10 +504,10 @@ class Fleet:
                 log.exception("%s: driver failed to %s", row.name, reason)
                 raise
             finally:
-                self._move(row.uuid, State.STOPPING, target, reason, stopped_at=time.time(),
+                self.transitions.change_state(row.uuid, State.STOPPING, target, reason, stopped_at=time.time(),
                            standby_tier=COLD if target == State.STANDBY else None)
                 self.telemetry.suspended(row.uuid, time.monotonic() - shut_started)
-                await self._notify()
+                await self.transitions.notify()
         return self.get(row.uuid)
 
     # --- client sessions and scale to zero ---------------------------------------------
@@ -581,7 +516,7 @@ class Fleet:
         """Count one client session; while any exists the instance is not scaled to zero.
         `fresh=False` (a session per HTTP request) trusts the settings cached in the runtime
         when re-arming the countdown, as session_busy does, instead of reading SQLite."""
-        rt = self.runtime(uuid)
+        rt = self.rt.of(uuid)
         rt.clients += 1
         rt.total_connections += 1
         rt.last_active = time.monotonic()
@@ -594,20 +529,7 @@ class Fleet:
             if rt.clients == 0:
                 rt.drained.set()
                 self._arm_idle_timer(uuid, fresh=fresh)
-                self._forget_if_unused(uuid, rt)
-
-    def _move(self, uuid: str, from_state: str, to_state: State, reason: str | None = None, *,
-              tier: str | None = None, durable: bool = True, **changes) -> None:
-        """Every lifecycle transition: legal in the state machine, committed before acting.
-        `tier`: the standby tier being left (warm standby may thaw or go cold)."""
-        states.check(State(from_state), to_state, tier)
-        self.store.transition(uuid, from_state, to_state, reason, durable=durable, **changes)
-        self._transition_event(uuid, from_state, to_state, reason)
-
-    def _transition_event(self, uuid: str, from_state: str, to_state: str, reason: str | None) -> None:
-        row = self.store.get(uuid)
-        self.events.emit("transition", row.name if row else None, uuid=uuid, **{"from": str(from_state)},
-                         to=str(to_state), reason=reason)
+                self.rt.forget_if_unused(uuid, rt)
 
     def session_busy(self, uuid: str, busy: bool) -> None:
         """A session started (True) or finished (False) a query or transaction. With the
@@ -696,44 +618,24 @@ class Fleet:
     async def _handle_exit(self, uuid: str, reason: str) -> None:
         """The instance died on its own: it becomes standby (the next client wakes it and
         Postgres recovers from its WAL); an instance that never scales to zero restarts."""
-        async with self.locked(uuid) as rt:
+        async with self.rt.locked(uuid) as rt:
             row = self.store.get(uuid)
             if row is not None and is_warm(row):  # its frozen processes died (killed): cold now
                 self.warm._cancel_cold_timer(rt)
-                self._move(uuid, State.STANDBY, State.STANDBY, f"exited while warm: {reason}", tier=WARM,
+                self.transitions.change_state(uuid, State.STANDBY, State.STANDBY, f"exited while warm: {reason}", tier=WARM,
                            standby_tier=COLD)
-                await self._notify()
+                await self.transitions.notify()
                 return
             if row is None or row.state != State.RUNNING:
                 return
             rt.backend = None
             rt.running = False
             self._cancel_idle_timer(rt)
-            self._move(uuid, State.RUNNING, State.STANDBY, f"crashed: {reason}",
+            self.transitions.change_state(uuid, State.RUNNING, State.STANDBY, f"crashed: {reason}",
                                   stop_reason="crashed", stopped_at=time.time(), standby_tier=COLD)
-            await self._notify()
+            await self.transitions.notify()
             if row.stz_policy == "off" and not self._closing:
                 await self._start_locked(self.store.get(uuid), reason="restart after crash")  # type: ignore[arg-type]
-
-    # --- waiting for states ---------------------------------------------------------
-    async def _notify(self) -> None:
-        async with self._changed:
-            self._changed.notify_all()
-
-    async def wait_for(self, ref: str, predicate: Callable[[InstanceRow], bool], timeout_s: float) -> InstanceRow:
-        deadline = time.monotonic() + timeout_s
-        async with self._changed:
-            while True:
-                row = self.get(ref)
-                if predicate(row):
-                    return row
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return row
-                try:
-                    await asyncio.wait_for(self._changed.wait(), remaining)
-                except asyncio.TimeoutError:
-                    pass
 
     # --- daemon start and stop -----------------------------------------------------------
     async def recover(self) -> None:
@@ -754,7 +656,7 @@ class Fleet:
                 if (alive is not None and row.provisioned and not row.deleting
                         and State(row.state) not in states.LIVE and row.uuid not in alive):
                     if is_warm(row):  # its frozen processes are gone (a host reboot): cold
-                        self._move(row.uuid, State.STANDBY, State.STANDBY, "recovered: no process left",
+                        self.transitions.change_state(row.uuid, State.STANDBY, State.STANDBY, "recovered: no process left",
                                    tier=WARM, standby_tier=COLD)
                     if row.stz_policy == "off" and row.state == State.STANDBY:
                         keep_up.append(row.uuid)
@@ -766,7 +668,7 @@ class Fleet:
         for uuid, res in zip(keep_up, results):
             if isinstance(res, BaseException):
                 log.error("starting %s (scale to zero off) after recovery failed: %s", uuid, res)
-        await self._notify()
+        await self.transitions.notify()
 
     async def _recover_one(self, row: InstanceRow, keep_up: list[str]) -> None:
         spec = self.spec(row)
@@ -789,8 +691,8 @@ class Fleet:
             if self.driver.is_frozen(spec):  # the daemon died during a thaw
                 backend = await self.driver.thaw(spec)
             if state != State.RUNNING:
-                self._move(row.uuid, state, State.RUNNING, "recovered")
-            rt = self.runtime(row.uuid)
+                self.transitions.change_state(row.uuid, state, State.RUNNING, "recovered")
+            rt = self.rt.of(row.uuid)
             rt.backend = backend
             rt.last_active = time.monotonic()
             self._arm_idle_timer(row.uuid)
@@ -800,16 +702,9 @@ class Fleet:
             await self.driver.suspend(spec)
         if state in states.LIVE:
             target = State.STOPPED if (state == State.STOPPING and row.stop_reason == "stop") else State.STANDBY
-            self._force_state(row, target, "recovered after daemon restart")
+            self.transitions.force_state(row, target, "recovered after daemon restart")
         if row.stz_policy == "off" and self.get(row.uuid).state == State.STANDBY:
             keep_up.append(row.uuid)
-
-    def _force_state(self, row: InstanceRow, target: State, reason: str) -> None:
-        """Recovery only: after a crash the stored state (say `draining`) may name a step
-        that no process is taking any more; this records what is true, outside the graph."""
-        self.store.transition(row.uuid, row.state, target, reason, stopped_at=time.time(),
-                              standby_tier=COLD if target == State.STANDBY else None)
-        self._transition_event(row.uuid, row.state, target, reason)
 
     async def shutdown(self) -> None:
         """Daemon exit: every running database is suspended (durably) first."""

@@ -25,7 +25,8 @@ from pgfleet.store import InstanceRow
 from .states import COLD, WARM, State
 
 if TYPE_CHECKING:
-    from .manager import Fleet, Runtime
+    from .manager import Fleet
+    from .runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class WarmTier:
         """Freeze a running database whose sessions are all idle. False if it was not
         (busy, not running, or idle for less than its cooldown with `only_if_idle`)."""
         fleet = self.fleet
-        async with fleet.locked(uuid) as rt:
+        async with fleet.rt.locked(uuid) as rt:
             row = fleet.store.get(uuid)
             if row is None or row.state != State.RUNNING or row.deleting or rt.backend is None:
                 return False
@@ -70,7 +71,7 @@ class WarmTier:
             # From here to the freeze nothing awaits: a packet arriving now finds no backend
             # and waits for the thaw behind this lock, so no query runs into the freeze.
             fleet._cancel_idle_timer(rt)
-            fleet._move(uuid, State.RUNNING, State.STANDBY, reason, standby_tier=WARM,
+            fleet.transitions.change_state(uuid, State.RUNNING, State.STANDBY, reason, standby_tier=WARM,
                         stop_reason=reason, stopped_at=time.time())
             rt.backend, rt.running = None, False
             for callback in self.on_freeze:
@@ -80,11 +81,11 @@ class WarmTier:
             except DriverError as exc:
                 log.warning("%s: %s; going cold instead", row.name, exc)
                 await self._cold_locked(fleet.store.get(uuid), rt, f"freeze failed: {exc}")  # type: ignore[arg-type]
-                await fleet._notify()
+                await fleet.transitions.notify()
                 return True
             log.info("%s: warm standby (%s), %.1f MiB still charged", row.name, reason, charged / 2**20)
             self._arm_cold_timer(uuid, rt, row.cold_after_ms)
-        await fleet._notify()
+        await fleet.transitions.notify()
         return True
 
     # --- warm -> running ---------------------------------------------------------------
@@ -94,18 +95,18 @@ class WarmTier:
         fleet = self.fleet
         started = time.monotonic()
         self._cancel_cold_timer(rt)
-        fleet._move(row.uuid, State.STANDBY, State.RUNNING, reason, tier=WARM, durable=False,
+        fleet.transitions.change_state(row.uuid, State.STANDBY, State.RUNNING, reason, tier=WARM, durable=False,
                     standby_tier=None, stop_reason=None, started_at=time.time(), start_count=row.start_count + 1)
         spec = fleet.spec(row)
         try:
             backend = await fleet.driver.thaw(spec)
         except DriverError as exc:
             log.warning("%s: thaw failed (%s); starting it cold", row.name, exc)
-            fleet._move(row.uuid, State.RUNNING, State.STOPPING, f"thaw failed: {exc}")
+            fleet.transitions.change_state(row.uuid, State.RUNNING, State.STOPPING, f"thaw failed: {exc}")
             try:
                 await fleet.driver.suspend(spec)
             finally:
-                fleet._move(row.uuid, State.STOPPING, State.STANDBY, "thaw failed", standby_tier=COLD,
+                fleet.transitions.change_state(row.uuid, State.STOPPING, State.STANDBY, "thaw failed", standby_tier=COLD,
                             stopped_at=time.time())
             return await fleet._start_locked(fleet.store.get(row.uuid), reason=reason)  # type: ignore[arg-type]
         rt.backend, rt.running = backend, True
@@ -115,7 +116,7 @@ class WarmTier:
             took = rt.last_active - started
             fleet.telemetry.wake(row.uuid, time.time(), took)
             fleet.events.emit("wake", row.name, latency_ms=round(took * 1000, 2), tier=WARM)
-        await fleet._notify()
+        await fleet.transitions.notify()
         return backend
 
     async def thawed_locked(self, row: InstanceRow, rt: "Runtime", reason: str) -> InstanceRow:
@@ -128,18 +129,18 @@ class WarmTier:
 
     # --- warm -> cold ------------------------------------------------------------------
     async def to_cold(self, uuid: str, reason: str) -> bool:
-        async with self.fleet.locked(uuid) as rt:
+        async with self.fleet.rt.locked(uuid) as rt:
             row = self.fleet.store.get(uuid)
             if row is None or not is_warm(row):
                 return False
             await self._cold_locked(row, rt, reason)
-        await self.fleet._notify()
+        await self.fleet.transitions.notify()
         return True
 
     async def _cold_locked(self, row: InstanceRow, rt: "Runtime", reason: str) -> None:
         """A Postgres fast shutdown (the driver thaws it first); held sessions end."""
         self._cancel_cold_timer(rt)
-        self.fleet._move(row.uuid, State.STANDBY, State.STANDBY, reason, tier=WARM, standby_tier=COLD)
+        self.fleet.transitions.change_state(row.uuid, State.STANDBY, State.STANDBY, reason, tier=WARM, standby_tier=COLD)
         await self.fleet.driver.suspend(self.fleet.spec(row))
         log.info("%s: cold standby (%s)", row.name, reason)
 
@@ -167,7 +168,7 @@ class WarmTier:
         """After a restart: a warm database whose processes are still frozen stays warm
         (re-attached); anything else recorded warm goes cold (never a frozen orphan)."""
         fleet = self.fleet
-        rt = fleet.runtime(row.uuid)
+        rt = fleet.rt.of(row.uuid)
         spec = fleet.spec(row)
         if backend is not None and fleet.driver.is_frozen(spec):
             log.info("re-attached to warm %s", row.name)

@@ -9,7 +9,7 @@ import pytest
 from pgfleet.drivers.base import DriverError
 from pgfleet.fleet.errors import AlreadyExists, InvalidRequest, NotFound, QuotaExceeded, Unavailable
 from pgfleet.fleet.quotas import Quotas
-from pgfleet.fleet.manager import Sessions
+from pgfleet.fleet.runtime import Sessions
 from pgfleet.fleet.states import State
 from tests.polling import until
 
