@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import AsyncIterator
 
 from pgfleet.drivers.base import Backend, Driver, DriverError, InstanceSpec
+from pgfleet.fleet.manager import Fleet
+from pgfleet.store import Store
 
 
 class FakeDriver(Driver):
@@ -76,3 +80,17 @@ class FakeDriver(Driver):
         """The instance dies on its own, as a real one would report it."""
         self.running.discard(spec.uuid)
         self.on_exit(spec, reason)
+
+
+@asynccontextmanager
+async def fake_fleet(home: Path, driver: FakeDriver | None = None) -> AsyncIterator[Fleet]:
+    """A recovered fleet on `driver` (a FakeDriver by default) with its store under `home`,
+    shut down and closed on the way out."""
+    store = Store(home / "state.db")
+    fleet = Fleet(store, driver or FakeDriver(home / "fake"), home)
+    await fleet.recover()
+    try:
+        yield fleet
+    finally:
+        await fleet.shutdown()
+        store.close()

@@ -144,7 +144,7 @@ class Backups:
     # --- fleet hooks (called by Fleet with the instance lock held) -------------------------
     def created(self, row: InstanceRow) -> None:
         self._ensure_indexed(row)
-        self.fleet._spawn(self._first_base_backup(row.uuid))
+        self.fleet.spawn(self._first_base_backup(row.uuid))
 
     async def stopped(self, row: InstanceRow) -> None:
         """The postmaster has stopped cleanly: archive the rest of its WAL (no gap)."""

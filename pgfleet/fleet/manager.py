@@ -14,9 +14,7 @@ import time
 import uuid as uuidlib
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Callable
-
-from contextlib import asynccontextmanager
+from typing import Awaitable, Callable
 
 from pgfleet import settings as S
 from pgfleet.drivers.base import Backend, Driver, DriverError, InstanceSpec
@@ -30,6 +28,7 @@ from .images import check_image
 from .names import validate_name
 from .quotas import Quotas
 from .runtime import Runtime, Runtimes
+from .scaling import ScaleToZero
 from .standby import WarmTier, is_warm
 from .states import COLD, WARM, State
 from .telemetry import Telemetry
@@ -65,7 +64,7 @@ class Fleet:
         #: admission of starts (wakes and creates): bounded, first come first served, so a
         #: storm of wakes queues instead of thrashing and every database gets its turn
         self._start_slots = asyncio.Semaphore(start_concurrency or default_start_concurrency())
-        self._closing = False
+        self.closing = False
         #: admission control, checked on every path that makes a database live (create and
         #: every start: wake, resume, the UKC routes, Kubernetes); None: the defaults
         self.quotas = quotas if quotas is not None else Quotas()
@@ -85,6 +84,10 @@ class Fleet:
         self.is_up = self.rt.is_up
         self.sessions = self.rt.sessions
         self.wait_for = self.transitions.wait_for
+        self.scaling = ScaleToZero(self)
+        self.lease = self.scaling.lease
+        self.session_busy = self.scaling.session_busy
+        self.in_use = self.scaling.in_use
         #: continuous archiving (pgfleet.fleet.branches.Backups attaches itself), or None
         self.backups = None
         driver.on_exit = self._on_driver_exit
@@ -230,7 +233,7 @@ class Fleet:
             )
             rt.backend = backend
             rt.last_active = time.monotonic()  # the cooldown counts from running, not from the create call
-            self._arm_idle_timer(row.uuid)
+            self.scaling.arm_idle_timer(row.uuid)
             if self.backups is not None:
                 self.backups.created(row)
         self.telemetry.created(row.uuid, boot_s)
@@ -318,8 +321,8 @@ class Fleet:
         row = self.get(ref)
         self.store.update(row.uuid, deleting=1)  # from now on the proxy refuses it (57P03)
         async with self.rt.locked(row.uuid) as rt:
-            self._cancel_idle_timer(rt)
-            self.warm._cancel_cold_timer(rt)
+            rt.cancel_idle_timer()
+            rt.cancel_cold_timer()
             rt.backend = None
             if self.backups is not None:  # its backups outlive it: archive its last WAL first
                 await self.driver.stop(self.spec(row))
@@ -357,7 +360,7 @@ class Fleet:
             async with self.rt.locked(row.uuid):  # grown before it is recorded: never over-promised
                 await self.driver.resize_disk(replace(self.spec(row), disk_mb=changes["disk_mb"]))
         self.store.update(row.uuid, **changes)
-        self._arm_idle_timer(row.uuid)
+        self.scaling.arm_idle_timer(row.uuid)
         return self.get(row.uuid)
 
     def set_tags(self, ref: str, tags: dict) -> InstanceRow:
@@ -421,7 +424,7 @@ class Fleet:
             self.events.emit("wake", row.name, latency_ms=round(took * 1000, 1))
         rt.backend = backend
         rt.last_active = time.monotonic()
-        self._arm_idle_timer(row.uuid)
+        self.scaling.arm_idle_timer(row.uuid)
         await self.transitions.notify()
         return backend
 
@@ -462,10 +465,10 @@ class Fleet:
         async with self.rt.locked(row.uuid) as rt:
             row = self.get(row.uuid)
             rt.policy = row.stz_policy
-            if only_if_idle and (self._in_use(rt) or row.state != State.RUNNING
-                                 or not self._idle_long_enough(row, rt)):
+            if only_if_idle and (rt.in_use() or row.state != State.RUNNING
+                                 or not rt.idle_at_least(row.cooldown_ms)):
                 return row
-            if if_unused and row.state == State.RUNNING and self._in_use(rt):
+            if if_unused and row.state == State.RUNNING and rt.in_use():
                 return row
             if is_warm(row):  # an explicit cold suspend or a stop of a warm database
                 await self.warm._cold_locked(row, rt, reason)
@@ -477,7 +480,7 @@ class Fleet:
                 return self.get(row.uuid)
             if row.state != State.RUNNING:
                 raise Unavailable(f"database {row.name!r} is {row.state}")
-            self._cancel_idle_timer(rt)
+            rt.cancel_idle_timer()
             shut_started = time.monotonic()
             self.transitions.change_state(row.uuid, State.RUNNING, State.DRAINING, reason)
             await self.transitions.notify()
@@ -510,110 +513,15 @@ class Fleet:
                 await self.transitions.notify()
         return self.get(row.uuid)
 
-    # --- client sessions and scale to zero ---------------------------------------------
-    @asynccontextmanager
-    async def lease(self, uuid: str, *, fresh: bool = True) -> AsyncIterator[Runtime]:
-        """Count one client session; while any exists the instance is not scaled to zero.
-        `fresh=False` (a session per HTTP request) trusts the settings cached in the runtime
-        when re-arming the countdown, as session_busy does, instead of reading SQLite."""
-        rt = self.rt.of(uuid)
-        rt.clients += 1
-        rt.total_connections += 1
-        rt.last_active = time.monotonic()
-        self._cancel_idle_timer(rt)
-        try:
-            yield rt
-        finally:
-            rt.clients -= 1
-            rt.last_active = time.monotonic()
-            if rt.clients == 0:
-                rt.drained.set()
-                self._arm_idle_timer(uuid, fresh=fresh)
-                self.rt.forget_if_unused(uuid, rt)
-
-    def session_busy(self, uuid: str, busy: bool) -> None:
-        """A session started (True) or finished (False) a query or transaction. With the
-        `idle` policy only busy sessions keep a database awake."""
-        rt = self.rt.get(uuid)
-        if rt is None:
-            return
-        rt.busy += 1 if busy else -1
-        rt.last_active = time.monotonic()
-        if busy:
-            if rt.idle_timer is not None:
-                self._cancel_idle_timer(rt)
-        elif rt.busy <= 0:
-            rt.busy = 0
-            if rt.policy == "idle" or rt.clients == 0:
-                self._arm_idle_timer(uuid, fresh=False)
-
-    def _idle_long_enough(self, row: InstanceRow, rt: Runtime) -> bool:
-        return (time.monotonic() - rt.last_active) * 1000 >= row.cooldown_ms - 1
-
-    def _arm_idle_timer(self, uuid: str, fresh: bool = True) -> None:
-        """(Re)start the countdown to scale-to-zero. `fresh=False` trusts the settings cached
-        in the runtime: the proxy calls this once per transaction, too often for SQLite."""
-        rt = self.rt.get(uuid)
-        if rt is None or self._closing:
-            return
-        if fresh or rt.policy is None:
-            row = self.store.get(uuid)
-            if row is None:
-                return
-            rt.policy, rt.cooldown_ms, rt.running = row.stz_policy, row.cooldown_ms, row.state == State.RUNNING
-        self._cancel_idle_timer(rt)
-        if rt.policy == "off" or self._in_use(rt) or not rt.running:
-            return
-        due = max(0.0, rt.cooldown_ms / 1000 - (time.monotonic() - rt.last_active))
-        rt.idle_timer = asyncio.get_running_loop().call_later(due, self._idle_due, uuid)
-
-    def in_use(self, uuid: str) -> bool:
-        """A session keeps this database from scaling to zero (see _in_use)."""
-        rt = self.rt.get(uuid)
-        if rt is None:
-            return False
-        if rt.policy is None:
-            row = self.store.get(uuid)
-            rt.policy = row.stz_policy if row else None
-        return self._in_use(rt)
-
-    @staticmethod
-    def _in_use(rt: Runtime) -> bool:
-        """What keeps a database from scaling to zero: any client session (`on`), or
-        only a session in the middle of a query or transaction (`idle`)."""
-        return rt.busy > 0 if rt.policy == "idle" else (rt.clients > 0 or rt.busy > 0)
-
-    @staticmethod
-    def _cancel_idle_timer(rt: Runtime) -> None:
-        if rt.idle_timer is not None:
-            rt.idle_timer.cancel()
-            rt.idle_timer = None
-
-    def _idle_due(self, uuid: str) -> None:
-        rt = self.rt.get(uuid)
-        if rt is not None:
-            rt.idle_timer = None
-        self._spawn(self._scale_to_zero(uuid))
-
-    async def _scale_to_zero(self, uuid: str) -> None:
-        try:
-            row = self.store.get(uuid)
-            if row is None:
-                return
-            if self.warm.mode is not None:
-                await self.warm.enter(uuid, "idle", only_if_idle=True)
-            else:
-                await self.suspend(uuid, reason="idle", drain_timeout_s=0, only_if_idle=True)
-        except Exception:
-            log.exception("scale to zero of %s failed", uuid)
-
-    def _spawn(self, coro) -> None:
+    # --- daemon tasks ----------------------------------------------------------------------
+    def spawn(self, coro) -> None:
+        """Run `coro` in the background until it ends or the daemon stops."""
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     def _on_driver_exit(self, spec: InstanceSpec, reason: str) -> None:
-        self._spawn(self._handle_exit(spec.uuid, reason))
+        self.spawn(self._handle_exit(spec.uuid, reason))
 
     async def _handle_exit(self, uuid: str, reason: str) -> None:
         """The instance died on its own: it becomes standby (the next client wakes it and
@@ -621,7 +529,7 @@ class Fleet:
         async with self.rt.locked(uuid) as rt:
             row = self.store.get(uuid)
             if row is not None and is_warm(row):  # its frozen processes died (killed): cold now
-                self.warm._cancel_cold_timer(rt)
+                rt.cancel_cold_timer()
                 self.transitions.change_state(uuid, State.STANDBY, State.STANDBY, f"exited while warm: {reason}", tier=WARM,
                            standby_tier=COLD)
                 await self.transitions.notify()
@@ -630,11 +538,11 @@ class Fleet:
                 return
             rt.backend = None
             rt.running = False
-            self._cancel_idle_timer(rt)
+            rt.cancel_idle_timer()
             self.transitions.change_state(uuid, State.RUNNING, State.STANDBY, f"crashed: {reason}",
                                   stop_reason="crashed", stopped_at=time.time(), standby_tier=COLD)
             await self.transitions.notify()
-            if row.stz_policy == "off" and not self._closing:
+            if row.stz_policy == "off" and not self.closing:
                 await self._start_locked(self.store.get(uuid), reason="restart after crash")  # type: ignore[arg-type]
 
     # --- daemon start and stop -----------------------------------------------------------
@@ -695,7 +603,7 @@ class Fleet:
             rt = self.rt.of(row.uuid)
             rt.backend = backend
             rt.last_active = time.monotonic()
-            self._arm_idle_timer(row.uuid)
+            self.scaling.arm_idle_timer(row.uuid)
             log.info("re-attached to running %s", row.name)
             return
         if backend is not None:  # alive although it should not be: stop it
@@ -708,10 +616,10 @@ class Fleet:
 
     async def shutdown(self) -> None:
         """Daemon exit: every running database is suspended (durably) first."""
-        self._closing = True
+        self.closing = True
         for rt in self.rt.values():
-            self._cancel_idle_timer(rt)
-            self.warm._cancel_cold_timer(rt)
+            rt.cancel_idle_timer()
+            rt.cancel_cold_timer()
         running = [r for r in self.store.all() if r.state == State.RUNNING]
         results = await asyncio.gather(
             *(self.suspend(r.uuid, reason="daemon shutdown", drain_timeout_s=0) for r in running),

@@ -35,6 +35,25 @@ class Runtime:
     total_connections: int = 0
     holders: int = 0  # lifecycle operations holding or waiting for `lock`
 
+    def in_use(self) -> bool:
+        """What keeps a database from scaling to zero: any client session (`on`), or
+        only a session in the middle of a query or transaction (`idle`)."""
+        return self.busy > 0 if self.policy == "idle" else (self.clients > 0 or self.busy > 0)
+
+    def idle_at_least(self, ms: int) -> bool:
+        """No session was active for `ms` (less a millisecond: a timer may fire that early)."""
+        return (time.monotonic() - self.last_active) * 1000 >= ms - 1
+
+    def cancel_idle_timer(self) -> None:
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
+
+    def cancel_cold_timer(self) -> None:
+        if self.cold_timer is not None:
+            self.cold_timer.cancel()
+            self.cold_timer = None
+
     def unused(self) -> bool:
         """Nothing refers to this instance's in-memory facts: they can be dropped and made
         afresh on the next use (a fleet of 10,000 keeps objects only for those in use)."""

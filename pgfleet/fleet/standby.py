@@ -66,11 +66,11 @@ class WarmTier:
             if row is None or row.state != State.RUNNING or row.deleting or rt.backend is None:
                 return False
             rt.policy = row.stz_policy
-            if fleet._in_use(rt) or (only_if_idle and not fleet._idle_long_enough(row, rt)):
+            if rt.in_use() or (only_if_idle and not rt.idle_at_least(row.cooldown_ms)):
                 return False
             # From here to the freeze nothing awaits: a packet arriving now finds no backend
             # and waits for the thaw behind this lock, so no query runs into the freeze.
-            fleet._cancel_idle_timer(rt)
+            rt.cancel_idle_timer()
             fleet.transitions.change_state(uuid, State.RUNNING, State.STANDBY, reason, standby_tier=WARM,
                         stop_reason=reason, stopped_at=time.time())
             rt.backend, rt.running = None, False
@@ -94,7 +94,7 @@ class WarmTier:
         gone, it is started cold."""
         fleet = self.fleet
         started = time.monotonic()
-        self._cancel_cold_timer(rt)
+        rt.cancel_cold_timer()
         fleet.transitions.change_state(row.uuid, State.STANDBY, State.RUNNING, reason, tier=WARM, durable=False,
                     standby_tier=None, stop_reason=None, started_at=time.time(), start_count=row.start_count + 1)
         spec = fleet.spec(row)
@@ -111,7 +111,7 @@ class WarmTier:
             return await fleet._start_locked(fleet.store.get(row.uuid), reason=reason)  # type: ignore[arg-type]
         rt.backend, rt.running = backend, True
         rt.last_active = time.monotonic()
-        fleet._arm_idle_timer(row.uuid)
+        fleet.scaling.arm_idle_timer(row.uuid)
         if reason == "wake":
             took = rt.last_active - started
             fleet.telemetry.wake(row.uuid, time.time(), took)
@@ -139,23 +139,17 @@ class WarmTier:
 
     async def _cold_locked(self, row: InstanceRow, rt: "Runtime", reason: str) -> None:
         """A Postgres fast shutdown (the driver thaws it first); held sessions end."""
-        self._cancel_cold_timer(rt)
+        rt.cancel_cold_timer()
         self.fleet.transitions.change_state(row.uuid, State.STANDBY, State.STANDBY, reason, tier=WARM, standby_tier=COLD)
         await self.fleet.driver.suspend(self.fleet.spec(row))
         log.info("%s: cold standby (%s)", row.name, reason)
 
     def _arm_cold_timer(self, uuid: str, rt: "Runtime", after_ms: int) -> None:
-        self._cancel_cold_timer(rt)
-        if self.fleet._closing:
+        rt.cancel_cold_timer()
+        if self.fleet.closing:
             return
         rt.cold_timer = asyncio.get_running_loop().call_later(
-            after_ms / 1000, lambda: self.fleet._spawn(self._cold_due(uuid)))
-
-    @staticmethod
-    def _cancel_cold_timer(rt: "Runtime") -> None:
-        if rt.cold_timer is not None:
-            rt.cold_timer.cancel()
-            rt.cold_timer = None
+            after_ms / 1000, lambda: self.fleet.spawn(self._cold_due(uuid)))
 
     async def _cold_due(self, uuid: str) -> None:
         try:

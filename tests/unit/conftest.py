@@ -4,21 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from pgfleet.fleet.manager import Fleet
-from pgfleet.store import Store
-from tests.fakes import FakeDriver
+from tests.fakes import FakeDriver, fake_fleet
 
 
 @pytest.fixture
 async def fleet(tmp_path):
-    store = Store(tmp_path / "state.db")
-    fleet = Fleet(store, FakeDriver(tmp_path / "fake"), tmp_path)
-    await fleet.recover()
-    try:
+    async with fake_fleet(tmp_path) as fleet:
         yield fleet
-    finally:
-        await fleet.shutdown()
-        store.close()
 
 
 @pytest.fixture
