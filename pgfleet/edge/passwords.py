@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import secrets
 from collections import OrderedDict
+from dataclasses import dataclass
 
 from pgfleet.proxy.auth import password_matches
 from pgfleet.pgwire.scram import Verifier
@@ -47,3 +48,40 @@ class PasswordChecker:
             if len(self._ok) > self.cache_size:
                 self._ok.popitem(last=False)
         return ok
+
+
+@dataclass(frozen=True, slots=True)
+class Login:
+    """What a verified Neon-Connection-String led to."""
+
+    user: str
+    database: str  # the database it routed to
+    verifier: str  # the verifier its password matched (a rotated password no longer does)
+
+
+class KnownLogins:
+    """Connection strings (with the TLS server name that took part in routing) whose password
+    was verified, so that a client repeating its header skips parsing, routing and the check.
+    Looked up by a keyed MAC of the whole text: no comparison ever runs over the password (a
+    client learns nothing from timing), a different password is a different key (checked in
+    full), and the password itself is not kept."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._key = secrets.token_bytes(32)
+        self._logins: OrderedDict[bytes, Login] = OrderedDict()
+
+    def key(self, text: str, sni: str | None) -> bytes:
+        data = (text if sni is None else f"{sni}\0{text}").encode("utf-8", "surrogatepass")
+        return hashlib.blake2b(data, key=self._key, digest_size=32).digest()
+
+    def get(self, key: bytes) -> Login | None:
+        login = self._logins.get(key)
+        if login is not None:
+            self._logins.move_to_end(key)
+        return login
+
+    def add(self, key: bytes, login: Login) -> None:
+        self._logins[key] = login
+        if len(self._logins) > self.size:
+            self._logins.popitem(last=False)

@@ -25,7 +25,7 @@ from pgfleet.proxy.server import ProxyServer, route
 
 from . import connstr
 from . import sql as q
-from .passwords import PasswordChecker
+from .passwords import KnownLogins, Login, PasswordChecker
 from .settings import EdgeSettings
 from .websocket import WebSocketBridge
 
@@ -62,6 +62,8 @@ class EdgeServer:
         self.domain = domain.lower().strip(".")
         self.settings = settings
         self.passwords = PasswordChecker(settings.password_cache)
+        self.known = KnownLogins(settings.password_cache)
+        self.statements = q.Statements()
         self.ws = WebSocketBridge(direct, pooled, self.domain, settings)
         self.in_flight: dict[str, int] = {}  # per database uuid: HTTP queries running or waiting
         self.refused_connections = 0
@@ -127,21 +129,35 @@ class EdgeServer:
         text = headers.get("Neon-Connection-String")
         if not text:
             raise HttpError(400, "missing the Neon-Connection-String header")
-        try:
-            target = connstr.parse(text)
-        except connstr.BadConnectionString as exc:
-            raise HttpError(400, str(exc), "08P01")
-        row = self._find(request, target)
+        sni = _sni(request)
+        source = request.remote or "unknown"
+        key = self.known.key(text, sni)
+        login = self.known.get(key)
+        row = self._row(login.database, sni) if login is not None else None
+        if login is not None and row.role == login.user and row.verifier == login.verifier:
+            self._throttle(row, login.user, source)
+            self.pooled.guards.logins.succeeded(login.user, source)
+        else:
+            try:
+                target = connstr.parse(text)
+            except connstr.BadConnectionString as exc:
+                raise HttpError(400, str(exc), "08P01")
+            row = self._find(sni, target)
+            await self._authenticate(row, target, source)
+            self.known.add(key, Login(target.user, row.name, row.verifier))
         raw_text = headers.get("Neon-Raw-Text-Output", "").lower() == _TRUE
         array_mode = headers.get("Neon-Array-Mode", "").lower() == _TRUE
         batch_opts = _batch_options(headers)
-        await self._authenticate(row, target, request.remote or "unknown")
         try:
             queries, is_batch = q.parse_body(await request.read(), self.settings.max_batch)
-            payload, readies = q.messages(queries, batch_opts if is_batch else None)
         except q.BadRequest as exc:
             raise HttpError(400, str(exc), "08P01")
-        answers = await self._run(row, payload, readies, dirty=any(q.changes_session(x.sql) for x in queries))
+        batch = batch_opts if is_batch else None
+        names = [self.statements.name(x) for x in queries]
+        dirty = any(q.changes_session(x.sql) for x in queries)
+        answers = await self._run(row, queries, batch, names, dirty)
+        if answers.error is not None and any(names) and q.stale_statement(answers.error):
+            answers = await self._run(row, queries, batch, None, dirty)
         if answers.error is not None:
             raise q.QueryFailed(answers.error)
         results = [q.result_json(r, x.array_mode if x.array_mode is not None else array_mode, raw_text)
@@ -152,12 +168,7 @@ class EdgeServer:
         """The password before the body (a stranger's body is never read: it waits in the
         socket), under the proxy listeners' login backoff per role and source address."""
         logins = self.pooled.guards.logins
-        try:
-            logins.check(target.user, source)
-        except ClientError as exc:
-            self.fleet.events.emit("connection_refused", row.name, reason="login backoff", user=target.user[:64],
-                                   listener="http", peer=source)
-            raise HttpError(429, str(exc), exc.sqlstate)
+        self._throttle(row, target.user, source)
         if target.password is None or target.user != row.role or not await self.passwords.check(
                 row.verifier, target.password):
             failures = logins.failed(target.user, source)
@@ -165,26 +176,39 @@ class EdgeServer:
             raise HttpError(400, f'password authentication failed for user "{target.user}"', "28P01")
         logins.succeeded(target.user, source)
 
-    def _find(self, request: web.BaseRequest, target: connstr.ConnectionString):
+    def _throttle(self, row, user: str, source: str) -> None:
+        """The proxy listeners' login backoff per role and source address."""
+        try:
+            self.pooled.guards.logins.check(user, source)
+        except ClientError as exc:
+            self.fleet.events.emit("connection_refused", row.name, reason="login backoff", user=user[:64],
+                                   listener="http", peer=source)
+            raise HttpError(429, str(exc), exc.sqlstate)
+
+    def _find(self, sni: str | None, target: connstr.ConnectionString):
         """The proxy's routing: the TLS server name, else the connection string's host, as
         `<database>.<domain>`; then `options=endpoint=<database>`; then the database name."""
-        sni = _sni(request)
         chosen = route(target.options, target.database, sni, self.domain)
         if chosen.how != "sni":
             by_host = route(target.options, target.database, target.host, self.domain)
             if by_host.how == "sni":
                 chosen = by_host
-        row = self.fleet.find(chosen.name)
+        return self._row(chosen.name, sni)
+
+    def _row(self, name: str, sni: str | None):
+        row = self.fleet.find(name)
         if row is None:
-            raise HttpError(400, f'database "{chosen.name}" does not exist', "3D000")
+            raise HttpError(400, f'database "{name}" does not exist', "3D000")
         if row.deleting:
-            raise HttpError(400, f'database "{chosen.name}" is being deleted', "57P03")
+            raise HttpError(400, f'database "{name}" is being deleted', "57P03")
         if row.require_tls and sni is None:
-            raise HttpError(400, f'database "{chosen.name}" requires an encrypted connection (https)', "28000")
+            raise HttpError(400, f'database "{name}" requires an encrypted connection (https)', "28000")
         return row
 
-    async def _run(self, row, payload: bytes, readies: int, dirty: bool) -> q.Answers:
-        """One round trip on a pooled server connection (the pool wakes the database)."""
+    async def _run(self, row, queries: list[q.Query], batch: q.Batch | None, names: list[str | None] | None,
+                   dirty: bool) -> q.Answers:
+        """One round trip on a pooled server connection (the pool wakes the database).
+        `names`: the queries' statement names (None: all unnamed)."""
         uuid = row.uuid
         current = self.in_flight.get(uuid, 0)
         if current >= row.max_pooled_clients:
@@ -202,6 +226,9 @@ class EdgeServer:
                     raise
                 except Exception as exc:  # the proxy's wake errors carry a SQLSTATE
                     raise HttpError(400, f"could not reach the database: {exc}", getattr(exc, "sqlstate", "08006"))
+                prepared = conn.prepared
+                sent = q.messages(queries, batch, names, prepared, q.MAX_PREPARED_PER_CONNECTION - len(prepared))
+                payload, readies = sent.data, sent.readies
                 if conn.pset is not pool.registry.base:  # a pooled client's parameters: back to the defaults
                     sync, extra = pool.registry.base.sync_from(conn.pset)
                     conn.pset = pool.registry.base
@@ -212,7 +239,11 @@ class EdgeServer:
                 finally:
                     self.fleet.session_busy(uuid, False)
             answers = q.read_answers(msgs)
-            if answers.clean and not dirty:
+            for name in sent.parsed[:answers.parse_completes]:
+                if name is not None:
+                    prepared.add(name)
+            stale = answers.error is not None and q.stale_statement(answers.error)
+            if answers.clean and not dirty and not stale:
                 pool.release(conn)
             else:
                 pool.discard(conn)

@@ -5,25 +5,44 @@ Every request is one pipelined round trip on a pooled server connection: a singl
 Parse/Bind/Describe/Execute/Sync; a batch is `BEGIN ...`, each query, `COMMIT`, Sync, then a
 `ROLLBACK` that ends the transaction if a query failed (and is a harmless notice otherwise).
 Values travel as text both ways (parameter types are inferred by the server).
+
+A query text that recurs is prepared on the server connection under the pooled listener's
+name for it (shared with pooled clients), and later runs there as Bind/Describe/Execute: the
+server's parse and plan of a small query cost about as much as the proxy's whole HTTP path.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import struct
+from collections import OrderedDict
+from collections.abc import Container
 from dataclasses import dataclass, field
 from typing import Any
 
 from pgfleet.pgwire import messages as m
 from pgfleet.pgwire.protocol import BackendMsg, FrontendMsg, Target, TransactionStatus, byte
 from pgfleet.proxy import params as pm
+from pgfleet.proxy.statements import server_statement_name
 
 _I16 = struct.Struct("!h")
 _I32 = struct.Struct("!i")
 _FIELD = struct.Struct("!ihihih")
 MAX_PARAMS = 65535
 _IDLE_STATUS = byte(TransactionStatus.IDLE)
+
+#: a query text is prepared on the server connections when seen again among the last this many
+#: distinct texts (a one-off query is not: it would only hold server memory)
+RECENT_TEXTS = 1024
+#: longer query texts always run unnamed (bounds what prepared statements hold in the server)
+MAX_PREPARED_TEXT = 4096
+#: statements prepared on one server connection past which new ones run unnamed instead
+MAX_PREPARED_PER_CONNECTION = 256
+_CACHED_PLAN = "cached plan must not change result type"
+_DEALLOCATE = re.compile(rb"\s*deallocate\b", re.IGNORECASE)
+_NO_PARAM_TYPES = b"\0\0"
 
 ISOLATION = {
     "serializable": "SERIALIZABLE", "readuncommitted": "READ UNCOMMITTED",
@@ -61,6 +80,21 @@ class Query:
     sql: str
     params: tuple[str | None, ...]
     array_mode: bool | None  # None: the request's Neon-Array-Mode
+    text: bytes = b""  # sql, encoded
+    bind: bytes = b""  # the Bind message after its portal and statement names
+
+    @staticmethod
+    def make(sql: str, params: tuple[str | None, ...], array_mode: bool | None) -> "Query":
+        try:
+            text = sql.encode("utf-8")
+            values = [None if p is None else p.encode("utf-8") for p in params]
+        except UnicodeEncodeError:
+            raise BadRequest("the query or a parameter is not valid Unicode") from None
+        bind = [_I16.pack(0), _I16.pack(len(values))]
+        for v in values:
+            bind.append(_I32.pack(-1) if v is None else _I32.pack(len(v)) + v)
+        bind.append(_I16.pack(0))
+        return Query(sql, params, array_mode, text, b"".join(bind))
 
 
 @dataclass(frozen=True)
@@ -117,7 +151,7 @@ def _query(item: Any, where: str) -> Query:
     array_mode = item.get("arrayMode")
     if array_mode is not None and not isinstance(array_mode, bool):
         raise BadRequest(f'{where}: "arrayMode" must be true or false')
-    return Query(sql, tuple(param_text(p) for p in params), array_mode)
+    return Query.make(sql, tuple(param_text(p) for p in params), array_mode)
 
 
 def param_text(value: Any) -> str | None:
@@ -151,44 +185,93 @@ def _array_literal(items: list) -> str:
     return "{" + ",".join(out) + "}"
 
 
-def messages(queries: list[Query], batch: Batch | None) -> tuple[bytes, int]:
-    """The pipelined messages of a request, and how many ReadyForQuery answer them."""
+_COMMIT = Query.make("COMMIT", (), None)
+_SYNC = m.message(FrontendMsg.SYNC)
+_EXECUTE = m.message(FrontendMsg.EXECUTE, b"\0" + _I32.pack(0))
+_DESCRIBE = m.message(FrontendMsg.DESCRIBE, byte(Target.PORTAL) + b"\0")
+
+
+class Statements:
+    """Which query texts run as named statements: those seen again among the recent ones.
+    Remembers their server names only (a hash of the text, as the pool names statements)."""
+
+    def __init__(self, recent: int = RECENT_TEXTS) -> None:
+        self.recent = recent
+        self._seen: OrderedDict[str, None] = OrderedDict()
+
+    def name(self, query: Query) -> str | None:
+        if len(query.text) > MAX_PREPARED_TEXT:
+            return None
+        sname = server_statement_name(query.text + b"\0" + _NO_PARAM_TYPES)
+        seen = self._seen
+        if sname in seen:
+            seen.move_to_end(sname)
+            return sname
+        seen[sname] = None
+        if len(seen) > self.recent:
+            seen.popitem(last=False)
+        return None
+
+
+@dataclass
+class Payload:
+    data: bytes
+    readies: int  # ReadyForQuery messages that answer it
+    parsed: list[str | None]  # per Parse sent, in order: the statement name it prepares, if any
+
+
+def messages(queries: list[Query], batch: Batch | None, names: list[str | None] | None = None,
+             prepared: Container[str] = (), room: int = 0) -> Payload:
+    """The pipelined messages of a request. `names`: each query's server statement name (None:
+    unnamed); one in `prepared` is bound without a Parse, and at most `room` new ones are
+    prepared (the others run unnamed)."""
     out: list[bytes] = []
+    parsed: list[str | None] = []
+    new: set[str] = set()
     if batch is not None:
         out.append(pm.query(batch.begin()))
-    for q in queries:
-        out.append(_extended(q.sql, q.params, describe=True))
+    for i, q in enumerate(queries):
+        name = names[i] if names is not None else None
+        if name is None or (name not in prepared and name not in new and room <= 0):
+            out.append(m.message(FrontendMsg.PARSE, b"\0" + q.text + b"\0" + _NO_PARAM_TYPES))
+            parsed.append(None)
+            sname = b""
+        else:
+            if name not in prepared and name not in new:  # prepared here, from now on
+                out.append(m.message(FrontendMsg.PARSE, name.encode() + b"\0" + q.text + b"\0" + _NO_PARAM_TYPES))
+                parsed.append(name)
+                new.add(name)
+                room -= 1
+            sname = name.encode()
+        out.append(m.message(FrontendMsg.BIND, b"\0" + sname + b"\0" + q.bind))
+        out.append(_DESCRIBE)
+        out.append(_EXECUTE)
     if batch is not None:
-        out.append(_extended("COMMIT", (), describe=False))
-    out.append(m.message(FrontendMsg.SYNC))
+        out.append(m.message(FrontendMsg.PARSE, b"\0" + _COMMIT.text + b"\0" + _NO_PARAM_TYPES))
+        parsed.append(None)
+        out.append(m.message(FrontendMsg.BIND, b"\0\0" + _COMMIT.bind))
+        out.append(_EXECUTE)
+    out.append(_SYNC)
     if batch is not None:
         out.append(pm.query("ROLLBACK"))  # only if a query failed: a notice otherwise
-        return b"".join(out), 3
-    return b"".join(out), 1
+        return Payload(b"".join(out), 3, parsed)
+    return Payload(b"".join(out), 1, parsed)
 
 
-def _extended(sql: str, params: tuple[str | None, ...], describe: bool) -> bytes:
-    try:
-        text = sql.encode("utf-8")
-        values = [None if p is None else p.encode("utf-8") for p in params]
-    except UnicodeEncodeError:
-        raise BadRequest("the query or a parameter is not valid Unicode") from None
-    bind = [b"\0\0", _I16.pack(0), _I16.pack(len(values))]
-    for v in values:
-        bind.append(_I32.pack(-1) if v is None else _I32.pack(len(v)) + v)
-    bind.append(_I16.pack(0))
-    parts = [m.message(FrontendMsg.PARSE, b"\0" + text + b"\0" + _I16.pack(0)),
-             m.message(FrontendMsg.BIND, b"".join(bind))]
-    if describe:
-        parts.append(m.message(FrontendMsg.DESCRIBE, byte(Target.PORTAL) + b"\0"))
-    parts.append(m.message(FrontendMsg.EXECUTE, b"\0" + _I32.pack(0)))
-    return b"".join(parts)
+def stale_statement(error: dict[str, str]) -> bool:
+    """The server could not run a named statement as prepared (a table it reads changed shape,
+    or a DEALLOCATE the proxy did not see): nothing ran, and the request can run again unnamed."""
+    code = error.get("C")
+    return code == "26000" or (code == "0A000" and error.get("M", "").startswith(_CACHED_PLAN))
 
 
 def changes_session(sql: str) -> bool:
     """SET/RESET/DISCARD of a session parameter: the connection is not given back to the pool
     (the pooled listener follows such changes; one HTTP request has no session to keep)."""
-    match = pm.SESSION_SQL.match(sql.encode("utf-8", "surrogateescape"))
+    text = sql.encode("utf-8", "surrogateescape")
+    if _DEALLOCATE.match(text):  # the connection's prepared statements are no longer what it recorded
+        return True
+    match = pm.SESSION_SQL.match(text)
     return match is not None and pm.session_sql_names(match) is not None
 
 
@@ -205,6 +288,7 @@ class Answers:
     results: list[Result]
     error: dict[str, str] | None
     clean: bool  # the connection ended idle, with its session parameters as before
+    parse_completes: int = 0  # the Parse messages that succeeded (the first this many sent)
 
 
 def read_answers(msgs: list[tuple[int, bytes]]) -> Answers:
@@ -212,6 +296,7 @@ def read_answers(msgs: list[tuple[int, bytes]]) -> Answers:
     current: Result | None = None
     error: dict[str, str] | None = None
     status = _IDLE_STATUS
+    parse_completes = 0
     reported = False
     for kind, body in msgs:
         if kind == BackendMsg.DATA_ROW:
@@ -235,7 +320,9 @@ def read_answers(msgs: list[tuple[int, bytes]]) -> Answers:
             status = body[:1]
         elif kind == BackendMsg.PARAMETER_STATUS:  # a reported parameter changed
             reported = True
-    return Answers(results, error, clean=status == _IDLE_STATUS and not reported)
+        elif kind == BackendMsg.PARSE_COMPLETE:
+            parse_completes += 1
+    return Answers(results, error, clean=status == _IDLE_STATUS and not reported, parse_completes=parse_completes)
 
 
 def _row_description(body: bytes) -> list[tuple[str, int, int, int, int, int]]:

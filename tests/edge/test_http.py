@@ -191,12 +191,19 @@ async def test_bad_bodies_are_400(edge, db):
             assert r.json()["message"]
 
 
-async def test_password_checks_are_cached(edge, db):
+async def test_password_checks_are_cached(edge, db, env):
     name, password = db
     h = neon_headers(name, password)
     for _ in range(5):
         assert (await post(edge, {"query": "SELECT 1"}, h)).status_code == 200
     assert edge.passwords.checks == 1
+    # a cached success never lets another password in, nor the old one once rotated
+    r = await post(edge, {"query": "SELECT 1"}, neon_headers(name, password[:-1]))
+    assert r.status_code == 400 and r.json()["code"] == "28P01"
+    _, rotated = await env.fleet.rotate_password(name)
+    r = await post(edge, {"query": "SELECT 1"}, h)
+    assert r.status_code == 400 and r.json()["code"] == "28P01"
+    assert (await post(edge, {"query": "SELECT 1"}, neon_headers(name, rotated))).status_code == 200
 
 
 async def test_tls_with_sni_routing_and_require_tls(env, pooled, tmp_path):
@@ -224,3 +231,55 @@ async def test_tls_with_sni_routing_and_require_tls(env, pooled, tmp_path):
     finally:
         await secure.close()
         await plain.close()
+
+
+def prepared_names(edge, name: str) -> set[str]:
+    """The statements the pooled server connections of a database have prepared."""
+    pool = edge.pooled.pool_for(edge.fleet.find(name))
+    return set().union(*(c.prepared for c in pool.conns))
+
+
+async def test_recurring_queries_run_as_prepared_statements(edge, db):
+    name, password = db
+    h = neon_headers(name, password)
+    query = {"query": "SELECT $1::int * 2 AS n", "params": [21]}
+    assert (await post(edge, query, h)).json()["rows"] == [["42"]]
+    assert not prepared_names(edge, name)  # a one-off text stays unnamed
+    for value in (1, 2, 3):
+        r = await post(edge, {**query, "params": [value]}, h)
+        assert r.status_code == 200 and r.json()["rows"] == [[str(value * 2)]]
+    assert len(prepared_names(edge, name)) == 1
+    # the same text twice in a batch is prepared once; an error after the Parse keeps it prepared
+    r = await post(edge, {"queries": [{"query": "SELECT 10 / $1::int AS q", "params": [5]},
+                                      {"query": "SELECT 10 / $1::int AS q", "params": [2]}]}, h)
+    assert r.status_code == 200 and [x["rows"] for x in r.json()["results"]] == [[["2"]], [["5"]]]
+    r = await post(edge, {"query": "SELECT 10 / $1::int AS q", "params": [0]}, h)
+    assert r.status_code == 400 and r.json()["code"] == "22012"
+    r = await post(edge, {"query": "SELECT 10 / $1::int AS q", "params": [10]}, h)
+    assert r.status_code == 200 and r.json()["rows"] == [["1"]]
+
+
+async def test_prepared_statements_follow_schema_changes_and_deallocation(edge, db):
+    name, password = db
+    h = neon_headers(name, password)
+    assert (await post(edge, {"query": "CREATE TABLE shape (a int)"}, h)).status_code == 200
+    await post(edge, {"query": "INSERT INTO shape VALUES (1)"}, h)
+    for _ in range(3):
+        assert (await post(edge, {"query": "SELECT * FROM shape"}, h)).json()["rows"] == [["1"]]
+    assert prepared_names(edge, name)
+    # the prepared plan's result changes shape: the server refuses it, the request runs unnamed
+    await post(edge, {"query": "ALTER TABLE shape ADD COLUMN b text DEFAULT 'x'"}, h)
+    r = await post(edge, {"query": "SELECT * FROM shape"}, h)
+    assert r.status_code == 200, r.text
+    assert r.json()["rows"] == [["1", "x"]] and [f["name"] for f in r.json()["fields"]] == ["a", "b"]
+    # statements dropped behind the proxy's back (DEALLOCATE inside a function): run again unnamed
+    for _ in range(2):
+        await post(edge, {"query": "SELECT * FROM shape"}, h)
+    r = await post(edge, {"query": "DO $$BEGIN EXECUTE 'DEALLOCATE ALL'; END$$"}, h)
+    assert r.status_code == 200, r.text
+    r = await post(edge, {"query": "SELECT * FROM shape"}, h)
+    assert r.status_code == 200 and r.json()["rows"] == [["1", "x"]], r.text
+    r = await post(edge, {"query": "DEALLOCATE ALL"}, h)  # seen by the proxy: that connection is not reused
+    assert r.status_code == 200, r.text
+    r = await post(edge, {"query": "SELECT * FROM shape"}, h)
+    assert r.status_code == 200 and r.json()["rows"] == [["1", "x"]], r.text
