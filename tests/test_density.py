@@ -163,7 +163,7 @@ async def test_clients_of_a_wake_storm_wait_their_turn_and_are_all_served(env, m
 
     from pgfleet.proxy import server
 
-    monkeypatch.setattr(env.fleet, "_start_slots", asyncio.Semaphore(1))
+    monkeypatch.setattr(env.fleet, "start_slots", asyncio.Semaphore(1))
     made = [await env.fleet.create(f"queue{i}", autostart=False) for i in range(5)]
     real_start = SandboxDriver.start
 

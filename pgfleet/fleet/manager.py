@@ -17,17 +17,18 @@ from pathlib import Path
 from typing import Awaitable, Callable
 
 from pgfleet import settings as S
-from pgfleet.drivers.base import Backend, Driver, DriverError, InstanceSpec
+from pgfleet.drivers.base import Backend, Driver, InstanceSpec
 from pgfleet.pgwire.scram import Verifier, generate_password
 from pgfleet.store import InstanceRow, Store
 
 from . import states
-from .errors import AlreadyExists, FleetError, InvalidRequest, NotFound, QuotaExceeded, Unavailable
+from .errors import AlreadyExists, FleetError, InvalidRequest, NotFound
 from .events import EventLog
 from .images import check_image
 from .names import validate_name
-from .quotas import Quotas
-from .runtime import Runtime, Runtimes
+from .power import Power
+from .quotas import Quotas, admit
+from .runtime import Runtimes
 from .scaling import ScaleToZero
 from .standby import WarmTier, is_warm
 from .states import COLD, WARM, State
@@ -36,7 +37,6 @@ from .transitions import Transitions
 
 log = logging.getLogger(__name__)
 
-STANDBY_TIERS = (WARM, COLD)
 FOUND_CACHE = 10_000  # rows find() keeps between two writes of the store
 
 
@@ -63,7 +63,7 @@ class Fleet:
         self._reserved_slots: set[int] = set()  # taken by creates not yet in the store
         #: admission of starts (wakes and creates): bounded, first come first served, so a
         #: storm of wakes queues instead of thrashing and every database gets its turn
-        self._start_slots = asyncio.Semaphore(start_concurrency or default_start_concurrency())
+        self.start_slots = asyncio.Semaphore(start_concurrency or default_start_concurrency())
         self.closing = False
         #: admission control, checked on every path that makes a database live (create and
         #: every start: wake, resume, the UKC routes, Kubernetes); None: the defaults
@@ -90,7 +90,11 @@ class Fleet:
         self.in_use = self.scaling.in_use
         #: continuous archiving (pgfleet.fleet.branches.Backups attaches itself), or None
         self.backups = None
-        driver.on_exit = self._on_driver_exit
+        self.power = Power(self)
+        self.ensure_running = self.power.ensure_running
+        self.resume = self.power.resume
+        self.suspend = self.power.suspend
+        self.stop = self.power.stop
         self.warm = WarmTier(self)
 
     # --- queries -------------------------------------------------------------------
@@ -200,7 +204,7 @@ class Fleet:
         if verifier is None:  # PBKDF2: ~2 ms of C on a worker thread, not on the event loop
             verifier = (await asyncio.to_thread(Verifier.from_password, password)).encode()
         # from here to the insert nothing awaits: the quota and the slot hold for this row
-        self._admit(name, memory_mb, create=True)
+        admit(self, name, memory_mb, create=True)
         row = InstanceRow(
             uuid=str(uuidlib.uuid4()), name=name, slot=self._free_slot(), state=State.STARTING,
             driver=self.driver.name, image=image, memory_mb=memory_mb, role=role or name,
@@ -219,7 +223,7 @@ class Fleet:
         async with self.rt.locked(row.uuid) as rt:
             started = time.monotonic()
             try:
-                async with self._start_slots:
+                async with self.start_slots:
                     spec = self.spec(row)
                     backend = await (populate(spec) if populate is not None else self.driver.create(spec))
             except BaseException as exc:
@@ -263,7 +267,7 @@ class Fleet:
             row.state, row.provisioned = State.STANDBY, 1
             row.stopped_at, row.stop_reason = time.time(), "created without autostart"
             try:
-                self._admit(row.name, row.memory_mb, create=True)  # again: others may have been created meanwhile
+                admit(self, row.name, row.memory_mb, create=True)  # again: others may have been created meanwhile
                 self.store.insert(row)
             except Exception as exc:
                 await asyncio.shield(self.driver.destroy(spec))
@@ -286,18 +290,6 @@ class Fleet:
         finally:
             self.store.delete(row.uuid)
             self.rt.drop(row.uuid)
-
-    def _admit(self, name: str, memory_mb: int, create: bool = False) -> None:
-        """The quotas' check before a database becomes live (create, or any start);
-        raises QuotaExceeded, and says so in the events."""
-        try:
-            if create:
-                self.quotas.check_create(self, memory_mb)
-            else:
-                self.quotas.check_start(self, memory_mb)
-        except QuotaExceeded as exc:
-            self.events.emit("quota_refused", name, reason=str(exc))
-            raise
 
     def _check_policy_supported(self, policy: str | None) -> None:
         if policy == "idle" and not self.driver.keeps_sessions_across_suspend:
@@ -368,182 +360,12 @@ class Fleet:
         self.store.update(row.uuid, tags=tags)
         return self.get(row.uuid)
 
-    # --- wake / suspend / stop -------------------------------------------------------
-    async def ensure_running(self, ref: str, *, wake_stopped: bool = False) -> Backend:
-        """The backend of a running instance, starting it if it is in standby.
-
-        Concurrent callers share one start: they queue on the instance lock and find
-        it running when their turn comes.
-        """
-        row = self.get(ref)
-        rt = self.rt.get(row.uuid)
-        if row.state == State.RUNNING and rt is not None and rt.backend is not None:
-            return rt.backend
-        async with self.rt.locked(row.uuid) as rt:
-            row = self.get(row.uuid)
-            if row.deleting:
-                raise Unavailable(f"database {row.name!r} is being deleted")
-            if row.state == State.RUNNING and rt.backend is not None:
-                return rt.backend
-            if row.state == State.STOPPED and not wake_stopped:
-                raise Unavailable(f"database {row.name!r} is stopped; start it first")
-            if is_warm(row):
-                return await self.warm.thaw_locked(row, rt, reason="wake")
-            return await self._start_locked(row, reason="wake" if row.state == State.STANDBY else "start")
-
-    async def _start_locked(self, row: InstanceRow, reason: str) -> Backend:
-        rt = self.rt.of(row.uuid)
-        if row.state == State.RUNNING and rt.backend is not None:
-            return rt.backend
-        if row.state not in (State.STANDBY, State.STOPPED):
-            raise Unavailable(f"database {row.name!r} is {row.state}")
-        async with self._start_slots:
-            return await self._start_admitted(row, rt, reason)
-
-    async def _start_admitted(self, row: InstanceRow, rt: Runtime, reason: str) -> Backend:
-        self._admit(row.name, row.memory_mb)  # no await between this check and the move
-        self.transitions.change_state(row.uuid, row.state, State.STARTING, reason, standby_tier=None)
-        started = time.monotonic()
-        try:
-            backend = await self.driver.start(self.spec(row))
-        except BaseException as exc:
-            self.transitions.change_state(row.uuid, State.STARTING, State.STANDBY, f"start failed: {exc}",
-                                  stop_reason="start failed", stopped_at=time.time(), standby_tier=COLD)
-            await self.transitions.notify()
-            if isinstance(exc, DriverError):
-                raise Unavailable(f"database {row.name!r} failed to start: {exc}") from exc
-            raise
-        took = time.monotonic() - started
-        self.transitions.change_state(
-            row.uuid, State.STARTING, State.RUNNING, reason, started_at=time.time(),
-            start_count=row.start_count + 1, boot_time_us=int(took * 1e6),
-            stop_reason=None,
-        )
-        if reason == "wake":
-            self.telemetry.wake(row.uuid, time.time(), took)
-            self.events.emit("wake", row.name, latency_ms=round(took * 1000, 1))
-        rt.backend = backend
-        rt.last_active = time.monotonic()
-        self.scaling.arm_idle_timer(row.uuid)
-        await self.transitions.notify()
-        return backend
-
-    async def resume(self, ref: str) -> InstanceRow:
-        await self.ensure_running(ref, wake_stopped=True)
-        return self.get(ref)
-
-    async def suspend(self, ref: str, *, reason: str = "suspend", drain_timeout_s: float = S.DEFAULT_DRAIN_TIMEOUT_S,
-                      only_if_idle: bool = False, tier: str = COLD, if_unused: bool = False) -> InstanceRow:
-        """Scale to zero now: cold (stopped), or warm (frozen; refused while a session is busy).
-        `if_unused`: leave it running if a session is in use; `only_if_idle`: also if it has
-        been idle for less than its cooldown."""
-        if tier not in STANDBY_TIERS:
-            raise InvalidRequest(f"standby tier must be one of {', '.join(STANDBY_TIERS)}")
-        if tier == WARM:
-            return await self._suspend_warm(ref, reason)
-        return await self._shut(ref, State.STANDBY, reason, drain_timeout_s, only_if_idle, if_unused)
-
-    async def _suspend_warm(self, ref: str, reason: str) -> InstanceRow:
-        row = self.get(ref)
-        if self.warm.mode is None:
-            raise InvalidRequest(f"the {self.driver.name} driver has no warm standby on this host")
-        if is_warm(row):
-            return row
-        if row.state != State.RUNNING:
-            raise Unavailable(f"database {row.name!r} is {row.state}")
-        if not await self.warm.enter(row.uuid, reason, only_if_idle=False):
-            raise Unavailable(f"database {row.name!r} has a busy session (a query or transaction); "
-                              f"it is never frozen mid-transaction")
-        return self.get(row.uuid)
-
-    async def stop(self, ref: str, *, drain_timeout_s: float = S.DEFAULT_DRAIN_TIMEOUT_S) -> InstanceRow:
-        return await self._shut(ref, State.STOPPED, "stop", drain_timeout_s, False)
-
-    async def _shut(self, ref: str, target: State, reason: str, drain_timeout_s: float,
-                    only_if_idle: bool, if_unused: bool = False) -> InstanceRow:
-        row = self.get(ref)
-        async with self.rt.locked(row.uuid) as rt:
-            row = self.get(row.uuid)
-            rt.policy = row.stz_policy
-            if only_if_idle and (rt.in_use() or row.state != State.RUNNING
-                                 or not rt.idle_at_least(row.cooldown_ms)):
-                return row
-            if if_unused and row.state == State.RUNNING and rt.in_use():
-                return row
-            if is_warm(row):  # an explicit cold suspend or a stop of a warm database
-                await self.warm._cold_locked(row, rt, reason)
-                row = self.get(row.uuid)
-            if row.state in (State.STANDBY, State.STOPPED):
-                if row.state != target:
-                    self.transitions.change_state(row.uuid, row.state, target, reason)
-                    await self.transitions.notify()
-                return self.get(row.uuid)
-            if row.state != State.RUNNING:
-                raise Unavailable(f"database {row.name!r} is {row.state}")
-            rt.cancel_idle_timer()
-            shut_started = time.monotonic()
-            self.transitions.change_state(row.uuid, State.RUNNING, State.DRAINING, reason)
-            await self.transitions.notify()
-            if rt.clients > 0 and drain_timeout_s > 0 and not (row.stz_policy == "idle" and reason == "idle"):
-                rt.drained.clear()
-                try:
-                    await asyncio.wait_for(rt.drained.wait(), drain_timeout_s)
-                except asyncio.TimeoutError:
-                    log.info("%s: %d clients still connected after draining; closing them", row.name, rt.clients)
-            self.transitions.change_state(row.uuid, State.DRAINING, State.STOPPING, reason,
-                                  stop_reason="stop" if target == State.STOPPED else reason)
-            await self.transitions.notify()
-            rt.backend = None
-            rt.running = False
-            spec = self.spec(row)
-            try:
-                if target == State.STOPPED:
-                    await self.driver.stop(spec)
-                else:
-                    await self.driver.suspend(spec)
-                if self.backups is not None:  # scale to zero leaves no gap in the archive
-                    await self.backups.stopped(row)
-            except BaseException:
-                log.exception("%s: driver failed to %s", row.name, reason)
-                raise
-            finally:
-                self.transitions.change_state(row.uuid, State.STOPPING, target, reason, stopped_at=time.time(),
-                           standby_tier=COLD if target == State.STANDBY else None)
-                self.telemetry.suspended(row.uuid, time.monotonic() - shut_started)
-                await self.transitions.notify()
-        return self.get(row.uuid)
-
     # --- daemon tasks ----------------------------------------------------------------------
     def spawn(self, coro) -> None:
         """Run `coro` in the background until it ends or the daemon stops."""
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    def _on_driver_exit(self, spec: InstanceSpec, reason: str) -> None:
-        self.spawn(self._handle_exit(spec.uuid, reason))
-
-    async def _handle_exit(self, uuid: str, reason: str) -> None:
-        """The instance died on its own: it becomes standby (the next client wakes it and
-        Postgres recovers from its WAL); an instance that never scales to zero restarts."""
-        async with self.rt.locked(uuid) as rt:
-            row = self.store.get(uuid)
-            if row is not None and is_warm(row):  # its frozen processes died (killed): cold now
-                rt.cancel_cold_timer()
-                self.transitions.change_state(uuid, State.STANDBY, State.STANDBY, f"exited while warm: {reason}", tier=WARM,
-                           standby_tier=COLD)
-                await self.transitions.notify()
-                return
-            if row is None or row.state != State.RUNNING:
-                return
-            rt.backend = None
-            rt.running = False
-            rt.cancel_idle_timer()
-            self.transitions.change_state(uuid, State.RUNNING, State.STANDBY, f"crashed: {reason}",
-                                  stop_reason="crashed", stopped_at=time.time(), standby_tier=COLD)
-            await self.transitions.notify()
-            if row.stz_policy == "off" and not self.closing:
-                await self._start_locked(self.store.get(uuid), reason="restart after crash")  # type: ignore[arg-type]
 
     # --- daemon start and stop -----------------------------------------------------------
     async def recover(self) -> None:

@@ -82,3 +82,16 @@ class Quotas:
                 f"quota exceeded: {used['live_memory_mb']} MiB + {memory_mb} MiB would pass the live memory "
                 f"limit of {self.live_memory_mb} MiB"
             )
+
+
+def admit(fleet: "Fleet", name: str, memory_mb: int, *, create: bool = False) -> None:
+    """The quotas' check before a database becomes live (a create, or any start); raises
+    QuotaExceeded, and says so in the events. `fleet.quotas` is read now: it may be replaced."""
+    try:
+        if create:
+            fleet.quotas.check_create(fleet, memory_mb)
+        else:
+            fleet.quotas.check_start(fleet, memory_mb)
+    except QuotaExceeded as exc:
+        fleet.events.emit("quota_refused", name, reason=str(exc))
+        raise

@@ -80,7 +80,7 @@ class WarmTier:
                 charged = await fleet.driver.freeze(fleet.spec(row))
             except DriverError as exc:
                 log.warning("%s: %s; going cold instead", row.name, exc)
-                await self._cold_locked(fleet.store.get(uuid), rt, f"freeze failed: {exc}")  # type: ignore[arg-type]
+                await self.cold_locked(fleet.store.get(uuid), rt, f"freeze failed: {exc}")  # type: ignore[arg-type]
                 await fleet.transitions.notify()
                 return True
             log.info("%s: warm standby (%s), %.1f MiB still charged", row.name, reason, charged / 2**20)
@@ -108,7 +108,7 @@ class WarmTier:
             finally:
                 fleet.transitions.change_state(row.uuid, State.STOPPING, State.STANDBY, "thaw failed", standby_tier=COLD,
                             stopped_at=time.time())
-            return await fleet._start_locked(fleet.store.get(row.uuid), reason=reason)  # type: ignore[arg-type]
+            return await fleet.power.start_locked(fleet.store.get(row.uuid), reason=reason)  # type: ignore[arg-type]
         rt.backend, rt.running = backend, True
         rt.last_active = time.monotonic()
         fleet.scaling.arm_idle_timer(row.uuid)
@@ -133,11 +133,11 @@ class WarmTier:
             row = self.fleet.store.get(uuid)
             if row is None or not is_warm(row):
                 return False
-            await self._cold_locked(row, rt, reason)
+            await self.cold_locked(row, rt, reason)
         await self.fleet.transitions.notify()
         return True
 
-    async def _cold_locked(self, row: InstanceRow, rt: "Runtime", reason: str) -> None:
+    async def cold_locked(self, row: InstanceRow, rt: "Runtime", reason: str) -> None:
         """A Postgres fast shutdown (the driver thaws it first); held sessions end."""
         rt.cancel_cold_timer()
         self.fleet.transitions.change_state(row.uuid, State.STANDBY, State.STANDBY, reason, tier=WARM, standby_tier=COLD)
@@ -168,7 +168,7 @@ class WarmTier:
             log.info("re-attached to warm %s", row.name)
             self._arm_cold_timer(row.uuid, rt, row.cold_after_ms)
             return
-        await self._cold_locked(row, rt, "recovered after daemon restart")
+        await self.cold_locked(row, rt, "recovered after daemon restart")
 
     async def all_to_cold(self, reason: str) -> None:
         warm = [r for r in self.fleet.store.all() if is_warm(r)]
