@@ -22,11 +22,12 @@ from pgfleet.pgwire.scram import Verifier, generate_password
 from pgfleet.store import InstanceRow, Store
 
 from . import states
-from .errors import AlreadyExists, FleetError, InvalidRequest, NotFound
+from .errors import AlreadyExists, FleetError, InvalidRequest
 from .events import EventLog
 from .images import check_image
 from .names import validate_name
 from .power import Power
+from .queries import Queries
 from .quotas import Quotas, admit
 from .runtime import Runtimes
 from .scaling import ScaleToZero
@@ -36,9 +37,6 @@ from .telemetry import Telemetry
 from .transitions import Transitions
 
 log = logging.getLogger(__name__)
-
-FOUND_CACHE = 10_000  # rows find() keeps between two writes of the store
-
 
 def default_start_concurrency() -> int:
     """Starts at once: a Postgres start is ~20-40 ms of CPU, so more than two per core
@@ -72,11 +70,22 @@ class Fleet:
         self.memory = None
         #: called with a database's uuid once it is deleted (proxies drop their pools)
         self.on_delete: list[Callable[[str], None]] = []
-        self._found: dict[str, InstanceRow] = {}  # find()'s rows, valid while _found_at holds
-        self._found_at = -1
         #: what operators see: structured events (log, ring, followers) and lifecycle numbers
         self.events = EventLog()
         self.telemetry = Telemetry()
+        self.queries = Queries(self)
+        self.list = self.queries.list
+        self.page = self.queries.page
+        self.count_by_state = self.queries.count_by_state
+        self.get = self.queries.get
+        self.find = self.queries.find
+        self.find_uuid = self.queries.find_uuid
+        self.history = self.queries.history
+        self.quota_usage = self.queries.quota_usage
+        self.usage = self.queries.usage
+        self.disk_bytes = self.queries.disk_bytes
+        self.memory_charged = self.queries.memory_charged
+        self.log_path = self.queries.log_path
         self.transitions = Transitions(store, self.events, self.get)
         # what the proxy and the API read on every message, bound once
         self.backend_of = self.rt.backend_of
@@ -97,50 +106,7 @@ class Fleet:
         self.stop = self.power.stop
         self.warm = WarmTier(self)
 
-    # --- queries -------------------------------------------------------------------
-    def list(self) -> list[InstanceRow]:
-        return self.store.all()
-
-    def page(self, *, limit: int | None = None, after: str | None = None,
-             state: str | None = None) -> list[InstanceRow]:
-        """Instances by name, a page at a time (see Store.page)."""
-        return self.store.page(limit=limit, after=after, state=state)
-
-    def count_by_state(self) -> dict[str, int]:
-        return self.store.count_by_state()
-
-    async def disk_bytes(self, row: InstanceRow) -> int | None:
-        """Disk the database itself owns (its copy-on-write layer), if the driver knows."""
-        return await self.driver.disk_bytes(self.spec(row))
-
-    def get(self, ref: str) -> InstanceRow:
-        row = self.store.by_name(ref) or self.store.get(ref)
-        if row is None:
-            raise NotFound(f"database {ref!r} does not exist")
-        return row
-
-    def find(self, name: str) -> InstanceRow | None:
-        """By name, from memory until the store's connection next writes anything (every
-        write of this process goes through it, so this is exact): the proxy asks once per
-        connection and SQL over HTTP once per request, where a SQLite read cost 40-180 us."""
-        changes = self.store.db.total_changes
-        if changes != self._found_at:
-            self._found.clear()
-            self._found_at = changes
-        row = self._found.get(name)
-        if row is None:
-            row = self.store.by_name(name)
-            if row is not None and len(self._found) < FOUND_CACHE:
-                self._found[name] = row
-        return row
-
-    def find_uuid(self, uuid: str) -> InstanceRow | None:
-        return self.store.get(uuid)
-
-    def history(self, uuid: str, limit: int = 100) -> list[dict]:
-        """The database's state transitions, newest first."""
-        return self.store.history(uuid, limit)
-
+    # --- what every part shares ----------------------------------------------------------
     @property
     def keeps_sessions_across_suspend(self) -> bool:
         """Whether the driver keeps sessions open across a suspend (the `idle` policy needs it)."""
@@ -150,26 +116,9 @@ class Fleet:
     def driver_name(self) -> str:
         return self.driver.name
 
-    async def usage(self, row: InstanceRow) -> dict[str, int]:
-        """Resources a running database uses now (rss_bytes, cpu_time_ms...); {} when not running."""
-        return await self.driver.usage(self.spec(row)) if row.state == State.RUNNING else {}
-
-    def log_path(self, row: InstanceRow) -> Path | None:
-        return self.driver.log_path(self.spec(row))
-
     def data_path(self, row: InstanceRow) -> Path:
         """The directory holding everything of one database (its volume)."""
         return self.home / "instances" / row.uuid
-
-    def quota_usage(self) -> tuple[Quotas, dict[str, int]]:
-        """The limits in force and what counts against them now."""
-        return self.quotas, Quotas.usage(self)
-
-    def memory_charged(self, row: InstanceRow) -> tuple[int, int]:
-        """(bytes charged, bytes in swap) of a running or warm database; (0, 0) when cold."""
-        if row.state != State.RUNNING and not is_warm(row):
-            return 0, 0
-        return self.driver.memory_charged(self.spec(row))
 
     def spec(self, row: InstanceRow) -> InstanceSpec:
         return InstanceSpec(
