@@ -18,9 +18,11 @@ from pgfleet.store import Store
 class FakeDriver(Driver):
     name = "fake"
 
-    def __init__(self, state_dir: Path | None = None, *, keeps_sessions: bool = False) -> None:
+    def __init__(self, state_dir: Path | None = None, *, keeps_sessions: bool = False,
+                 can_provision: bool = False) -> None:
         super().__init__(state_dir or Path("/nonexistent/fake-driver"))
         self.keeps_sessions_across_suspend = keeps_sessions  # type: ignore[misc]
+        self.can_provision = can_provision  # type: ignore[misc]
         self.calls: Counter[str] = Counter()
         self.running: set[str] = set()
         self.made: set[str] = set()
@@ -46,6 +48,10 @@ class FakeDriver(Driver):
         self.made.add(spec.uuid)
         self.running.add(spec.uuid)
         return self.backend(spec)
+
+    async def provision(self, spec: InstanceSpec) -> None:
+        self._call("provision")
+        self.made.add(spec.uuid)
 
     async def start(self, spec: InstanceSpec) -> Backend:
         self._call("start")

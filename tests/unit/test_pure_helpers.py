@@ -10,7 +10,7 @@ import pytest
 from pgfleet import settings as S
 from pgfleet.config import parse_hostport, resolve_home
 from pgfleet.fleet.errors import InvalidRequest
-from pgfleet.fleet.manager import validate_settings
+from pgfleet.fleet.provisioning import validate_settings
 from pgfleet.fleet.names import validate_name
 from pgfleet.fleet.states import ALLOWED, IllegalTransition, State, check
 from pgfleet.k8s.kube import quantity_bytes, quantity_mib
@@ -38,6 +38,10 @@ def test_bounds(bounds, value, inside):
     ({"memory_mb": "128"}, "memory_mb"),
     ({"cooldown_ms": S.COOLDOWN_MS.max + 1}, "cooldown_ms"),
     ({"policy": "never"}, "policy"),
+    ({"cpu_pct": 0, "disk_mb": 0}, None),
+    ({"cpu_pct": 5}, r"cpu_pct must be 0 \(no cap\) or an integer from 10"),
+    ({"disk_mb": S.DISK_MB.max + 1}, r"disk_mb must be 0 \(no limit\)"),
+    ({"cold_after_ms": -1}, r"cold_after_ms must be an integer from 0 .* \(30 days\)"),
 ])
 def test_validate_settings(settings, error):
     if error is None:
