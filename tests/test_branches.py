@@ -60,6 +60,8 @@ async def test_branch_at_time_across_suspends(fb):
     assert b.row.role == "shop-at-t2"
     rows = await sql(env, "shop-at-t2", b.password, "SELECT x FROM t ORDER BY x")
     assert rows == [(1,), (2,)]
+    # the database inside carries the branch's name, not its parent's
+    assert await sql(env, "shop-at-t2", b.password, "SELECT current_database()") == [("shop-at-t2",)]
     # its own credentials: the parent's password does not open it
     with pytest.raises(psycopg.OperationalError):
         await sql(env, "shop-at-t2", pw, "SELECT 1")
@@ -95,6 +97,7 @@ async def test_branch_of_now_is_independent(fb):
         await querying
         assert answered and set(answered) == {1000}
     assert await sql(env, "app-copy", running.password, "SELECT count(*) FROM t") == [(1000,)]
+    assert await sql(env, "app-copy", running.password, "SELECT current_database()") == [("app-copy",)]
     await sql(env, "app-copy", running.password, "INSERT INTO t VALUES (-1)")
     await sql(env, "app", pw, "INSERT INTO t VALUES (-2)")
     assert await sql(env, "app", pw, "SELECT count(*) FROM t WHERE x < 0") == [(1,)]
@@ -103,11 +106,12 @@ async def test_branch_of_now_is_independent(fb):
     assert await sql(env, "app-copy", running.password, "SELECT tableowner FROM pg_tables WHERE tablename='t'") == [("app-copy",)]
 
     # files of the template layer the parent dropped (REINDEX: new relfilenodes) stay dropped
-    await sql(env, "app", pw, "REINDEX SYSTEM postgres")
+    await sql(env, "app", pw, "REINDEX SYSTEM app")
     await env.fleet.suspend("app")
     standby = await branches.branch("app", "app-copy2")
     assert env.fleet.get("app").state == State.STANDBY
     assert await sql(env, "app-copy2", standby.password, "SELECT count(*) FROM t") == [(1001,)]
+    assert await sql(env, "app-copy2", standby.password, "SELECT current_database()") == [("app-copy2",)]
     storage = env.fleet.driver.storage
     if storage is not None and storage.is_overlay(env.fleet.spec(env.fleet.get("app")).home):
         def whiteouts(name: str) -> set[str]:
@@ -127,10 +131,14 @@ async def test_restore_in_place_and_after_delete(fb):
     await sql(env, "ledger", pw, "INSERT INTO t VALUES (2)")
     restored, kept = await branches.restore("ledger", t1)
     assert restored.name == "ledger" and kept.name.startswith("ledger-before-")
-    # same credentials, restored data
+    # same credentials, restored data, the same database name inside
     assert await sql(env, "ledger", pw, "SELECT x FROM t ORDER BY x") == [(1,)]
-    # the state it replaced is kept
+    assert await sql(env, "ledger", pw, "SELECT current_database()") == [("ledger",)]
+    # the state it replaced is kept; its next start renames the database inside after it
     assert kept.state == State.STANDBY
+    async with await psycopg.AsyncConnection.connect(**{**env.conninfo(kept.name, pw), "user": "ledger"}) as conn:
+        cur = await conn.execute("SELECT current_database(), count(*) FROM t")
+        assert await cur.fetchone() == (kept.name, 2)
     t_end = time.time()
     await env.fleet.delete(kept.uuid)
     gone = await branches.branch(kept.name, "ledger-undo", at=t_end)

@@ -30,11 +30,11 @@ def test_create_show_and_psql_through_the_uri(daemon):
     assert "password" not in shown and created["password"] not in shown["uri"]
     assert shown["backend"].startswith("unix:") and shown["backend_user"] == "postgres"
     # the password was saved for libpq, so the password-less URI works as the README says
-    assert _psql(daemon, shown["uri"], "SELECT current_database() IS NOT NULL, current_user") == "t|shop"
+    assert _psql(daemon, shown["uri"], "SELECT current_database(), current_user") == "shop|shop"
     assert _psql(daemon, shown["pooled_uri"], "SELECT 42") == "42"
     # host-side tools reach the backend without a password
     backend_dir = shown["backend"].removeprefix("unix:")
-    out = subprocess.run(["psql", "-h", backend_dir, "-U", shown["backend_user"], "-d", "postgres", "-XAtc",
+    out = subprocess.run(["psql", "-h", backend_dir, "-U", shown["backend_user"], "-d", "shop", "-XAtc",
                           "SELECT rolname FROM pg_roles WHERE rolname='shop'"], capture_output=True, text=True)
     assert out.stdout.strip() == "shop", out.stderr
     listed = daemon.json("db", "list")

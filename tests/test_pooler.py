@@ -57,6 +57,7 @@ async def test_server_connections_are_shared_per_transaction(env, servers):
     pooled = servers["pooled"]
     conns = [await aconnect(pooled, "pool", created.password) for _ in range(8)]
     try:
+        assert await scalar(conns[0], "SELECT current_database()") == "pool"  # the URI's /pool
         pids = set()
         for _ in range(3):
             for c in conns:

@@ -31,6 +31,7 @@ async def test_scram_good_password_reaches_the_database(env):
     created = await env.fleet.create("shop")
     async with await connect(env, "shop", created.password) as conn:
         assert await scalar(conn, "SELECT current_user") == "shop"
+        assert await scalar(conn, "SELECT current_database()") == "shop"  # the URI's /shop
         await conn.execute("CREATE TABLE t(x int)")
         await conn.execute("INSERT INTO t VALUES (7)")
         assert await scalar(conn, "SELECT sum(x) FROM t") == 7

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -133,3 +134,31 @@ async def test_recover_adopts_a_live_postmaster_and_never_doubles_it(driver, tmp
     assert find_postmaster(fresh.data_dir(spec)) is None
     driver._running.clear()  # the first driver's watcher belongs to the "dead" daemon
     await fresh.close()
+
+
+async def test_a_database_made_before_the_rename_keeps_working_and_is_renamed_at_its_next_start(driver, tmp_path):
+    """Instances made before the database inside took the database's name hold "postgres"
+    (and no record of the name): adopted after an upgrade they are reached as they are, and
+    their next start renames the database inside."""
+    spec = _spec(driver, tmp_path, "legacy", 17)
+    backend = await driver.create(spec)
+    assert backend.database == "legacy"
+    await _query(backend, "CREATE TABLE t(x int); INSERT INTO t VALUES (1)", "legacy")
+    # what an older pgfleet left: "postgres" inside, no record of the name, an older marker
+    await _query(replace(backend, database="template1"), "ALTER DATABASE legacy RENAME TO postgres")
+    (spec.home / "database").unlink()
+    (spec.home / "personalised").write_text("an older version's")
+    driver._running.pop(spec.uuid).waiter.cancel()  # the old daemon is gone: it unmounts nothing
+    upgraded = SandboxDriver(driver.state_dir)  # a restarted daemon of this version
+    await upgraded.prepare()
+    adopted = await upgraded.recover(spec)
+    assert adopted is not None and adopted.database == "postgres"
+    assert (await _query(adopted, "SELECT current_database(), count(*) FROM t", "legacy"))[0].rows \
+        == [("postgres", "1")]
+    await upgraded.suspend(spec)
+    backend = await upgraded.start(spec)
+    assert backend.database == "legacy"
+    assert (await _query(backend, "SELECT current_database(), count(*) FROM t", "legacy"))[0].rows \
+        == [("legacy", "1")]
+    await upgraded.suspend(spec)
+    await upgraded.close()

@@ -265,8 +265,10 @@ class Driver(abc.ABC):
         """Make `child` from base backup `backup` plus `repo`'s WAL up to `target`, and start it."""
         raise self._no_branches()
 
-    async def rename_role(self, spec: InstanceSpec, backend: Backend, old: str, new: str) -> None:
-        """The tenant's role in a copied database takes the copy's own name."""
+    async def rename_role(self, spec: InstanceSpec, backend: Backend, old: str, new: str,
+                          database: str | None = None) -> Backend:
+        """The tenant's role in a copied database takes the copy's own name, and the database
+        inside takes `database` (default: spec.name); returns the backend that connects to it."""
         raise self._no_branches()
 
 

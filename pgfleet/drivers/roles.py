@@ -1,4 +1,4 @@
-"""The tenant's role, the same on every driver: one function builds its SQL.
+"""The tenant's role and database, the same on every driver: one function builds each's SQL.
 
 A tenant holds a Postgres login and must be assumed hostile. Its role owns its database and
 schema `public` and nothing more: no SUPERUSER, no CREATEROLE (on PostgreSQL < 16 CREATEROLE
@@ -9,7 +9,19 @@ left over from an older, laxer version is brought down to this on its next perso
 
 from __future__ import annotations
 
+import os
+from typing import TYPE_CHECKING
+
 from pgfleet.pgwire.client import quote_ident, quote_literal
+
+if TYPE_CHECKING:
+    from pgfleet.drivers.base import InstanceSpec
+
+#: the database every template holds (initdb's), renamed after the pgfleet database in each
+#: instance; an instance made before that rename still has it
+TEMPLATE_DATABASE = "postgres"
+#: where the host's superuser connects to rename the tenant's database (not while connected to it)
+MAINTENANCE_DATABASE = "template1"
 
 #: superuser and built-in roles a tenant's role may never be named after
 RESERVED_ROLES = ("postgres",)
@@ -24,10 +36,13 @@ def check_role_name(role: str) -> None:
         raise ValueError(f"role name {role!r} is reserved (superuser or built-in)")
 
 
-def tenant_role_sql(role: str, database: str = "postgres") -> str:
-    """Idempotent SQL, run by the host's superuser, that makes `role` the tenant's role:
-    it exists with exactly TENANT_ROLE_ATTRIBUTES, is a member of no role, and owns
-    `database` and its schema public."""
+def tenant_role_sql(role: str, database: str) -> str:
+    """Idempotent SQL, run by the host's superuser connected to any database of the cluster,
+    that makes `role` the tenant's role: it exists with exactly TENANT_ROLE_ATTRIBUTES, is a
+    member of no role, and owns `database`. Schema public is owned by pg_database_owner
+    (initdb's default since PostgreSQL 15), that is by the database's owner: the tenant. (It is
+    not altered here: that would need a connection to the tenant's database, and would fail
+    where the tenant dropped it.)"""
     check_role_name(role)
     r, lit = quote_ident(role), quote_literal(role)
     return (
@@ -42,5 +57,63 @@ def tenant_role_sql(role: str, database: str = "postgres") -> str:
         f"WHERE u.rolname = {lit} LOOP EXECUTE 'REVOKE ' || g || ' FROM ' || {quote_literal(r)}; "
         f"END LOOP; END $pgfleet$;"
         f"ALTER DATABASE {quote_ident(database)} OWNER TO {r};"
-        f"ALTER SCHEMA public OWNER TO {r};"
     )
+
+
+def tenant_database_sql(database: str) -> str:
+    """Idempotent SQL, run by the host's superuser connected to MAINTENANCE_DATABASE, that
+    names the tenant's database `database` (the database inside carries the pgfleet database's
+    name). The tenant's database is the cluster's one database that is not template0/template1:
+    TEMPLATE_DATABASE in a fresh copy of the template or an instance made before this rename,
+    the parent's name in a branch or a restore. The tenant cannot add one (NOCREATEDB); more or
+    fewer than one is an error, never a guess. Renaming is a catalog update (~1 ms; a CREATE
+    DATABASE from the template copies it: ~130 ms)."""
+    lit = quote_literal(database)
+    return (
+        f"DO $pgfleet$ DECLARE d text; BEGIN "
+        f"IF NOT EXISTS (SELECT 1 FROM pg_database WHERE datname = {lit}) THEN "
+        f"SELECT datname INTO STRICT d FROM pg_database WHERE datname NOT IN ('template0', 'template1'); "
+        f"EXECUTE format('ALTER DATABASE %I RENAME TO %I', d, {lit}); "
+        f"END IF; END $pgfleet$"
+    )
+
+
+def personalise_sql(role: str, database: str) -> str:
+    """What makes a copy of the template (or of another instance) the tenant's, in one
+    transaction, run by the host's superuser connected to MAINTENANCE_DATABASE: its database
+    named `database`, and `role` the tenant's role owning it."""
+    return tenant_database_sql(database) + ";" + tenant_role_sql(role, database)
+
+
+class DatabaseNames:
+    """The name of the tenant's database inside each instance, as last personalised: recorded in
+    the instance's (root-owned) home and cached. An instance with no record was made before the
+    database inside took the database's name: it holds TEMPLATE_DATABASE, and is reached there
+    until a personalisation renames it."""
+
+    RECORD = "database"
+
+    def __init__(self) -> None:
+        self._names: dict[str, str] = {}  # instance uuid -> name inside
+
+    def inside(self, spec: "InstanceSpec") -> str:
+        name = self._names.get(spec.uuid)
+        if name is None:
+            try:
+                name = (spec.home / self.RECORD).read_text().strip() or TEMPLATE_DATABASE
+            except FileNotFoundError:
+                name = TEMPLATE_DATABASE
+            self._names[spec.uuid] = name
+        return name
+
+    def renamed(self, spec: "InstanceSpec", name: str) -> None:
+        """The database inside is now called `name` (personalise_sql ran)."""
+        tmp = spec.home / f".{self.RECORD}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{name}\n")
+        os.replace(tmp, spec.home / self.RECORD)
+        self._names[spec.uuid] = name
+
+    def forget(self, spec: "InstanceSpec") -> None:
+        self._names.pop(spec.uuid, None)

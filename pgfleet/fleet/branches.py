@@ -332,7 +332,7 @@ class Branches:
             raise InvalidRequest(f"a database {keep!r} exists already; try again in a second")
         created = await self.fleet.create(
             temp, role=row.role, verifier=row.verifier, **_settings_of(row),
-            populate=lambda spec: self._populate_at(arch, row, spec, target))
+            populate=lambda spec: self._populate_at(arch, row, spec, target, database=row.name))
         store = self.fleet.store
         with store.db:
             store.db.execute("BEGIN IMMEDIATE")
@@ -373,11 +373,12 @@ class Branches:
                 raise Unavailable(f"database {row.name!r} is {row.state}")
             self.backups._ensure_indexed(row)
             backend = await self.fleet.driver.branch(self.fleet.spec(row), self.backups.repo(row.uuid), spec)
-        await self.fleet.driver.rename_role(spec, backend, parent.role, spec.role)
-        return backend
+        return await self.fleet.driver.rename_role(spec, backend, parent.role, spec.role)
 
     async def _populate_at(self, arch: Archive, parent: InstanceRow | None, spec: InstanceSpec,
-                           target: RecoveryTarget) -> Backend:
+                           target: RecoveryTarget, database: str | None = None) -> Backend:
+        """`database`: the name of the database inside, when not spec.name (a restore in place
+        takes the restored database's name from the start)."""
         repo = self.backups.repo(arch.uuid)
         if parent is not None:
             async with self.fleet.rt.locked(parent.uuid) as rt:
@@ -387,8 +388,7 @@ class Branches:
         backup = self._backup_for(arch, target)
         meta = json.loads((backup.path / "backup.json").read_text())
         backend = await self.fleet.driver.restore(spec, backup.path / "data", meta, repo, target)
-        await self.fleet.driver.rename_role(spec, backend, arch.role, spec.role)
-        return backend
+        return await self.fleet.driver.rename_role(spec, backend, arch.role, spec.role, database)
 
     def _backup_for(self, arch: Archive, target: RecoveryTarget) -> BaseBackup:
         backups = self.backups.base_backups(arch.uuid)

@@ -134,9 +134,10 @@ async def test_bad_password_unknown_database_missing_header(edge, db):
 async def test_routing_by_host_name(edge, db):
     name, password = db
     h = {"Neon-Connection-String": f"postgresql://{name}:{password}@{name}.db.localhost/postgres"}
-    r = await post(edge, {"query": "SELECT 1 AS one"}, h)  # the database "postgres" does not exist
+    # the database "postgres" does not exist: the host name routes, to the database named after it
+    r = await post(edge, {"query": "SELECT 1 AS one, current_database() AS db"}, h)
     assert r.status_code == 200, r.text
-    assert r.json()["rows"] == [{"one": 1}]
+    assert r.json()["rows"] == [{"one": 1, "db": name}]
 
 
 async def test_cors_preflight(edge):

@@ -51,7 +51,8 @@ async def test_create_gives_a_personalised_running_database(driver, make_instanc
             "extract(epoch FROM now())::bigint "
             "FROM pg_roles r, pg_database d WHERE r.rolname = current_user AND d.datname = 'postgres'")
         user, superuser, db_owner, schema_owner, guest_epoch = r.rows[0]
-        assert (user, superuser, db_owner, schema_owner) == ("alice", "false", "alice", "alice")
+        # schema public is pg_database_owner's (initdb's default): the database owner's, alice's
+        assert (user, superuser, db_owner, schema_owner) == ("alice", "false", "alice", "pg_database_owner")
         # The template was snapshotted earlier: the guest clock must have been set on restore.
         assert abs(int(guest_epoch) - time.time()) < 5
         await conn.query("CREATE TABLE notes (id int PRIMARY KEY, body text)")

@@ -60,7 +60,7 @@ async def test_tenant_role_has_no_privilege_beyond_its_database(env):
             "(SELECT count(*) FROM pg_auth_members m WHERE m.member = r.oid) FROM pg_roles r "
             "WHERE rolname = current_user")
         assert await cur.fetchone() == (False, False, False, False, False, 0)
-        cur = await conn.execute("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = 'postgres'")
+        cur = await conn.execute("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = current_database()")
         assert (await cur.fetchone())[0] == "shop", "the tenant owns its database"
         await conn.execute("CREATE TABLE mine(x int); INSERT INTO mine VALUES (1)")  # and uses it
 
@@ -84,6 +84,43 @@ async def test_every_escalation_fails(env):
     assert not os.path.exists("/tmp/pgfleet-tenant-was-here")
 
 
+async def test_the_tenant_cannot_rename_or_drop_its_database_away_from_its_routing(env):
+    """The database inside carries the pgfleet database's name; the proxy always asks the
+    server for that name (whatever the client's startup packet says). The tenant owns the
+    database but cannot rename it (needs CREATEDB), drop it (it can reach no other database),
+    close it to connections or pick another database to connect to."""
+    created, conn = await _tenant(env)
+    async with conn:
+        expected = {
+            "ALTER DATABASE shop RENAME TO elsewhere": "42501",  # renaming needs CREATEDB
+            "DROP DATABASE shop": "55006",  # the open database; it can open no other
+            "ALTER DATABASE shop ALLOW_CONNECTIONS false": "22023",  # not the current database
+            "DROP DATABASE template1": "42501",
+            "ALTER DATABASE template1 RENAME TO shop2": "42501",
+        }
+        refused = {}
+        for sql in expected:
+            with pytest.raises(psycopg.Error) as exc:
+                await conn.execute(sql)
+            refused[sql] = exc.value.sqlstate
+        assert refused == expected
+    # asking for another database lands in its own all the same
+    for dbname in ("template1", "postgres"):
+        async with await psycopg.AsyncConnection.connect(
+                **{**env.conninfo("shop", created.password), "dbname": dbname, "options": "endpoint=shop"},
+                autocommit=True) as other:
+            cur = await other.execute("SELECT current_database()")
+            assert await cur.fetchone() == ("shop",)
+    backend = env.fleet.backend_of(created.row.uuid)
+    assert backend.database == "shop"
+    admin = await admin_connect(backend)
+    try:
+        assert await admin.scalar("SELECT string_agg(datname, ',' ORDER BY datname) FROM pg_database") \
+            == "shop,template0,template1"
+    finally:
+        await admin.close()
+
+
 async def test_an_older_laxer_role_is_brought_down_by_the_one_role_function(env):
     """Databases made before this fix had CREATEROLE and may have granted themselves
     pg_execute_server_program: tenant_role_sql takes both away again."""
@@ -94,7 +131,7 @@ async def test_an_older_laxer_role_is_brought_down_by_the_one_role_function(env)
         await conn.query("ALTER ROLE shop CREATEROLE CREATEDB; GRANT pg_execute_server_program TO shop")
         assert await conn.scalar("SELECT count(*) FROM pg_auth_members m JOIN pg_roles r ON r.oid = m.member "
                                  "WHERE r.rolname = 'shop'") == "1"
-        await conn.query(tenant_role_sql("shop"))
+        await conn.query(tenant_role_sql("shop", "shop"))
         laxness = await conn.scalar(
             "SELECT concat_ws(',', rolcreaterole, rolcreatedb, rolsuper, "
             "(SELECT count(*) FROM pg_auth_members m WHERE m.member = r.oid)) "

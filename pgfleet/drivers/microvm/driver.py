@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from pgfleet.drivers.base import Backend, Driver, DriverError, DriverUnavailable, ExitCallback, InstanceSpec
-from pgfleet.drivers.roles import check_role_name, tenant_role_sql
+from pgfleet.drivers.roles import TEMPLATE_DATABASE, check_role_name, tenant_role_sql
 from pgfleet.pgwire.client import QueryError
 
 from . import network, vmm
@@ -161,7 +161,7 @@ class MicroVMDriver(TemplateMaker, VmPlumbing, Driver):
         """The tenant's own role (pgfleet.drivers.roles), owning the database and schema public."""
         conn = await admin(self.backend(spec))
         try:
-            await conn.query(tenant_role_sql(spec.role))
+            await conn.query(tenant_role_sql(spec.role, TEMPLATE_DATABASE))
         finally:
             await conn.close()
 
@@ -195,7 +195,7 @@ class MicroVMDriver(TemplateMaker, VmPlumbing, Driver):
                 self._record(spec, self.image)
                 try:
                     await self._restore(spec, files, timings, self.image, then=[
-                        sql_command(tenant_role_sql(spec.role)), b"X"])
+                        sql_command(tenant_role_sql(spec.role, TEMPLATE_DATABASE)), b"X"])
                 except NoAdminSession:
                     # A template without init's admin session: personalise over TCP.
                     t1 = time.perf_counter()

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from ..base import Backend, DriverError, InstanceSpec, RecoveryTarget, admin_connect
@@ -176,24 +177,29 @@ class SandboxBackups:
         await asyncio.to_thread(safecopy.remove_tree, data / archive.RESTORE_WAL)
         return backend
 
-    async def rename_role(self, spec: InstanceSpec, backend: Backend, old: str, new: str) -> None:
+    async def rename_role(self, spec: InstanceSpec, backend: Backend, old: str, new: str,
+                          database: str | None = None) -> Backend:
         from pgfleet.pgwire.client import quote_ident, quote_literal
 
-        from ..roles import tenant_role_sql
+        from ..roles import MAINTENANCE_DATABASE, personalise_sql
 
         async def exists(role: str) -> bool:
             return await conn.scalar(f"SELECT count(*) FROM pg_roles WHERE rolname = {quote_literal(role)}") != "0"
 
-        conn = await admin_connect(backend)
+        # roles are the cluster's: renamed from the maintenance database, where the database
+        # the copy holds (its parent's name, or the template's) is renamed too
+        conn = await admin_connect(replace(backend, database=MAINTENANCE_DATABASE))
         try:
             if old != new:
                 if await exists(new):  # a role the tenant made with the branch's name: moved aside
                     await conn.query(f"ALTER ROLE {quote_ident(new)} RENAME TO {quote_ident(new + '_' + os.urandom(4).hex())}")
                 if await exists(old):
                     await conn.query(f"ALTER ROLE {quote_ident(old)} RENAME TO {quote_ident(new)}")
-            await conn.query(tenant_role_sql(new))  # exactly the tenant's attributes, whatever the copy held
         finally:
             await conn.close()
+        # exactly the tenant's attributes, whatever the copy held
+        database = database or spec.name
+        return await self._personalise(spec, backend, personalise_sql(new, database), database)
 
     def _fresh_partial(self, child: InstanceSpec, name: str = "data.partial") -> Path:
         if (self.data_dir(child) / "PG_VERSION").exists() or (child.home / "upper").exists():

@@ -16,14 +16,14 @@ import shutil
 import signal
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
 from .. import swap
 from ..base import Backend, Driver, DriverError, InstanceSpec, admin_connect
 from ..pgbin import PostgresInstall, find_postgres
-from ..roles import check_role_name, tenant_role_sql
+from ..roles import MAINTENANCE_DATABASE, DatabaseNames, check_role_name, personalise_sql
 from ..untrusted import read_head, read_tail, rotate_log
 from . import archive, cgroups, disk, freeze
 from .backups import SandboxBackups
@@ -71,6 +71,7 @@ class SandboxDriver(SandboxBackups, Driver):
         self.jail: Path | None = None
         self.uids = UidRegistry()
         self._uids: dict[str, int] = {}  # instance uuid -> its uid
+        self.databases = DatabaseNames()  # the name of each instance's database inside
         self._log_guard: asyncio.Task | None = None
         self._stopping: set[asyncio.Task] = set()  # background stops of strays found by recover()
         self._running: dict[str, _Running] = {}
@@ -97,7 +98,7 @@ class SandboxDriver(SandboxBackups, Driver):
         return spec.home / "postgres.log"
 
     def backend(self, spec: InstanceSpec) -> Backend:
-        return Backend(port=PORT, socket_dir=str(self.socket_dir(spec)))
+        return Backend(port=PORT, socket_dir=str(self.socket_dir(spec)), database=self.databases.inside(spec))
 
     def _cgroup(self, spec: InstanceSpec) -> cgroups.Cgroup:
         return cgroups.Cgroup(self.cgroup_parent, spec.uuid)
@@ -184,12 +185,16 @@ class SandboxDriver(SandboxBackups, Driver):
             raise DriverError("chown of the new data directory failed")
         partial.rename(data)  # atomic: a data dir either is complete or does not exist
 
-    async def _personalise(self, spec: InstanceSpec, backend: Backend) -> None:
-        conn = await admin_connect(backend)
+    async def _personalise(self, spec: InstanceSpec, backend: Backend, sql: str, database: str) -> Backend:
+        """Run personalise_sql (`sql`) from the maintenance database (the tenant's may be the
+        one renamed); returns the backend that reaches the database inside, now `database`."""
+        conn = await admin_connect(replace(backend, database=MAINTENANCE_DATABASE))
         try:
-            await conn.query(tenant_role_sql(spec.role))
+            await conn.query(sql)
         finally:
             await conn.close()
+        self.databases.renamed(spec, database)
+        return replace(backend, database=database)
 
     def auth_dir(self, spec: InstanceSpec) -> Path:
         """Root-owned pg_hba.conf / pg_ident.conf, outside the tenant-writable data directory."""
@@ -263,17 +268,19 @@ class SandboxDriver(SandboxBackups, Driver):
 
     async def start(self, spec: InstanceSpec) -> Backend:
         backend = await self._launch(spec)
-        # the tenant's role is made (or brought up to date) at the first start after a
-        # create without a start, and again whenever the role's definition changes
-        wanted = hashlib.sha256(tenant_role_sql(spec.role).encode()).hexdigest()
+        # the database inside takes the database's name, and the tenant's role is made (or
+        # brought up to date), at the first start after a create without a start, after a
+        # rename (a restore in place) and whenever the role's definition changes
+        sql = personalise_sql(spec.role, spec.name)
+        wanted = hashlib.sha256(sql.encode()).hexdigest()
         marker = self._personalised_marker(spec)
         try:
-            done = marker.read_text() == wanted
+            done = marker.read_text() == wanted and backend.database == spec.name
         except OSError:
             done = False
         if not done:
             try:
-                await self._personalise(spec, backend)
+                backend = await self._personalise(spec, backend, sql, spec.name)
             except BaseException:
                 await self._shutdown(spec, signal.SIGINT)
                 raise
@@ -507,6 +514,7 @@ class SandboxDriver(SandboxBackups, Driver):
         if uid is not None:
             self.uids.release(uid, spec.home)
         self._uids.pop(spec.uuid, None)
+        self.databases.forget(spec)
 
     async def remove_orphan(self, home: Path) -> None:
         if self.storage is None or not self.storage.is_overlay(home):
