@@ -1,8 +1,9 @@
 """The HTTP listener (`pgfleet up --listen-http`): POST /sql (Neon's SQL over HTTP) and
 WebSocket upgrades (Postgres over WebSocket) on one port, with the proxy's TLS and routing.
 
-Served by aiohttp's low-level server (its C HTTP parser; no routing tables or middlewares on
-the per-request path). Hostile clients before authentication hold at most `max_connections`
+The common request is parsed and answered by pgfleet.edge.http; WebSocket upgrades and every
+other request go to aiohttp's low-level server (its C HTTP parser; no routing tables or
+middlewares). Hostile clients before authentication hold at most `max_connections`
 connections, each for at most `idle_timeout_s` without a whole request, with a body or
 WebSocket message of at most `max_request_bytes`.
 """
@@ -25,6 +26,7 @@ from pgfleet.proxy.server import ProxyServer, route
 
 from . import connstr
 from . import sql as q
+from .http import Answer, BodyTooLarge, HttpConnection, Request
 from .passwords import KnownLogins, Login, PasswordChecker
 from .settings import EdgeSettings
 from .websocket import WebSocketBridge
@@ -68,6 +70,7 @@ class EdgeServer:
         self.in_flight: dict[str, int] = {}  # per database uuid: HTTP queries running or waiting
         self.refused_connections = 0
         self._web: web.Server | None = None
+        self._fast: set[HttpConnection] = set()  # connections pgfleet.edge.http serves (not handed over)
         self._server: asyncio.base_events.Server | None = None
 
     async def start(self) -> None:
@@ -87,46 +90,57 @@ class EdgeServer:
 
     def _protocol(self) -> asyncio.Protocol:
         assert self._web is not None
-        if len(self._web.connections) >= self.settings.max_connections:
+        if len(self._fast) + len(self._web.connections) >= self.settings.max_connections:
             self.refused_connections += 1
             return _Refuse()
-        return self._web()
+        return HttpConnection(self._respond, self._web, self._fast, self.settings.max_request_bytes,
+                              self.settings.idle_timeout_s)
 
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
+        for conn in list(self._fast):
+            if conn.transport is not None:
+                conn.transport.close()
         await self.ws.close()
         if self._web is not None:
             await self._web.shutdown(1.0)
 
     # --- dispatch ------------------------------------------------------------------------
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        if request.headers.get("Upgrade", "").lower() == "websocket":
+        """A request aiohttp parsed (see pgfleet.edge.http for which)."""
+        if request.headers.get("upgrade", "").lower() == "websocket":
             return await self.ws.handle(request)
+        answer = await self._respond(request)
+        if answer.status == 204:
+            return web.Response(status=204, headers=answer.headers)
+        return web.Response(status=answer.status, body=answer.body, content_type="application/json",
+                            headers=answer.headers)
+
+    async def _respond(self, request: Request | web.BaseRequest) -> Answer:
         if request.path.rstrip("/") != "/sql":
             return _error(HttpError(404, f"no such endpoint: {request.path[:200]} (POST /sql, or a WebSocket)"))
         if request.method == "OPTIONS":
-            return web.Response(status=204, headers=PREFLIGHT)
+            return Answer(204, b"", PREFLIGHT)
         if request.method != "POST":
             return _error(HttpError(405, "use POST /sql"))
         try:
             async with asyncio.timeout(self.settings.request_timeout_s):
-                body = await self._sql(request)
+                return Answer(200, await self._sql(request), CORS)
         except HttpError as exc:
             return _error(exc)
         except q.QueryFailed as exc:
-            return web.Response(status=400, body=_dumps(exc.json()), content_type="application/json", headers=CORS)
-        except HTTPRequestEntityTooLarge:
+            return Answer(400, _dumps(exc.json()), CORS)
+        except (HTTPRequestEntityTooLarge, BodyTooLarge):
             return _error(HttpError(413, f"the request body is larger than the limit of "
                                          f"{self.settings.max_request_bytes} bytes"))
         except TimeoutError:
             return _error(HttpError(504, f"the request took longer than {self.settings.request_timeout_s:g} s"))
-        return web.Response(body=body, content_type="application/json", headers=CORS)
 
     # --- POST /sql -----------------------------------------------------------------------
-    async def _sql(self, request: web.BaseRequest) -> bytes:
-        headers = request.headers
-        text = headers.get("Neon-Connection-String")
+    async def _sql(self, request: Request | web.BaseRequest) -> bytes:
+        headers = request.headers  # looked up by lower-case names (aiohttp's are case-insensitive)
+        text = headers.get("neon-connection-string")
         if not text:
             raise HttpError(400, "missing the Neon-Connection-String header")
         sni = _sni(request)
@@ -145,8 +159,8 @@ class EdgeServer:
             row = self._find(sni, target)
             await self._authenticate(row, target, source)
             self.known.add(key, Login(target.user, row.name, row.verifier))
-        raw_text = headers.get("Neon-Raw-Text-Output", "").lower() == _TRUE
-        array_mode = headers.get("Neon-Array-Mode", "").lower() == _TRUE
+        raw_text = headers.get("neon-raw-text-output", "").lower() == _TRUE
+        array_mode = headers.get("neon-array-mode", "").lower() == _TRUE
         batch_opts = _batch_options(headers)
         try:
             queries, is_batch = q.parse_body(await request.read(), self.settings.max_batch)
@@ -264,18 +278,18 @@ class EdgeServer:
 
 
 def _batch_options(headers) -> q.Batch:
-    level = headers.get("Neon-Batch-Isolation-Level")
+    level = headers.get("neon-batch-isolation-level")
     isolation = None
     if level:
         isolation = q.ISOLATION.get(level.replace(" ", "").replace("_", "").lower())
         if isolation is None:
             raise HttpError(400, f"unknown Neon-Batch-Isolation-Level {level[:100]!r}: Serializable, "
                                  "RepeatableRead, ReadCommitted or ReadUncommitted")
-    return q.Batch(isolation, headers.get("Neon-Batch-Read-Only", "").lower() == _TRUE,
-                   headers.get("Neon-Batch-Deferrable", "").lower() == _TRUE)
+    return q.Batch(isolation, headers.get("neon-batch-read-only", "").lower() == _TRUE,
+                   headers.get("neon-batch-deferrable", "").lower() == _TRUE)
 
 
-def _sni(request: web.BaseRequest) -> str | None:
+def _sni(request: Request | web.BaseRequest) -> str | None:
     transport = request.transport
     ssl_obj = transport.get_extra_info("ssl_object") if transport is not None else None
     if ssl_obj is None:
@@ -287,11 +301,11 @@ def _dumps(doc: Any) -> bytes:
     return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
-def _error(exc: HttpError) -> web.Response:
+def _error(exc: HttpError) -> Answer:
     doc: dict[str, Any] = {"message": str(exc)}
     if exc.code:
         doc["code"] = exc.code
-    return web.Response(status=exc.status, body=_dumps(doc), content_type="application/json", headers=CORS)
+    return Answer(exc.status, _dumps(doc), CORS)
 
 
 class _Refuse(asyncio.Protocol):

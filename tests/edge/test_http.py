@@ -225,6 +225,27 @@ async def test_tls_with_sni_routing_and_require_tls(env, pooled, tmp_path):
                                   headers=h, extensions={"sni_hostname": "vault.db.localhost"})
             assert r.status_code == 200, r.text
             assert r.json()["rows"] == [{"one": 1}]
+        # a WebSocket over TLS: the upgrade hands the TLS connection to aiohttp
+        import aiohttp
+
+        from pgfleet.pgwire import messages as m
+        from pgfleet.pgwire.protocol import BackendMsg, FrontendMsg
+        from pgfleet.proxy.frames import MessageBuffer
+
+        tls = ssl.create_default_context(cafile=str(files.ca))
+        tls.check_hostname = False
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(f"https://127.0.0.1:{secure.port}/v2?address=vault.db.localhost:5432",
+                                          ssl=tls, server_hostname="vault.db.localhost") as ws:
+                await ws.send_bytes(m.startup_message({"user": "vault", "database": "vault"})
+                                    + m.message(FrontendMsg.PASSWORD, created.password.encode() + b"\0")
+                                    + m.message(FrontendMsg.QUERY, b"SELECT 40 + 2\0"))
+                buf, kinds = MessageBuffer(), []
+                while BackendMsg.DATA_ROW not in kinds:
+                    msg = await ws.receive(timeout=60)
+                    assert msg.type == aiohttp.WSMsgType.BINARY, msg
+                    kinds += [kind for kind, _ in buf.feed(msg.data)]
+                    assert BackendMsg.ERROR_RESPONSE not in kinds
         async with httpx.AsyncClient(timeout=60) as client:
             r = await client.post(f"http://127.0.0.1:{plain.port}/sql", json={"query": "SELECT 1"},
                                   headers={"Neon-Connection-String": f"postgresql://vault:{created.password}@x/vault"})
@@ -284,3 +305,81 @@ async def test_prepared_statements_follow_schema_changes_and_deallocation(edge, 
     assert r.status_code == 200, r.text
     r = await post(edge, {"query": "SELECT * FROM shape"}, h)
     assert r.status_code == 200 and r.json()["rows"] == [["1", "x"]], r.text
+
+
+# --- the HTTP/1.1 connection itself (pgfleet.edge.http, and what it hands to aiohttp) ---------------
+def raw_request(name: str, password: str, body: bytes, *extra: str) -> bytes:
+    head = ["POST /sql HTTP/1.1", "Host: x", f"Neon-Connection-String: postgresql://{name}:{password}@x/{name}",
+            "Neon-Array-Mode: true", "Neon-Raw-Text-Output: true", *extra]
+    if not any(h.lower().startswith("transfer-encoding") for h in extra):
+        head.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+async def read_answer(reader) -> tuple[int, dict[str, str], bytes]:
+    head = (await reader.readuntil(b"\r\n\r\n")).decode()
+    lines = head.split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:] if x)}
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return int(lines[0].split()[1]), headers, body
+
+
+async def test_keep_alive_pipelining_and_split_requests(edge, db):
+    import asyncio
+
+    name, password = db
+    reader, writer = await asyncio.open_connection("127.0.0.1", edge.port)
+    try:
+        # two requests in one write: two answers, in order
+        writer.write(raw_request(name, password, b'{"query": "SELECT 1"}')
+                     + raw_request(name, password, b'{"query": "SELECT 2"}'))
+        assert (await read_answer(reader))[2] == b'{"command":"SELECT","rowCount":1,"rows":[["1"]],' \
+            b'"fields":[{"name":"?column?","dataTypeID":23,"tableID":0,"columnID":0,"dataTypeSize":4,' \
+            b'"dataTypeModifier":-1,"format":"text"}],"rowAsArray":true}'
+        assert b'[["2"]]' in (await read_answer(reader))[2]
+        # one request a few bytes at a time
+        for i, piece in enumerate(raw_request(name, password, b'{"query": "SELECT 3"}')):
+            writer.write(bytes([piece]))
+            if i % 40 == 0:
+                await writer.drain()
+                await asyncio.sleep(0)
+        status, headers, body = await read_answer(reader)
+        assert status == 200 and b'[["3"]]' in body and headers["access-control-allow-origin"] == "*"
+        # a wrong password is answered before the body, which is skipped: the connection goes on
+        writer.write(raw_request(name, password + "x", b'{"query": "SELECT 4"}'))
+        status, _, body = await read_answer(reader)
+        assert status == 400 and b"28P01" in body
+        writer.write(raw_request(name, password, b'{"query": "SELECT 5"}'))
+        assert b'[["5"]]' in (await read_answer(reader))[2]
+        # a chunked body, HTTP/1.0, GET: aiohttp takes the connection over, and answers alike
+        writer.write(raw_request(name, password, b'15\r\n{"query": "SELECT 6"}\r\n0\r\n\r\n',
+                                 "Transfer-Encoding: chunked"))
+        status, _, body = await read_answer(reader)
+        assert status == 200 and b'[["6"]]' in body
+        writer.write(raw_request(name, password, b'{"query": "SELECT 7"}'))
+        assert b'[["7"]]' in (await read_answer(reader))[2]
+    finally:
+        writer.close()
+    reader, writer = await asyncio.open_connection("127.0.0.1", edge.port)
+    try:
+        writer.write(b"GET /sql HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await read_answer(reader))[0] == 405
+        writer.write(raw_request(name, password, b'{"query": "SELECT 8"}').replace(b"HTTP/1.1", b"HTTP/1.0"))
+        assert b'[["8"]]' in (await read_answer(reader))[2]
+    finally:
+        writer.close()
+
+
+async def test_body_over_the_limit_ends_the_connection(edge, db):
+    import asyncio
+
+    name, password = db
+    reader, writer = await asyncio.open_connection("127.0.0.1", edge.port)
+    try:
+        body = b'{"query": "SELECT 1", "params": ["' + b"x" * (edge.settings.max_request_bytes) + b'"]}'
+        writer.write(raw_request(name, password, body)[:2000])  # the head and a start: never all of it
+        status, headers, answer = await read_answer(reader)
+        assert status == 413 and headers["connection"] == "close" and b"limit" in answer
+        assert await reader.read() == b""
+    finally:
+        writer.close()
