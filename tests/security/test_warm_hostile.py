@@ -13,7 +13,6 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from pgfleet.drivers.sandbox import cgroups
 from pgfleet.drivers.sandbox.procscan import find_postmaster
 from pgfleet.fleet.memory import MemoryManager
 from pgfleet.fleet.states import State
@@ -24,11 +23,9 @@ from ..test_warm_standby import aconnect, no_clients, scalar, until
 def _tenant_process(fleet, name: str, script: str) -> subprocess.Popen:
     """A process as the tenant's code would run (its uid, namespaces, cgroups and freezer),
     in the background."""
-    driver = fleet.driver
     spec = fleet.spec(fleet.get(name))
-    procs = driver._cgroup(spec).procs_files() + driver._freezer(spec).procs_files()
-    return subprocess.Popen(driver._sandboxed(spec, ["python3", "-c", script]), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, preexec_fn=lambda: (cgroups.join(procs), os.setsid()))
+    return subprocess.Popen(fleet.driver._sandboxed(spec, ["python3", "-c", script]), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, start_new_session=True)
 
 
 def _cpu_ticks(pid: int) -> int:

@@ -105,16 +105,6 @@ def _cpu_max(cpu_pct: int) -> str:
     return f"{cpu_pct * CPU_PERIOD_US // 100} {CPU_PERIOD_US}" if cpu_pct else f"max {CPU_PERIOD_US}"
 
 
-def join(procs_files: list[str]) -> None:
-    """Move the calling process into the given cgroups; runs between fork and exec."""
-    for path in procs_files:
-        fd = os.open(path, os.O_WRONLY)
-        try:
-            os.write(fd, b"0")
-        finally:
-            os.close(fd)
-
-
 def _enable_v2_controllers(parent: Path) -> None:
     # Controllers must be enabled in every ancestor's subtree_control, from the top.
     chain = []

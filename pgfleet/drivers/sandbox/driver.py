@@ -335,11 +335,6 @@ class SandboxDriver(SandboxBackups, Driver):
                 await self._adopt_or_stop(spec, live, keep=False)
             pidfile.unlink(missing_ok=True)
         archive.prepare_spool(data, uid)
-        cg = self._cgroup(spec)
-        cg.create(self._limits(spec))
-        freezer = self._freezer(spec)
-        freezer.create()
-        procs_files = cg.procs_files() + freezer.procs_files()
         shared_buffers = max(16, spec.memory_mb // 8)
         argv = self._sandboxed(spec, [
             # canonical paths: the jail binds them at exactly these paths in its private root
@@ -354,8 +349,7 @@ class SandboxDriver(SandboxBackups, Driver):
         os.fchmod(logf.fileno(), 0o600)
         try:
             proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf,
-                preexec_fn=lambda: (cgroups.join(procs_files), os.setsid()),
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True,
             )
         finally:
             logf.close()
@@ -365,20 +359,25 @@ class SandboxDriver(SandboxBackups, Driver):
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
-            cg.remove()
+            self._cgroup(spec).remove()
             self.storage.unmount(spec.home)
-            freezer.remove()
+            self._freezer(spec).remove()
             raise
         self._watch(spec, pm_pid, proc.wait())
         return self.backend(spec)
 
     def _sandboxed(self, spec: InstanceSpec, argv: list[str], wait_detach: bool = False) -> list[str]:
-        """`argv` run the way every process of the instance runs: as its uid, in fresh
-        namespaces, in a private root holding only its own directories (jail.c). The caller
-        joins the instance's cgroups between fork and exec."""
+        """`argv` run the way every process of the instance runs: in its cgroups and freezer
+        (made here if missing), as its uid, in fresh namespaces, in a private root holding only
+        its own directories (jail.c). Spawn it with no preexec_fn (see jail_argv)."""
         assert self.jail is not None, "prepare() first"
+        cg = self._cgroup(spec)
+        cg.create(self._limits(spec))
+        freezer = self._freezer(spec)  # code run by a tenant's postgres is frozen with it
+        freezer.create()
         return jail_argv(self.jail, self.uid_of(spec), _tmpfs_mb(spec), self.data_dir(spec),
-                         self.socket_dir(spec), self.auth_dir(spec), argv, wait_detach,
+                         self.socket_dir(spec), self.auth_dir(spec), argv,
+                         cgroup_procs=cg.procs_files() + freezer.procs_files(), wait_detach=wait_detach,
                          wal=disk.wal_dir(spec.home) if spec.disk_mb else None)
 
     def exec_as_tenant(self, spec: InstanceSpec, argv: list[str], timeout: float = 60.0,
@@ -386,14 +385,9 @@ class SandboxDriver(SandboxBackups, Driver):
         """Run `argv` exactly as the instance's postgres runs (same uid, kind of namespaces,
         cgroups), as code execution inside the database would: the hostile-tenant tests'
         shell. Blocks; returns the finished process with text stdout/stderr."""
-        cg = self._cgroup(spec)
-        cg.create(self._limits(spec))
-        freezer = self._freezer(spec)  # code run by a tenant's postgres is frozen with it
-        freezer.create()
-        procs_files = cg.procs_files() + freezer.procs_files()
         return subprocess.run(
-            self._sandboxed(spec, argv, wait_detach=True), input=input, capture_output=True, text=True, timeout=timeout,
-            preexec_fn=lambda: (cgroups.join(procs_files), os.setsid()),
+            self._sandboxed(spec, argv, wait_detach=True), input=input, capture_output=True, text=True,
+            timeout=timeout, start_new_session=True,
         )
 
     async def _wait_ready(self, spec: InstanceSpec, proc: asyncio.subprocess.Process,

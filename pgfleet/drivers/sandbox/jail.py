@@ -49,11 +49,15 @@ async def ensure_jail(cache_dir: Path) -> Path:
 
 
 def jail_argv(jail: Path, uid: int, tmp_mb: int, data: Path, sockets: Path, auth: Path,
-              argv: list[str], wait_detach: bool = False, wal: Path | None = None) -> list[str]:
-    """`argv` in fresh namespaces (unshare: PID 1 of a new PID namespace, killed with its
-    parent), jailed (see jail.c). The caller joins the instance's cgroups before exec, so the
-    cgroup namespace is rooted at the instance's own cgroup."""
+              argv: list[str], cgroup_procs: list[str], wait_detach: bool = False,
+              wal: Path | None = None) -> list[str]:
+    """`argv` in the instance's cgroups (`cgroup_procs`: its cgroup.procs files), in fresh
+    namespaces (unshare: PID 1 of a new PID namespace, killed with its parent), jailed (see
+    jail.c). The cgroups are joined first (`pgfleet-jail -j`, before unshare), so the cgroup
+    namespace is rooted at the instance's own cgroup; the caller spawns this with no Python
+    code between fork and exec, which lets the daemon vfork."""
     return [
+        str(jail), "-j", *cgroup_procs, "--",
         "unshare", "--mount", "--pid", "--fork", "--ipc", "--uts", "--net", "--cgroup", "--kill-child",
         "--", str(jail), *(["-w"] if wait_detach else []), str(uid), str(tmp_mb),
         os.path.realpath(data), os.path.realpath(sockets), os.path.realpath(auth),

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from ..base import DriverError
@@ -55,9 +57,10 @@ async def ensure_template(pg: PostgresInstall, templates_dir: Path) -> Path:
     if (final / "PG_VERSION").exists():
         return final
     templates_dir.mkdir(parents=True, exist_ok=True)
-    work = templates_dir / f".{final.name}.building"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(mode=0o700)
+    # A work directory of its own: two daemons (or test runs) may build the same template at
+    # once on a fresh host; the first rename wins and the other build is thrown away.
+    work = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".building", dir=templates_dir))
+    os.chmod(work, 0o700)
     shutil.chown(work, TEMPLATE_OWNER, TEMPLATE_OWNER)
     proc = await asyncio.create_subprocess_exec(
         "runuser", "-u", TEMPLATE_OWNER, "--", str(pg.initdb),
@@ -79,5 +82,10 @@ async def ensure_template(pg: PostgresInstall, templates_dir: Path) -> Path:
     # initdb ran with --no-sync; one sync here makes the template durable before use
     sync = await asyncio.create_subprocess_exec("sync", "-f", str(work))
     await sync.wait()
-    work.rename(final)
+    try:
+        work.rename(final)
+    except OSError:  # another build finished first (rename onto a non-empty directory)
+        shutil.rmtree(work, ignore_errors=True)
+        if not (final / "PG_VERSION").exists():
+            raise
     return final
