@@ -172,7 +172,7 @@ async def serve(opts: DaemonOptions, ready: asyncio.Future | None = None) -> Non
     warn_host_limits(opts.home)
     fleet.memory = MemoryManager(fleet, opts.memory_budget_bytes)
     fleet.memory.start()
-    log.info("standby: %s; memory budget %.0f MiB", fleet.warm.status()["explain"],
+    log.info("standby: %s; memory budget %.0f MiB", fleet.standby_status()["explain"],
              fleet.memory.budget_bytes / 2**20)
 
     routing = None
@@ -189,7 +189,7 @@ async def serve(opts: DaemonOptions, ready: asyncio.Future | None = None) -> Non
                          mode="transaction", tls=tls_ctx, domain=opts.domain, guards=guards)
     fleet.on_delete.append(pooled.forget_database)
     fleet.on_delete.append(direct.forget_database)
-    fleet.warm.on_freeze.append(pooled.close_idle_server_connections)
+    fleet.on_freeze.append(pooled.close_idle_server_connections)
     await _start_listening(direct, "--listen", opts.listen)
     await _start_listening(pooled, "--listen-pooled", opts.listen_pooled)
     edge = None

@@ -27,7 +27,7 @@ async def listeners(env):
     pooled = ProxyServer(env.fleet, "127.0.0.1", 0, mode="transaction")
     await pooled.start()
     env.fleet.on_delete.append(pooled.forget_database)
-    env.fleet.warm.on_freeze.append(pooled.close_idle_server_connections)
+    env.fleet.on_freeze.append(pooled.close_idle_server_connections)
     yield {"direct": env.proxy, "pooled": pooled}
     await pooled.close()
 
@@ -210,7 +210,7 @@ async def test_without_swap_the_warm_tier_freezes_and_says_so(env):
 
     if swap.total_bytes() > 0:
         pytest.skip("SKIPPED LOUDLY: this host has swap enabled; the no-swap case cannot be shown here")
-    status = env.fleet.warm.status()
+    status = env.fleet.standby_status()
     assert status["warm_mode"] == "freeze" and "WITHOUT reclaim" in status["explain"]
     created = await env.fleet.create("noswap")
     async with await aconnect(env.proxy, "noswap", created.password) as c:

@@ -143,7 +143,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
             "tls_ca_file": ctx.ca_file, "domain": ctx.domain,
             "databases": sum(by_state.values()), "states": by_state,
             "host_limits": [c.to_json() for c in limits],
-            "standby": ctx.fleet.warm.status(),
+            "standby": ctx.fleet.standby_status(),
             "memory": ctx.fleet.memory.status() if ctx.fleet.memory is not None else None,
             "proxy": stats() if stats else None,
         })

@@ -78,3 +78,10 @@ async def test_quotas_report_and_refuse_a_resume_past_them(api, fleet):
     q = (await api.get("/v1/users/quotas")).json()["data"]["quotas"][0]
     assert q["hard"]["live_instances"] == 1 and q["used"]["live_instances"] == 1
     assert q["limits"]["min_memory_mb"] == S.MEMORY_MB.min
+
+
+async def test_status_reports_states_and_what_standby_does_here(api):
+    await api.post("/v1/databases", json={"name": "shop"})
+    data = (await api.get("/v1/status")).json()["data"]
+    assert data["states"] == {"running": 1} and data["databases"] == 1
+    assert data["standby"]["warm_mode"] is None and "cold only" in data["standby"]["explain"]

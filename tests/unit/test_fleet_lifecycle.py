@@ -119,30 +119,6 @@ async def test_quotas_on_create_and_on_every_start(fleet):
     assert q is fleet.quotas and used["live_instances"] == 1 and used["instances"] == 2
 
 
-async def test_recover_rolls_back_half_made_and_finishes_deletions(tmp_path):
-    from pgfleet.fleet.manager import Fleet
-    from pgfleet.store import Store
-    from tests.fakes import FakeDriver
-
-    store = Store(tmp_path / "state.db")
-    first = Fleet(store, FakeDriver(), tmp_path)
-    kept = (await first.create("kept")).row
-    gone = (await first.create("gone")).row
-    store.update(gone.uuid, deleting=1)
-    store.update(kept.uuid, provisioned=1)
-    half = (await first.create("half")).row
-    store.update(half.uuid, provisioned=0)
-    driver = FakeDriver()
-    driver.made = {kept.uuid, gone.uuid, half.uuid}
-    driver.running = {kept.uuid}
-    second = Fleet(store, driver, tmp_path)
-    await second.recover()
-    assert [r.name for r in second.list()] == ["kept"]
-    assert second.get("kept").state == State.RUNNING and second.is_up(kept.uuid)
-    await second.shutdown()
-    store.close()
-
-
 async def test_the_cooldown_counts_from_running_not_from_a_slow_create(fleet, driver):
     gate = asyncio.Event()
     real_create = driver.create
