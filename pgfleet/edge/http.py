@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import Awaitable, Callable, Mapping
 from http import HTTPStatus
 from typing import NamedTuple
@@ -32,7 +31,10 @@ MAX_HEADERS = 64
 #: bytes received ahead of what the current request has read before reading stops
 READ_AHEAD = 64 * 1024
 
-_HEADER = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([^\r\n\0]*?)[ \t]*\Z")
+#: bytes a header name may hold (RFC 9110 tokens)
+_TOKEN = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+#: control bytes (tab aside): never in a head but as its line ends
+_CONTROL = bytes(range(0, 9)) + bytes(range(10, 32)) + b"\x7f"
 _METHODS = frozenset((b"POST", b"OPTIONS"))
 #: headers that ask for what only aiohttp does
 _NOT_HERE = frozenset(("transfer-encoding", "upgrade", "expect"))
@@ -165,9 +167,10 @@ class HttpConnection(asyncio.Protocol):
         self._task = self._loop.create_task(self._serve(request))
 
     def _parse(self, head: bytes, start: int) -> Request | None:
+        """The request, or None for aiohttp (what this parser does not take, it does not judge)."""
         lines = head.split(b"\r\n")
-        if len(lines) > MAX_HEADERS + 1:
-            return None
+        if len(lines) > MAX_HEADERS + 1 or len(head) - 2 * (len(lines) - 1) != len(head.translate(None, _CONTROL)):
+            return None  # too many headers, or a control byte (a bare CR or LF, a NUL) somewhere
         parts = lines[0].split(b" ")
         if len(parts) != 3 or parts[2] != b"HTTP/1.1" or parts[0] not in _METHODS:
             return None
@@ -176,13 +179,13 @@ class HttpConnection(asyncio.Protocol):
             return None
         headers: dict[str, str] = {}
         for line in lines[1:]:
-            match = _HEADER.match(line)
-            if match is None:
+            name, colon, value = line.partition(b":")
+            if not colon or not name or name.translate(None, _TOKEN):
                 return None
-            name = match.group(1).decode("ascii").lower()
-            if name in headers or name in _NOT_HERE:
+            key = name.decode("ascii").lower()
+            if key in headers or key in _NOT_HERE:
                 return None
-            headers[name] = match.group(2).decode("utf-8", "surrogateescape")
+            headers[key] = value.strip(b" \t").decode("utf-8", "surrogateescape")
         length_text = headers.get("content-length", "0")
         if not length_text.isdigit() or len(length_text) > 18:
             return None
