@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 from pgfleet.pgwire.client import quote_ident, quote_literal
 
+from .untrusted import write_root_file
+
 if TYPE_CHECKING:
     from pgfleet.drivers.base import InstanceSpec
 
@@ -108,11 +110,7 @@ class DatabaseNames:
 
     def renamed(self, spec: "InstanceSpec", name: str) -> None:
         """The database inside is now called `name` (personalise_sql ran)."""
-        tmp = spec.home / f".{self.RECORD}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{name}\n")
-        os.replace(tmp, spec.home / self.RECORD)
+        write_root_file(spec.home / self.RECORD, f"{name}\n")
         self._names[spec.uuid] = name
 
     def forget(self, spec: "InstanceSpec") -> None:

@@ -68,3 +68,13 @@ def rotate_log(path: Path, limit: int) -> bool:
     os.replace(tmp, old)
     os.truncate(path, 0)
     return True
+
+
+def write_root_file(path: Path, text: str) -> None:
+    """A small root-owned 0600 file in a root-owned directory (an instance's home), replaced
+    atomically: readers see the old text or the new, never a part."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

@@ -54,7 +54,7 @@ async def test_disk_mb_can_only_grow_and_needs_a_limit_from_the_start(env):
 
 
 async def test_a_tenant_flooding_its_log_is_rotated_within_a_cap(env):
-    from pgfleet.drivers.sandbox import driver as sandbox
+    from pgfleet.drivers.sandbox import processes as sandbox
 
     created = await env.fleet.create("noisy")
     log_path = env.fleet.driver.log_path(env.fleet.spec(created.row))

@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..base import Backend, DriverError, InstanceSpec, RecoveryTarget, admin_connect
+from ..untrusted import write_root_file
 from . import archive, safecopy
 
 log = logging.getLogger(__name__)
@@ -141,11 +142,7 @@ class SandboxBackups:
         mine = self.storage.layout(child.home)
         for path in (mine.work, mine.data):
             path.mkdir(mode=0o700, exist_ok=True)
-        record = mine.record.with_suffix(".tmp")
-        fd = os.open(record, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"kind": "overlay", "lower": meta["lower"]}, f)
-        os.replace(record, mine.record)
+        write_root_file(mine.record, json.dumps({"kind": "overlay", "lower": meta["lower"]}))
         partial.rename(mine.upper)
 
     async def restore(self, child: InstanceSpec, backup: Path, meta: dict, repo: Path,

@@ -14,46 +14,36 @@ import logging
 import os
 import shutil
 import signal
-import subprocess
-import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
-from .. import swap
 from ..base import Backend, Driver, DriverError, InstanceSpec, admin_connect
 from ..pgbin import PostgresInstall, find_postgres
 from ..roles import MAINTENANCE_DATABASE, DatabaseNames, check_role_name, personalise_sql
-from ..untrusted import read_head, read_tail, rotate_log
-from . import archive, cgroups, disk, freeze
+from ..untrusted import write_root_file
+from . import cgroups, disk, freeze
 from .backups import SandboxBackups
-from .jail import ensure_jail, jail_argv
-from .procscan import find_postmaster, find_postmasters
-from .storage import OverlayStorage, ensure_lower, mounted_data_dirs, overlay_supported
-from .uids import UidRegistry
+from .identity import SandboxIdentity
+from .jail import ensure_jail
+from .processes import PORT, SandboxProcesses, _Running
+from .recovery import SandboxRecovery
+from .storage import OverlayStorage, ensure_lower, overlay_supported
 from .template import ensure_template
+from .uids import UidRegistry
+from .warm import SandboxWarm
 
 log = logging.getLogger(__name__)
 
-PORT = 5432  # names the socket file only: the network namespace has no interfaces
-READY_TIMEOUT_S = 60.0
-SHUTDOWN_TIMEOUT_S = 30.0
-LOG_MAX_BYTES = 32 << 20  # per instance: postgres.log and postgres.log.1
-LOG_CHECK_S = 2.0
-QUIT_TIMEOUT_S = 5.0  # after SIGQUIT, then every process of the instance's cgroup is SIGKILLed
 CGROUP_PARENT = "pgfleet"
 SOCKET_ROOT = Path("/run/pgfleet")
 
 
-@dataclass
-class _Running:
-    postmaster_pid: int
-    waiter: asyncio.Task  # completes when the postmaster has exited
-    stopping: bool = False
-    spec: InstanceSpec | None = None
+class SandboxDriver(SandboxProcesses, SandboxWarm, SandboxRecovery, SandboxIdentity, SandboxBackups, Driver):
+    """The driver's paths, provisioning, start (with personalisation), deletion and disk;
+    its postmasters (processes.py), warm standby (warm.py), recovery after a restart
+    (recovery.py), tenant identity (identity.py) and backups (backups.py) are mixins."""
 
-
-class SandboxDriver(SandboxBackups, Driver):
     name = "sandbox"
     keeps_sessions_across_suspend = False
     can_provision = True
@@ -196,76 +186,6 @@ class SandboxDriver(SandboxBackups, Driver):
         self.databases.renamed(spec, database)
         return replace(backend, database=database)
 
-    def auth_dir(self, spec: InstanceSpec) -> Path:
-        """Root-owned pg_hba.conf / pg_ident.conf, outside the tenant-writable data directory."""
-        return spec.home / "auth"
-
-    def uid_of(self, spec: InstanceSpec) -> int:
-        """The instance's uid (and gid): allocated host-wide (uids.py) the first time it is
-        asked for, recorded in its home. An instance made before that record keeps the uid
-        its files have (and has it registered)."""
-        uid = self._uids.get(spec.uuid)
-        if uid is not None:
-            return uid
-        record = spec.home / "uid"
-        try:
-            uid = int(record.read_text())
-        except FileNotFoundError:
-            uid = self._legacy_uid(spec)
-            try:
-                if uid is not None:
-                    self.uids.claim(uid, spec.home)
-                else:
-                    # the home exists first: the registry takes an entry whose home is
-                    # missing for a stale one
-                    spec.home.mkdir(parents=True, exist_ok=True)
-                    os.chmod(spec.home, 0o700)
-                    uid = self.uids.allocate(spec.home)
-            except RuntimeError as exc:
-                raise DriverError(str(exc)) from None
-            _write_root_file(record, f"{uid}\n")
-        self._uids[spec.uuid] = uid
-        return uid
-
-    def _legacy_uid(self, spec: InstanceSpec) -> int | None:
-        """The owner of an existing instance's files (its overlay's upper directory, or its
-        data directory), from before uids were recorded."""
-        for path in (spec.home / "upper", self.data_dir(spec)):
-            try:
-                st = os.stat(path)
-            except FileNotFoundError:
-                continue
-            if st.st_uid != 0:
-                return st.st_uid
-        return None
-
-    def _write_auth_files(self, spec: InstanceSpec) -> list[str]:
-        """Who may log in over the instance's socket: host root only (the daemon: admin
-        work as postgres, the proxy as the tenant's role), by peer credentials. The
-        instance's own uid has no passwd entry, so peer authentication refuses it whatever
-        role it asks for: code running as the tenant cannot log in as a superuser.
-        Returns the postgres options that point at these files."""
-        d = self.auth_dir(spec)
-        d.mkdir(mode=0o755, exist_ok=True)
-        files = {
-            "pg_hba.conf": "# pgfleet: only host root, by peer credentials (see pg_ident.conf)\n"
-                           "local all all peer map=pgfleet\n",
-            "pg_ident.conf": "# MAPNAME SYSTEM-USERNAME PG-USERNAME\n"
-                             f"pgfleet root postgres\npgfleet root {_hba_token(spec.role)}\n",
-        }
-        for name, text in files.items():
-            path = d / name
-            try:
-                if path.read_text() == text:
-                    continue
-            except FileNotFoundError:
-                pass
-            tmp = d / f".{name}.tmp"
-            tmp.write_text(text)
-            os.chmod(tmp, 0o644)
-            tmp.rename(path)
-        return ["-c", f"hba_file={d / 'pg_hba.conf'}", "-c", f"ident_file={d / 'pg_ident.conf'}"]
-
     async def start(self, spec: InstanceSpec) -> Backend:
         backend = await self._launch(spec)
         # the database inside takes the database's name, and the tenant's role is made (or
@@ -284,7 +204,7 @@ class SandboxDriver(SandboxBackups, Driver):
             except BaseException:
                 await self._shutdown(spec, signal.SIGINT)
                 raise
-            _write_root_file(marker, wanted)
+            write_root_file(marker, wanted)
         return backend
 
     @contextlib.contextmanager
@@ -301,178 +221,6 @@ class SandboxDriver(SandboxBackups, Driver):
         finally:
             if spec.uuid not in self._running:
                 self.storage.unmount(spec.home)
-
-    async def _launch(self, spec: InstanceSpec, extra_args: list[str] | None = None,
-                      ready_timeout_s: float = READY_TIMEOUT_S) -> Backend:
-        entry = self._running.get(spec.uuid)
-        if entry is not None and entry.stopping:
-            await asyncio.shield(entry.waiter)  # a stop in progress (a stray after a restart)
-        elif entry is not None:
-            return self.backend(spec)
-        data = self.data_dir(spec)
-        if self.storage is None:
-            await self.prepare()
-        assert self.storage is not None
-        if spec.disk_mb:  # its own filesystems; mounted until the host reboots
-            await disk.ensure_mounted_all(spec.home, data)
-        else:
-            self.storage.mount(spec.home)
-        if not (data / "PG_VERSION").exists():
-            self.storage.unmount(spec.home)
-            raise DriverError(f"database {spec.name} has no data directory at {data}")
-        uid = self.uid_of(spec)
-        run = self.socket_dir(spec)
-        run.parent.mkdir(mode=0o711, parents=True, exist_ok=True)
-        run.mkdir(mode=0o700, exist_ok=True)
-        os.chown(run, uid, uid)
-        pidfile = data / "postmaster.pid"
-        if pidfile.exists():
-            # Left by a crash, or by a postmaster still alive after a daemon crash: that
-            # one must never get a twin (in its PID namespace it is PID 1, so Postgres' own
-            # interlock cannot tell). Without a live postmaster the file is stale.
-            live = find_postmaster(data)
-            if live is not None:
-                await self._adopt_or_stop(spec, live, keep=False)
-            pidfile.unlink(missing_ok=True)
-        archive.prepare_spool(data, uid)
-        shared_buffers = max(16, spec.memory_mb // 8)
-        argv = self._sandboxed(spec, [
-            # canonical paths: the jail binds them at exactly these paths in its private root
-            str(self.pg.postgres), "-D", os.path.realpath(data), "-k", os.path.realpath(run), "-p", str(PORT),
-            "-c", f"shared_buffers={shared_buffers}MB",
-            "-c", f"cluster_name={spec.name}",
-            *self._write_auth_files(spec),
-            *archive.postgres_args(), *(extra_args or []),
-        ])
-        # 0600: only root reads a tenant's log (the tenant writes it through this descriptor)
-        logf = os.fdopen(os.open(self.log_path(spec), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600), "ab")
-        os.fchmod(logf.fileno(), 0o600)
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True,
-            )
-        finally:
-            logf.close()
-        try:
-            pm_pid = await self._wait_ready(spec, proc, ready_timeout_s)
-        except BaseException:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-            self._cgroup(spec).remove()
-            self.storage.unmount(spec.home)
-            self._freezer(spec).remove()
-            raise
-        self._watch(spec, pm_pid, proc.wait())
-        return self.backend(spec)
-
-    def _sandboxed(self, spec: InstanceSpec, argv: list[str], wait_detach: bool = False) -> list[str]:
-        """`argv` run the way every process of the instance runs: in its cgroups and freezer
-        (made here if missing), as its uid, in fresh namespaces, in a private root holding only
-        its own directories (jail.c). Spawn it with no preexec_fn (see jail_argv)."""
-        assert self.jail is not None, "prepare() first"
-        cg = self._cgroup(spec)
-        cg.create(self._limits(spec))
-        freezer = self._freezer(spec)  # code run by a tenant's postgres is frozen with it
-        freezer.create()
-        return jail_argv(self.jail, self.uid_of(spec), _tmpfs_mb(spec), self.data_dir(spec),
-                         self.socket_dir(spec), self.auth_dir(spec), argv,
-                         cgroup_procs=cg.procs_files() + freezer.procs_files(), wait_detach=wait_detach,
-                         wal=disk.wal_dir(spec.home) if spec.disk_mb else None)
-
-    def exec_as_tenant(self, spec: InstanceSpec, argv: list[str], timeout: float = 60.0,
-                       input: str | None = None) -> subprocess.CompletedProcess:
-        """Run `argv` exactly as the instance's postgres runs (same uid, kind of namespaces,
-        cgroups), as code execution inside the database would: the hostile-tenant tests'
-        shell. Blocks; returns the finished process with text stdout/stderr."""
-        return subprocess.run(
-            self._sandboxed(spec, argv, wait_detach=True), input=input, capture_output=True, text=True,
-            timeout=timeout, start_new_session=True,
-        )
-
-    async def _wait_ready(self, spec: InstanceSpec, proc: asyncio.subprocess.Process,
-                          timeout_s: float = READY_TIMEOUT_S) -> int:
-        """Wait until the postmaster reports 'ready' in postmaster.pid; returns its host pid."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if proc.returncode is not None:
-                raise DriverError(f"postgres for {spec.name} exited during start: {self._log_tail(spec)}")
-            if _is_ready(self.data_dir(spec)):
-                pm = _child_of(proc.pid)
-                if pm is not None:
-                    return pm
-            if time.monotonic() > deadline:
-                raise DriverError(f"postgres for {spec.name} not ready after {timeout_s:.0f}s: {self._log_tail(spec)}")
-            # A wake is on the client's clock: poll finely (reading a 100-byte file is
-            # cheap next to a 1 ms granularity added to every wake).
-            await asyncio.sleep(0.001)
-
-    def _log_tail(self, spec: InstanceSpec) -> str:
-        data = read_tail(self.log_path(spec), 4096)  # the tenant writes it: bounded
-        if data is None:
-            return "(no log)"
-        return " | ".join(data.decode(errors="replace").strip().splitlines()[-3:])
-
-    def _watch(self, spec: InstanceSpec, pm_pid: int, exited) -> None:
-        async def waiter() -> None:
-            await exited
-            entry = self._running.pop(spec.uuid, None)
-            self._cgroup(spec).remove()
-            self._freezer(spec).remove()
-            if self.storage is not None and not spec.disk_mb:
-                self.storage.unmount(spec.home)
-            if entry is not None and not entry.stopping:
-                log.warning("postgres of %s exited on its own: %s", spec.name, self._log_tail(spec))
-                self.on_exit(spec, "exited")
-
-        self._running[spec.uuid] = _Running(pm_pid, asyncio.create_task(waiter()), spec=spec)
-        if self._log_guard is None:
-            self._log_guard = asyncio.create_task(self._guard_logs())
-
-    async def _guard_logs(self) -> None:
-        """Every LOG_CHECK_S while instances run: a postgres.log over LOG_MAX_BYTES / 2 (the
-        tenant writes it, e.g. RAISE WARNING in a loop) keeps its last half in postgres.log.1
-        and starts again, so one instance's logs never take more than LOG_MAX_BYTES."""
-        try:
-            while self._running:
-                await asyncio.sleep(LOG_CHECK_S)
-                for entry in list(self._running.values()):
-                    rotate_log(self.log_path(entry.spec), LOG_MAX_BYTES // 2)
-        finally:
-            self._log_guard = None
-
-    async def suspend(self, spec: InstanceSpec) -> None:
-        # Fast shutdown: ends sessions, writes a shutdown checkpoint: the data is durable and
-        # the next start needs no recovery.
-        await self._shutdown(spec, signal.SIGINT)
-
-    async def stop(self, spec: InstanceSpec) -> None:
-        await self._shutdown(spec, signal.SIGINT)
-
-    async def _shutdown(self, spec: InstanceSpec, sig: signal.Signals,
-                        timeout: float = SHUTDOWN_TIMEOUT_S) -> None:
-        """Send `sig`; if the postmaster is still there after `timeout`, SIGQUIT; after
-        QUIT_TIMEOUT_S more, SIGKILL every process of its cgroup. Never waits for ever."""
-        self._unfreeze(spec)  # a frozen process would not act on the signal
-        entry = self._running.get(spec.uuid)
-        if entry is None:
-            stale = find_postmaster(self.data_dir(spec))
-            if stale is not None:
-                await self._adopt_or_stop(spec, stale, keep=False)
-            return
-        entry.stopping = True
-        _kill(entry.postmaster_pid, sig)
-        if await _exits_within(entry, timeout):
-            return
-        if sig != signal.SIGQUIT:
-            log.error("postgres of %s ignored shutdown for %ss; sending SIGQUIT", spec.name, timeout)
-            _kill(entry.postmaster_pid, signal.SIGQUIT)
-            if await _exits_within(entry, QUIT_TIMEOUT_S):
-                return
-        # e.g. blocked for ever on a FIFO the tenant put in place of its own lock file
-        log.error("postgres of %s ignored SIGQUIT for %ss; killing its cgroup", spec.name, QUIT_TIMEOUT_S)
-        self._cgroup(spec).kill()
-        await entry.waiter
 
     async def resize_disk(self, spec: InstanceSpec) -> None:
         data = self.data_dir(spec)
@@ -510,65 +258,6 @@ class SandboxDriver(SandboxBackups, Driver):
         self._uids.pop(spec.uuid, None)
         self.databases.forget(spec)
 
-    async def remove_orphan(self, home: Path) -> None:
-        if self.storage is None or not self.storage.is_overlay(home):
-            return  # not a provision() of ours
-        if find_postmaster(home / "data") is not None:
-            log.error("%s has no database recorded but a live postgres: left alone", home)
-            return
-        log.warning("removing %s: a create cut short (no database was recorded for it)", home)
-        self.storage.destroy(home)
-
-    async def recover_scan(self, specs: list[InstanceSpec]) -> set[str] | None:
-        self._scanned = await asyncio.to_thread(find_postmasters)
-        real = {p: os.path.realpath(p) for p in {s.home.parent for s in specs}}  # one per instances dir
-        by_dir = {os.path.join(real[s.home.parent], s.home.name, self.data_dir(s).name): s for s in specs}
-        alive = {by_dir[d].uuid for d in self._scanned if d in by_dir}
-        # data directories a crash left mounted with no Postgres on them: unmount (one
-        # pass over the mount table, not one look per database)
-        for parent in real:
-            for data in mounted_data_dirs(parent):
-                spec = by_dir.get(str(data))
-                if spec is not None and spec.uuid not in alive and self.storage is not None:
-                    self.storage.unmount(spec.home)
-        return alive
-
-    def recover_done(self) -> None:
-        self._scanned = None
-
-    def _postmaster_of(self, spec: InstanceSpec) -> int | None:
-        if self._scanned is not None:
-            return self._scanned.get(os.path.realpath(self.data_dir(spec)))
-        return find_postmaster(self.data_dir(spec))
-
-    async def recover(self, spec: InstanceSpec) -> Backend | None:
-        pm = self._postmaster_of(spec)
-        if pm is None:
-            self._cgroup(spec).remove()
-            self._freezer(spec).remove()
-            return None
-        if _is_ready(self.data_dir(spec)):
-            return await self._adopt_or_stop(spec, pm, keep=True)
-        # Alive but not ready (or its lock file is not one: the tenant controls it): stop it
-        # in the background, so that one tenant never holds up the daemon's start. A start
-        # of this instance in the meantime waits for that stop (same waiter).
-        if spec.uuid not in self._running:
-            self._watch(spec, pm, _wait_pid_exit(pm))
-        # immediate shutdown: it was not serving, and WAL recovery makes the next start whole
-        task = asyncio.create_task(self._shutdown(spec, signal.SIGQUIT, QUIT_TIMEOUT_S))
-        self._stopping.add(task)
-        task.add_done_callback(self._stopping.discard)
-        return None
-
-    async def _adopt_or_stop(self, spec: InstanceSpec, pm_pid: int, keep: bool) -> Backend | None:
-        """A postmaster we did not start in this daemon's life: watch it, or stop it."""
-        if spec.uuid not in self._running:
-            self._watch(spec, pm_pid, _wait_pid_exit(pm_pid))
-        if keep and _is_ready(self.data_dir(spec)):
-            return self.backend(spec)
-        await self._shutdown(spec, signal.SIGINT)
-        return None
-
     async def disk_bytes(self, spec: InstanceSpec) -> int | None:
         if self.storage is None:
             return None
@@ -579,55 +268,6 @@ class SandboxDriver(SandboxBackups, Driver):
             return {"rss_bytes": 0}
         current = self._cgroup(spec).memory_current()
         return {"rss_bytes": current} if current is not None else {}
-
-    # --- warm standby: frozen processes, memory reclaimed (freeze.py) --------------------
-    def warm_mode(self) -> str | None:
-        if not self.keeps_sessions_across_suspend:
-            return None
-        return "reclaim" if swap.total_bytes() > 0 else "freeze"
-
-    async def freeze(self, spec: InstanceSpec) -> int:
-        if spec.uuid not in self._running:
-            raise DriverError(f"database {spec.name} is not running")
-        try:
-            await self._freezer(spec).freeze()
-        except freeze.FreezeFailed as exc:
-            raise DriverError(f"database {spec.name} could not be frozen: {exc}") from exc
-        memory = self._memory_dir(spec)
-        if memory is None:
-            return 0
-        if self.warm_mode() == "reclaim":
-            return await asyncio.to_thread(freeze.reclaim, memory, self._cgroup(spec).v2)
-        return freeze.charged_bytes(memory, self._cgroup(spec).v2)[0]
-
-    async def thaw(self, spec: InstanceSpec) -> Backend:
-        if spec.uuid not in self._running:
-            raise DriverError(f"the processes of frozen database {spec.name} are gone")
-        self._unfreeze(spec)
-        return self.backend(spec)
-
-    def is_frozen(self, spec: InstanceSpec) -> bool:
-        return self._freezer(spec).is_frozen()
-
-    def memory_charged(self, spec: InstanceSpec) -> tuple[int, int]:
-        memory = self._memory_dir(spec)
-        if memory is None or spec.uuid not in self._running:
-            return 0, 0
-        return freeze.charged_bytes(memory, self._cgroup(spec).v2)
-
-    def _unfreeze(self, spec: InstanceSpec) -> None:
-        """Limit first, then thaw: the thawed processes fault their pages back in at once."""
-        freezer = self._freezer(spec)
-        if not freezer.is_frozen():
-            return
-        memory = self._memory_dir(spec)
-        if memory is not None:
-            freeze.restore_limit(memory, self._cgroup(spec).v2, self._limits(spec).memory_bytes)
-        freezer.thaw()
-
-    def _memory_dir(self, spec: InstanceSpec) -> Path | None:
-        dirs = self._cgroup(spec).dirs
-        return dirs.get("unified") or dirs.get("memory")
 
     async def close(self) -> None:
         """Remove this home's empty per-host directories (socket root, cgroup parents) so
@@ -642,76 +282,8 @@ class SandboxDriver(SandboxBackups, Driver):
                 pass  # still in use (instances left running on purpose), or already gone
 
 
-def _hba_token(role: str) -> str:
-    """A role name as one pg_ident.conf token (names are DNS labels; refuse anything else)."""
-    if not role or any(not (c.isalnum() or c in "-_") for c in role):
-        raise DriverError(f"role name {role!r} cannot be written into pg_ident.conf")
-    return role
-
-
-def _write_root_file(path: Path, text: str) -> None:
-    """A small root-owned 0600 file in an instance's (root-owned) home, replaced atomically."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
 
 def _home_tag(state_dir: Path) -> str:
     import hashlib
 
     return hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:10]
-
-
-def _tmpfs_mb(spec: InstanceSpec) -> int:
-    """Size of each of the instance's private /tmp and /dev/shm (both charged to its memory
-    cgroup, so together they can never hold more than memory_mb anyway)."""
-    return max(16, spec.memory_mb // 2)
-
-
-def _child_of(pid: int) -> int | None:
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        return None
-    return int(children[0]) if children else None
-
-
-def _kill(pid: int, sig: signal.Signals) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def _is_ready(data: Path) -> bool:
-    """postmaster.pid says "ready". The tenant owns that file: read without trusting it
-    (a FIFO, a symlink or a huge file is simply "not ready")."""
-    head = read_head(data / "postmaster.pid")
-    lines = head.decode(errors="replace").splitlines() if head is not None else []
-    return len(lines) >= 8 and lines[7].strip() == "ready"
-
-
-async def _exits_within(entry: _Running, timeout: float) -> bool:
-    try:
-        await asyncio.wait_for(asyncio.shield(entry.waiter), timeout)
-    except asyncio.TimeoutError:
-        return False
-    return True
-
-
-async def _wait_pid_exit(pid: int) -> None:
-    """Wait for a process that is not our child to exit (pidfd: no polling, no pid reuse race)."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    loop = asyncio.get_running_loop()
-    done = loop.create_future()
-    loop.add_reader(fd, lambda: done.done() or done.set_result(None))
-    try:
-        await done
-    finally:
-        loop.remove_reader(fd)
-        os.close(fd)

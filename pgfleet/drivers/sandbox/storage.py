@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..base import DriverError
+from ..untrusted import write_root_file
 
 LOWER_SUFFIX = ".lower"
 MNT_DETACH = 2
@@ -140,11 +141,7 @@ class OverlayStorage:
             path.mkdir(mode=0o700, exist_ok=True)
         lay.upper.mkdir(mode=0o700, exist_ok=True)
         os.chown(lay.upper, uid, uid)
-        tmp = lay.record.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"kind": "overlay", "lower": str(self.lower)}, f)
-        os.replace(tmp, lay.record)
+        write_root_file(lay.record, json.dumps({"kind": "overlay", "lower": str(self.lower)}))
 
     def _lower_of(self, lay: Layout) -> str:
         try:
