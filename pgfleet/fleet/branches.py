@@ -13,7 +13,6 @@ to a moment. Its tenant role is renamed to the branch's own name and it gets its
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import shutil
@@ -27,7 +26,7 @@ from pgfleet.store import InstanceRow
 
 from .errors import InvalidRequest, NotFound, Unavailable
 from .names import validate_name
-from .periodic import run_every
+from .periodic import Chore
 from .states import State
 
 log = logging.getLogger(__name__)
@@ -80,8 +79,7 @@ class Backups:
         self.root = fleet.home / "backups"
         self.default_retention_s = retention_s
         self.base_interval_s = base_interval_s
-        self.poll_s = poll_s
-        self._task: asyncio.Task | None = None
+        self._schedule = Chore(poll_s, self.tick, "backup schedule")
         self._busy: set[str] = set()  # uuids with a base backup under way
         fleet.store.db.executescript(_SCHEMA)
         fleet.backups = self
@@ -225,20 +223,10 @@ class Backups:
 
     # --- the schedule -----------------------------------------------------------------------
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._loop())
+        self._schedule.start()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
-            self._task = None
-
-    async def _loop(self) -> None:
-        await run_every(self.poll_s, self.tick, "backup schedule")
+        await self._schedule.close()
 
     async def tick(self, now: float | None = None) -> None:
         """One round: archive what running databases handed over, take due base backups,

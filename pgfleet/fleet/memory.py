@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .periodic import run_every
+from .periodic import Chore
 from .standby import is_warm
 from .states import State
 
@@ -70,9 +70,8 @@ class MemoryManager:
     def __init__(self, fleet: "Fleet", budget_bytes: int | None = None, interval_s: float = INTERVAL_S) -> None:
         self.fleet = fleet
         self.budget_bytes = budget_bytes if budget_bytes is not None else default_budget_bytes()
-        self.interval_s = interval_s
         self.last = MemoryReport(self.budget_bytes)
-        self._task: asyncio.Task | None = None
+        self._chore = Chore(interval_s, self.tick, "memory manager")
 
     def status(self) -> dict:
         last = self.last
@@ -80,15 +79,10 @@ class MemoryManager:
                 "pressure_some_avg10": last.pressure}
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(run_every(self.interval_s, self.tick, "memory manager"))
+        self._chore.start()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await self._chore.close()
 
     def charged(self) -> dict[str, int]:
         """uuid -> bytes charged, for every database with processes (running or warm)."""

@@ -19,3 +19,26 @@ async def run_every(interval_s: float, tick: Callable[[], Awaitable[object]], wh
         except Exception:
             log.exception("%s failed", what)
         await asyncio.sleep(interval_s)
+
+
+class Chore:
+    """`tick()` every `interval_s` in the background, from start() until close()."""
+
+    def __init__(self, interval_s: float, tick: Callable[[], Awaitable[object]], what: str) -> None:
+        self.interval_s = interval_s
+        self.tick = tick
+        self.what = what
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(run_every(self.interval_s, self.tick, self.what))
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass

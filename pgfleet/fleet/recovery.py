@@ -63,13 +63,9 @@ class Recovery:
     async def _recover_one(self, row: InstanceRow, keep_up: list[str]) -> None:
         fleet = self.fleet
         spec = fleet.spec(row)
-        if not row.provisioned:
-            log.warning("rolling back %s: its creation never finished", row.name)
-            await fleet.driver.destroy(spec)
-            fleet.store.delete(row.uuid)
-            return
-        if row.deleting:
-            log.warning("finishing the deletion of %s", row.name)
+        if not row.provisioned or row.deleting:  # a create or a delete cut short: it goes
+            log.warning("rolling back %s: its creation never finished" if not row.provisioned
+                        else "finishing the deletion of %s", row.name)
             await fleet.driver.destroy(spec)
             fleet.store.delete(row.uuid)
             return
