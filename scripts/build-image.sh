@@ -2,7 +2,8 @@
 # Build the pgfleet container image from Debian packages only (no registry pulls):
 #   1. wheels of pgfleet and its pinned dependencies (pyproject.toml, no test extras);
 #   2. a Debian bookworm root with mmdebstrap: the daemon's packages (apt-packages.txt), a venv
-#      in /opt/pgfleet with those wheels installed offline;
+#      in /opt/pgfleet with those wheels installed offline, and the sandbox's jail compiled
+#      statically on the build host (the image has no C compiler; pgfleet looks for it there);
 #   3. an OCI image with umoci (config as deploy/image/Containerfile says), and a docker-archive
 #      tarball with skopeo for `kind load image-archive` / `ctr images import`.
 # Usage (root): scripts/build-image.sh [OUT_DIR]   (default build/image)
@@ -11,8 +12,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="$(realpath -m "${1:-build/image}")"
-for tool in mmdebstrap umoci skopeo; do
-    command -v "$tool" >/dev/null || { echo "build-image: needs $tool (apt-get install mmdebstrap umoci skopeo)" >&2; exit 1; }
+for tool in mmdebstrap umoci skopeo cc; do
+    command -v "$tool" >/dev/null || { echo "build-image: needs $tool (apt-get install mmdebstrap umoci skopeo gcc)" >&2; exit 1; }
 done
 version="$(python3 -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')"
 suite="${PGFLEET_IMAGE_SUITE:-bookworm}"
@@ -33,6 +34,7 @@ mmdebstrap --variant=minbase --mode=root --quiet \
     --customize-hook="copy-in $out/wheels /tmp" \
     --customize-hook='chroot "$1" python3 -m venv /opt/pgfleet' \
     --customize-hook='chroot "$1" /opt/pgfleet/bin/pip install --quiet --no-index --find-links /tmp/wheels pgfleet' \
+    --customize-hook='jail="$(chroot "$1" /opt/pgfleet/bin/python -c "from pgfleet.drivers.sandbox.jail import prebuilt_path; print(prebuilt_path())")" && cc -O2 -Wall -static -o "$1$jail" "$1${jail%/*}/jail.c"' \
     --customize-hook='rm -rf "$1/tmp/wheels" "$1/var/cache/apt/"*.bin "$1/var/lib/apt/lists/"*' \
     --customize-hook='mkdir -p "$1/var/lib/pgfleet" "$1/var/cache/pgfleet"' \
     "$suite" "$out/rootfs.tar" \

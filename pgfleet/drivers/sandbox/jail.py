@@ -16,13 +16,24 @@ from ..base import DriverError, DriverUnavailable
 SOURCE = Path(__file__).with_name("jail.c")
 
 
+def _jail_name() -> str:
+    return f"pgfleet-jail-{hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]}"
+
+
 def jail_path(cache_dir: Path) -> Path:
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
-    return cache_dir / "bin" / f"pgfleet-jail-{digest}"
+    return cache_dir / "bin" / _jail_name()
+
+
+def prebuilt_path() -> Path:
+    """Where an installation ships the jail built for this source (the container image does:
+    it has no C compiler): beside the source, in the root-owned package directory."""
+    return SOURCE.with_name(_jail_name())
 
 
 async def ensure_jail(cache_dir: Path) -> Path:
-    """The compiled jail for this source, built (atomically) if missing."""
+    """The compiled jail for this source: shipped prebuilt, or built (atomically) if missing."""
+    if prebuilt_path().exists():
+        return prebuilt_path()
     final = jail_path(cache_dir)
     if final.exists():
         return final
