@@ -18,6 +18,7 @@ from pathlib import Path
 from ..base import Backend, DriverError, InstanceSpec
 from ..untrusted import read_head, read_tail, rotate_log
 from . import archive, disk
+from .dirwatch import DirWatch
 from .jail import jail_argv
 from .procscan import find_postmaster
 
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 
 PORT = 5432  # names the socket file only: the network namespace has no interfaces
 READY_TIMEOUT_S = 60.0
+READY_RECHECK_S = 0.01  # between inotify events, for an exit during start
 SHUTDOWN_TIMEOUT_S = 30.0
 LOG_MAX_BYTES = 32 << 20  # per instance: postgres.log and postgres.log.1
 LOG_CHECK_S = 2.0
@@ -81,28 +83,33 @@ class SandboxProcesses:
             str(self.pg.postgres), "-D", os.path.realpath(data), "-k", os.path.realpath(run), "-p", str(PORT),
             "-c", f"shared_buffers={shared_buffers}MB",
             "-c", f"cluster_name={spec.name}",
+            # no logical replication launcher: with wal_level=replica (and no superuser
+            # tenant to subscribe) it can never do anything, and it would be one more
+            # process forked on every wake, competing with the first session for the CPU
+            "-c", "max_logical_replication_workers=0",
             *self._write_auth_files(spec),
             *archive.postgres_args(), *(extra_args or []),
         ])
         # 0600: only root reads a tenant's log (the tenant writes it through this descriptor)
         logf = os.fdopen(os.open(self.log_path(spec), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600), "ab")
         os.fchmod(logf.fileno(), 0o600)
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True,
-            )
-        finally:
-            logf.close()
-        try:
-            pm_pid = await self._wait_ready(spec, proc, ready_timeout_s)
-        except BaseException:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-            self._cgroup(spec).remove()
-            self.storage.unmount(spec.home)
-            self._freezer(spec).remove()
-            raise
+        with DirWatch(data) as changes:  # watching before the spawn: no change is missed
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *argv, stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True,
+                )
+            finally:
+                logf.close()
+            try:
+                pm_pid = await self._wait_ready(spec, proc, changes, ready_timeout_s)
+            except BaseException:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
+                self._cgroup(spec).remove()
+                self.storage.unmount(spec.home)
+                self._freezer(spec).remove()
+                raise
         self._watch(spec, pm_pid, proc.wait())
         return self.backend(spec)
 
@@ -130,9 +137,11 @@ class SandboxProcesses:
             timeout=timeout, start_new_session=True,
         )
 
-    async def _wait_ready(self, spec: InstanceSpec, proc: asyncio.subprocess.Process,
+    async def _wait_ready(self, spec: InstanceSpec, proc: asyncio.subprocess.Process, changes: DirWatch,
                           timeout_s: float = READY_TIMEOUT_S) -> int:
-        """Wait until the postmaster reports 'ready' in postmaster.pid; returns its host pid."""
+        """Wait until the postmaster reports 'ready' in postmaster.pid; returns its host pid.
+        Looks again whenever the data directory changes (inotify: a wake is on the client's
+        clock), and at least every READY_RECHECK_S (an exit during start changes nothing)."""
         deadline = time.monotonic() + timeout_s
         while True:
             if proc.returncode is not None:
@@ -143,9 +152,7 @@ class SandboxProcesses:
                     return pm
             if time.monotonic() > deadline:
                 raise DriverError(f"postgres for {spec.name} not ready after {timeout_s:.0f}s: {self._log_tail(spec)}")
-            # A wake is on the client's clock: poll finely (reading a 100-byte file is
-            # cheap next to a 1 ms granularity added to every wake).
-            await asyncio.sleep(0.001)
+            await changes.changed(READY_RECHECK_S)
 
     def _log_tail(self, spec: InstanceSpec) -> str:
         data = read_tail(self.log_path(spec), 4096)  # the tenant writes it: bounded
