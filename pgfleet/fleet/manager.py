@@ -25,7 +25,7 @@ import asyncio
 import logging
 import os
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable, Coroutine
 
 from pgfleet.drivers.base import Driver, InstanceSpec
 from pgfleet.store import InstanceRow, Store
@@ -42,6 +42,10 @@ from .standby import WarmTier
 from .states import State
 from .telemetry import Telemetry
 from .transitions import Transitions
+
+if TYPE_CHECKING:
+    from .branches import Backups
+    from .memory import MemoryManager
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +72,9 @@ class Fleet:
         self.events = EventLog()
         self.telemetry = Telemetry()
         #: the host memory manager (pgfleet.fleet.memory), when the daemon runs one
-        self.memory = None
+        self.memory: MemoryManager | None = None
         #: continuous archiving (pgfleet.fleet.branches.Backups attaches itself), or None
-        self.backups = None
+        self.backups: Backups | None = None
         #: called with a database's uuid once it is deleted (proxies drop their pools)
         self.on_delete: list[Callable[[str], None]] = []
         self.closing = False  # the daemon is stopping: no timer is armed, nothing restarts
@@ -95,7 +99,7 @@ class Fleet:
         self.find = self.queries.find
         self.find_uuid = self.queries.find_uuid
         self.get = self.queries.get
-        self.list = self.queries.list
+        self.list = self.queries.all
         self.page = self.queries.page
         self.count_by_state = self.queries.count_by_state
         self.history = self.queries.history
@@ -145,7 +149,7 @@ class Fleet:
             cpu_pct=row.cpu_pct,
         )
 
-    def spawn(self, coro) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, object]) -> None:
         """Run `coro` in the background until it ends or the daemon stops."""
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)

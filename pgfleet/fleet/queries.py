@@ -27,7 +27,7 @@ class Queries:
         self._found_at = -1
 
     # --- rows ----------------------------------------------------------------------------
-    def list(self) -> list[InstanceRow]:
+    def all(self) -> list[InstanceRow]:
         return self.store.all()
 
     def page(self, *, limit: int | None = None, after: str | None = None,

@@ -13,7 +13,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Mapping
 
 from . import states
 from .errors import InvalidRequest, QuotaExceeded
@@ -31,9 +31,9 @@ class Quotas:
     live_memory_mb: int = 256 * 1024
 
     @classmethod
-    def load(cls, home: Path | str | None = None, environ: dict | None = None) -> "Quotas":
-        environ = os.environ if environ is None else environ
-        values: dict[str, int] = {}
+    def load(cls, home: Path | str | None = None, environ: Mapping[str, str] | None = None) -> "Quotas":
+        env: Mapping[str, str] = os.environ if environ is None else environ
+        values: dict[str, Any] = {}  # as written (JSON or the environment): checked below
         if home is not None:
             path = Path(home) / "quotas.json"
             if path.exists():
@@ -42,7 +42,7 @@ class Quotas:
                     raise InvalidRequest(f"{path}: expected a JSON object")
                 values.update(data)
         for f in fields(cls):
-            raw = environ.get(ENV_PREFIX + f.name.upper())
+            raw = env.get(ENV_PREFIX + f.name.upper())
             if raw is not None:
                 values[f.name] = raw
         out = cls()
