@@ -165,7 +165,9 @@ def param_text(value: Any) -> str | None:
         if "\0" in value:
             raise BadRequest("a parameter holds a NUL character")
         return value
-    if isinstance(value, (int, float)):
+    if isinstance(value, int):
+        return str(value)  # what json.dumps gives, without making an encoder
+    if isinstance(value, float):
         return json.dumps(value)
     if isinstance(value, list):
         return _array_literal(value)
