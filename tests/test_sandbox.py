@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pgfleet.drivers.base import InstanceSpec, admin_connect
+from pgfleet.drivers.base import DriverError, InstanceSpec, admin_connect
 from pgfleet.drivers.sandbox import cgroups
 from pgfleet.drivers.sandbox.driver import SandboxDriver
 from pgfleet.drivers.sandbox.procscan import find_postmaster
@@ -162,3 +162,41 @@ async def test_a_database_made_before_the_rename_keeps_working_and_is_renamed_at
         == [("legacy", "1")]
     await upgraded.suspend(spec)
     await upgraded.close()
+
+
+def _live_processes_of_uid(uid: int) -> dict[int, str]:
+    """pid -> name of the live processes running as `uid` (a zombie is dead: only its exit
+    status waits to be collected)."""
+    found = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                status = dict(line.split(":\t", 1) for line in open(f"{entry.path}/status").read().splitlines()
+                              if ":\t" in line)
+            except OSError:
+                continue
+            if status.get("Uid", "").split()[:1] == [str(uid)] and not status.get("State", "").startswith("Z"):
+                found[int(entry.name)] = status.get("Name", "?")
+    return found
+
+
+async def test_a_start_given_up_leaves_no_process(driver, tmp_path):
+    """A start that fails (here: its ready deadline passes at different moments of the start)
+    leaves no postgres behind, whether it got as far as the jail, the postmaster or its
+    children. (The jail's uid change clears unshare's kill-child signal: before the fix a
+    postmaster outlived its killed unshare, found after a wake storm.)"""
+    spec = _spec(driver, tmp_path, "giveup", 17)
+    await driver.provision(spec)
+    uid = driver.uid_of(spec)
+    for timeout in (0.0, 0.002, 0.01, 0.02, 0.04):
+        try:
+            await driver._launch(spec, ready_timeout_s=timeout)
+        except DriverError:
+            pass
+        else:  # it was ready in time: stop it, the next timeout tries another moment
+            await driver.stop(spec)
+        left = _live_processes_of_uid(uid)
+        assert not left, f"{left}: processes of the instance left after a start given up at {timeout}s"
+        assert find_postmaster(driver.data_dir(spec)) is None
+    backend = await driver.start(spec)  # and the instance still starts normally
+    assert (await _query(backend, "SELECT 1"))[0].rows == [("1",)]

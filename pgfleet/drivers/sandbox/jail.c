@@ -209,6 +209,10 @@ static void drop_privileges(uid_t uid) {
     if (setresgid(uid, uid, uid) != 0) die("setresgid", NULL);
     if (setresuid(uid, uid, uid) != 0) die("setresuid", NULL); /* clears permitted/effective */
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) die("no_new_privs", NULL);
+    /* The uid change cleared the parent-death signal `unshare --kill-child` set: set it again,
+     * so that when unshare (the daemon's handle on the instance) is killed, this process (PID 1
+     * of the namespace: postgres, after exec) dies and takes every process of the namespace. */
+    if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) != 0) die("parent-death signal", NULL);
 }
 
 /* ---- seccomp ---------------------------------------------------------------------------- */

@@ -103,15 +103,28 @@ class SandboxProcesses:
             try:
                 pm_pid = await self._wait_ready(spec, proc, changes, ready_timeout_s)
             except BaseException:
-                if proc.returncode is None:
-                    proc.kill()
-                    await proc.wait()
+                await self._kill_start(spec, proc)
                 self._cgroup(spec).remove()
                 self.storage.unmount(spec.home)
                 self._freezer(spec).remove()
                 raise
         self._watch(spec, pm_pid, proc.wait())
         return self.backend(spec)
+
+    async def _kill_start(self, spec: InstanceSpec, proc: asyncio.subprocess.Process) -> None:
+        """A start given up (failed, timed out, cancelled): every process it made is gone when
+        this returns, not only the one spawned (unshare), so no postmaster is left behind on
+        the data directory (a twin for the next start) or in the cgroup."""
+        postmaster = _child_of(proc.pid)  # PID 1 of the instance's namespace, if it got that far
+        if postmaster is not None:
+            # PID 1 first: the kernel kills the rest of its namespace, and unshare (still
+            # alive) reaps it and exits, so nothing is left to the host's init as a zombie
+            _kill(postmaster, signal.SIGKILL)
+            await _wait_pid_exit(postmaster)
+        self._cgroup(spec).kill()  # anything else (a start cut short before the fork)
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
 
     def _sandboxed(self, spec: InstanceSpec, argv: list[str], wait_detach: bool = False) -> list[str]:
         """`argv` run the way every process of the instance runs: in its cgroups and freezer
