@@ -19,10 +19,13 @@ class FakeDriver(Driver):
     name = "fake"
 
     def __init__(self, state_dir: Path | None = None, *, keeps_sessions: bool = False,
-                 can_provision: bool = False) -> None:
+                 can_provision: bool = False, warm: bool = False) -> None:
         super().__init__(state_dir or Path("/nonexistent/fake-driver"))
         self.keeps_sessions_across_suspend = keeps_sessions  # type: ignore[misc]
         self.can_provision = can_provision  # type: ignore[misc]
+        self.warm = warm  # freezes (warm standby) as the sandbox driver does without swap
+        #: running instances whose processes are frozen (a subset of `running`)
+        self.frozen: set[str] = set()
         self.calls: Counter[str] = Counter()
         self.running: set[str] = set()
         self.made: set[str] = set()
@@ -64,16 +67,40 @@ class FakeDriver(Driver):
 
     async def suspend(self, spec: InstanceSpec) -> None:
         self._call("suspend")
-        self.running.discard(spec.uuid)
+        self._gone(spec)
 
     async def stop(self, spec: InstanceSpec) -> None:
         self._call("stop")
-        self.running.discard(spec.uuid)
+        self._gone(spec)
 
     async def destroy(self, spec: InstanceSpec) -> None:
         self._call("destroy")
-        self.running.discard(spec.uuid)
+        self._gone(spec)
         self.made.discard(spec.uuid)
+
+    def _gone(self, spec: InstanceSpec) -> None:
+        self.running.discard(spec.uuid)
+        self.frozen.discard(spec.uuid)
+
+    def warm_mode(self) -> str | None:
+        return "freeze" if self.warm else None
+
+    async def freeze(self, spec: InstanceSpec) -> int:
+        self._call("freeze")
+        if not self.warm or spec.uuid not in self.running:
+            raise DriverError(f"{spec.name} cannot be frozen")
+        self.frozen.add(spec.uuid)
+        return spec.memory_mb << 20
+
+    async def thaw(self, spec: InstanceSpec) -> Backend:
+        self._call("thaw")
+        if spec.uuid not in self.frozen:
+            raise DriverError(f"{spec.name}'s frozen processes are gone")
+        self.frozen.discard(spec.uuid)
+        return self.backend(spec)
+
+    def is_frozen(self, spec: InstanceSpec) -> bool:
+        return spec.uuid in self.frozen
 
     async def recover(self, spec: InstanceSpec) -> Backend | None:
         self._call("recover")
@@ -84,7 +111,7 @@ class FakeDriver(Driver):
 
     def crash(self, spec: InstanceSpec, reason: str = "killed") -> None:
         """The instance dies on its own, as a real one would report it."""
-        self.running.discard(spec.uuid)
+        self._gone(spec)
         self.on_exit(spec, reason)
 
 

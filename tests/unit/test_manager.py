@@ -1,4 +1,4 @@
-"""The fleet's state machine over the fake driver: every path, in milliseconds."""
+"""The fleet through its facade over the fake driver: every lifecycle path end to end, in milliseconds."""
 
 from __future__ import annotations
 
