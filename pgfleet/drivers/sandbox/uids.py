@@ -9,6 +9,8 @@ whose uid runs nothing is stale (a home removed without pgfleet) and is reused.
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import itertools
 import os
 import pwd
 from pathlib import Path
@@ -55,28 +57,63 @@ class UidRegistry:
             return None
 
     def allocate(self, owner: Path) -> int:
-        """A uid for `owner` (an instance's home, which must exist), recorded host-wide."""
+        """A uid for `owner` (an instance's home, which must exist), recorded host-wide.
+
+        A uid no entry has ever held comes first, counting on from the highest held (one
+        listing of the registry, a set lookup per uid, one scan of the processes and one
+        passwd lookup per candidate: a host with 10,000 databases allocates as fast as an
+        empty one). Only when none is left is a stale entry's uid (its owner directory gone,
+        nothing running under it) given again: a fresh uid can own no forgotten file."""
         owner_s = os.path.realpath(owner)
         fd = self._locked()
         try:
+            mine = self._uid_of_owner(owner_s)
+            if mine is not None:
+                return mine  # an interrupted create of this very instance
             taken = {int(n) for n in os.listdir(self.root) if n.isdigit()}
-            running = _running_uids()
-            for uid in range(UID_FIRST, UID_LAST + 1):
+            running: set[int] | None = None
+            after = max(taken, default=UID_FIRST - 1) + 1
+            for uid in itertools.chain(range(after, UID_LAST + 1), range(UID_FIRST, after)):
+                if uid in taken:
+                    continue
+                if running is None:
+                    running = _running_uids()
                 if uid in running or _has_passwd_entry(uid):
                     continue
-                if uid in taken:
-                    held_by = self._owner(uid)
-                    if held_by == owner_s:
-                        return uid  # an interrupted create of this very instance
-                    if held_by is not None and os.path.exists(held_by):
-                        continue
-                tmp = self.root / f".{uid}.tmp"
-                tmp.write_text(owner_s)
-                tmp.rename(self.root / str(uid))
-                return uid
+                return self._record(uid, owner_s)
+            for uid in sorted(taken):
+                held_by = self._owner(uid)
+                if held_by == owner_s:
+                    return uid
+                if held_by is not None and os.path.exists(held_by):
+                    continue
+                if running is None:
+                    running = _running_uids()
+                if uid in running or _has_passwd_entry(uid):
+                    continue
+                return self._record(uid, owner_s)
             raise RuntimeError(f"no free uid left in {UID_FIRST}..{UID_LAST}")
         finally:
             os.close(fd)
+
+    def _owner_key(self, owner_s: str) -> Path:
+        """The owner's side of the record: which uid it holds, found without listing."""
+        return self.root / "owners" / hashlib.sha256(owner_s.encode()).hexdigest()[:32]
+
+    def _uid_of_owner(self, owner_s: str) -> int | None:
+        try:
+            uid = int(self._owner_key(owner_s).read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        return uid if self._owner(uid) == owner_s else None
+
+    def _record(self, uid: int, owner_s: str) -> int:
+        for path, text in ((self.root / str(uid), owner_s), (self._owner_key(owner_s), str(uid))):
+            path.parent.mkdir(mode=0o700, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(text)
+            tmp.rename(path)
+        return uid
 
     def claim(self, uid: int, owner: Path) -> None:
         """Record a uid an instance already has (made before this registry existed); refuse
@@ -89,9 +126,7 @@ class UidRegistry:
                 return
             if held_by is not None and os.path.exists(held_by):
                 raise RuntimeError(f"uid {uid} of {owner_s} is also allocated to {held_by}")
-            tmp = self.root / f".{uid}.tmp"
-            tmp.write_text(owner_s)
-            tmp.rename(self.root / str(uid))
+            self._record(uid, owner_s)
         finally:
             os.close(fd)
 
@@ -99,7 +134,9 @@ class UidRegistry:
         """Give `uid` back, if `owner` holds it."""
         fd = self._locked()
         try:
-            if self._owner(uid) == os.path.realpath(owner):
+            owner_s = os.path.realpath(owner)
+            if self._owner(uid) == owner_s:
                 (self.root / str(uid)).unlink()
+                self._owner_key(owner_s).unlink(missing_ok=True)
         finally:
             os.close(fd)
