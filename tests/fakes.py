@@ -127,3 +127,51 @@ async def fake_fleet(home: Path, driver: FakeDriver | None = None) -> AsyncItera
     finally:
         await fleet.shutdown()
         store.close()
+
+
+class FakeTransport(asyncio.Transport):
+    """An asyncio transport in memory: what is written to it is kept in `written`, and a
+    test hands its protocol reads with `protocol.data_received`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = bytearray()
+        self.protocol: asyncio.BaseProtocol | None = None
+        self.reading = True
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def take(self) -> bytes:
+        """What was written since the last take."""
+        out = bytes(self.written)
+        self.written.clear()
+        return out
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.protocol = protocol
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self.protocol  # type: ignore[return-value]
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def is_reading(self) -> bool:
+        return self.reading
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed

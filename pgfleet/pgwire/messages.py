@@ -1,5 +1,6 @@
-"""PostgreSQL v3 frontend/backend protocol: framing, parsing and building of the messages
-pgfleet itself has to understand. Everything else is relayed as opaque bytes.
+"""PostgreSQL v3 frontend/backend protocol: parsing and building of the messages pgfleet
+itself has to understand (framing.py frames them, protocol.py names them). Everything else
+is relayed as opaque bytes.
 
 Reference: https://www.postgresql.org/docs/15/protocol-message-formats.html
 """
@@ -10,6 +11,8 @@ import asyncio
 import struct
 from dataclasses import dataclass, field
 
+# framing.py's, used through this module too (m.message, m.read_message, m.ProtocolError)
+from .framing import MAX_MESSAGE_LENGTH, MAX_READ_WHOLE, ProtocolError, message, read_message  # noqa: F401
 from .protocol import BackendMsg, ErrorField, TransactionStatus, byte
 
 PROTOCOL_3_0 = 196608
@@ -19,18 +22,8 @@ CANCEL_REQUEST_CODE = 80877102
 
 #: startup packets are small; anything larger is hostile or broken (libpq caps at 10000)
 MAX_STARTUP_LENGTH = 10_000
-#: regular messages can be large (COPY data, big queries); PostgreSQL itself allows up to 1 GB
-MAX_MESSAGE_LENGTH = 1 << 30
-#: a message the proxy must hold whole to understand (a named Parse it re-prepares, a server's
-#: startup reply, the answer to its own query): anything longer is refused, not buffered
-MAX_READ_WHOLE = 1 << 20
 
 _I32 = struct.Struct("!i")
-_HEADER = struct.Struct("!Bi")  # type byte, length (itself included, the type not)
-
-
-class ProtocolError(Exception):
-    """The peer sent something that is not valid protocol; the connection must end."""
 
 
 @dataclass
@@ -109,22 +102,6 @@ async def read_startup(reader: asyncio.StreamReader) -> StartupPacket:
     if length < 8 or length > MAX_STARTUP_LENGTH:
         raise ProtocolError(f"invalid startup packet length {length}")
     return parse_startup(await reader.readexactly(length - 4))
-
-
-async def read_message(
-    reader: asyncio.StreamReader, max_length: int = MAX_MESSAGE_LENGTH
-) -> tuple[int, bytes]:
-    """Read one regular message; returns (type, body): the type as an int (protocol.py)."""
-    header = await reader.readexactly(5)
-    kind, length = _HEADER.unpack(header)
-    if length < 4 or length > max_length:
-        raise ProtocolError(f"invalid message length {length} for {byte(kind)!r}")
-    return kind, await reader.readexactly(length - 4)
-
-
-def message(kind: int, body: bytes = b"") -> bytes:
-    """One message: its type (a FrontendMsg or BackendMsg member), length and body."""
-    return _HEADER.pack(kind, len(body) + 4) + body
 
 
 def cstr(value: str) -> bytes:

@@ -29,11 +29,11 @@ from typing import Callable
 
 from pgfleet.drivers.base import Backend
 from pgfleet.pgwire import messages as m
+from pgfleet.pgwire.framing import MAX_MESSAGE_LENGTH, Framer
 from pgfleet.pgwire.protocol import BackendMsg, FrontendMsg, Target, TransactionStatus, byte
 
 from . import params as pm
 from .connect import BackendRefused, open_session
-from .frames import MessageBuffer
 from .guards import ProxyGuards
 from .params import ParamRegistry, ParamSet
 from .statements import ClientStatements, SharedTexts, server_statement_name
@@ -77,7 +77,6 @@ _IDLE_STATUS = byte(TransactionStatus.IDLE)
 PEEK = 256
 #: DEALLOCATE / DISCARD statements longer than this are not looked at
 SMALL_SQL = 4096
-MAX_MESSAGE_LENGTH = m.MAX_MESSAGE_LENGTH
 #: how long the proxy waits for a database that is starting (or recovering) to accept a connection
 CONNECT_TIMEOUT_S = 60.0
 
@@ -121,7 +120,7 @@ class ServerConn(asyncio.Protocol):
         self.process_id = 0
         self.secret_key = 0
         self.closed = False
-        self._exchange: tuple[MessageBuffer, list, list, asyncio.Future] | None = None
+        self._exchange: tuple[Framer, list, list, asyncio.Future] | None = None
 
     def data_received(self, data: bytes) -> None:
         if self.client is not None:
@@ -137,7 +136,7 @@ class ServerConn(asyncio.Protocol):
         answers up to the `readies`-th ReadyForQuery. Past `max_bytes` of answers (if set)
         it raises AnswerTooLarge, and the connection must be discarded."""
         fut = asyncio.get_running_loop().create_future()
-        self._exchange = (MessageBuffer(m.MAX_READ_WHOLE), [], [readies, max_bytes or -1], fut)
+        self._exchange = (Framer(m.MAX_READ_WHOLE), [], [readies, max_bytes or -1], fut)
         try:
             self.transport.write(payload)  # type: ignore[union-attr]
             return await fut
@@ -154,7 +153,7 @@ class ServerConn(asyncio.Protocol):
                 fut.set_exception(AnswerTooLarge("the answer is larger than the limit"))
                 return
         try:
-            msgs = buf.feed(data)
+            msgs = buf.messages(data)
         except m.ProtocolError as exc:
             fut.set_exception(exc)
             return
@@ -424,19 +423,13 @@ class PooledClient(asyncio.Protocol):
         self._out: list[bytes] = []  # to the server, flushed once per read
         # client -> server framing
         self._backlog = bytearray()  # what arrived while no server connection was bound
-        self._chead = b""  # the start of a message, until enough of it is here to decide
-        self._cskip = 0  # bytes of the current message still to stream to the server
+        # what a read leaves over; `whole` is charged to the pool's memory budget while gathered
+        self._cframe = Framer()
         # extended-protocol messages were sent since the last Sync: until the next one the
         # server may hold an implicit transaction or skip everything after an error
         self._unsynced = False
-        self._cwhole: bytearray | None = None  # a message read whole, being gathered
-        self._cwhole_len = 0  # its length, charged to the pool's memory budget while gathered
         # server -> client framing
-        self._shead = b""  # a partial header
-        self._sskip = 0  # bytes of the current message still to pass (or drop: _sdrop)
-        self._sdrop = False
-        self._swhole: bytearray | None = None  # a message to inspect, being gathered
-        self._swhole_len = 0
+        self._sframe = Framer()  # what a read leaves over (a message passing, or dropped)
         self._ready = False  # a ReadyForQuery was handled in this read
         # session parameters the server does not report, which this client may have changed
         self._dirty: set[str] | None = None
@@ -468,7 +461,7 @@ class PooledClient(asyncio.Protocol):
         self.pool.bytes_received += len(data)
         if (data[0] == _QUERY and len(data) == 1 + _from_bytes(data[1:5], "big") and len(data) > 8
                 and (data[5] not in _SQL_FIRST or data[7] in _SELECT_THIRD)
-                and not self._cskip and not self._chead and self._cwhole is None):
+                and not (cf := self._cframe).skip and not cf.head and cf.whole is None):
             # the fast path: one whole simple Query with nothing to look at (a SELECT, an
             # UPDATE...), on the bound server connection or on an idle one at hand
             conn = self.server
@@ -492,7 +485,7 @@ class PooledClient(asyncio.Protocol):
         if self.acquiring is not None or self.waiting or self._backlog:
             self._backlog += data
             return
-        if data[0] == FrontendMsg.TERMINATE and not self._chead and self._cwhole is None:  # Terminate while idle
+        if data[0] == FrontendMsg.TERMINATE and self._cframe.between:  # Terminate while idle
             self.close()
             return
         if not self.busy:
@@ -504,7 +497,7 @@ class PooledClient(asyncio.Protocol):
             self.server = conn
             if conn.pset is not self.pset:  # the only per-transaction cost of session parameters
                 self._sync_params(conn)
-            if self._chead or self._cwhole is not None:
+            if not self._cframe.between:
                 self._from_client(data)
             else:
                 self._walk_client(data)
@@ -572,28 +565,22 @@ class PooledClient(asyncio.Protocol):
             self.queue.append(_PSYNC)
 
     def _from_client(self, data: bytes) -> None:
-        if self._cskip:  # the rest of a message streaming through
-            n = self._cskip
-            if n >= len(data):
-                self._cskip = n - len(data)
-                self.server.transport.write(data)  # type: ignore[union-attr]
+        cf = self._cframe
+        if cf.whole is not None:  # a message the proxy reads whole
+            size = cf.whole_len
+            buf, data = cf.gather(data)
+            if buf is None:
                 return
-            self._cskip = 0
-            self._out.append(data[:n])
-            data = data[n:]
-        elif self._cwhole is not None:  # a message the proxy reads whole
-            buf = self._cwhole
-            rest = _fill(buf, self._cwhole_len, data)
-            if rest is None:
-                return
-            self._cwhole, data = None, rest
-            self.pool.guards.memory.give(self._cwhole_len)
-            self._cwhole_len = 0
+            self.pool.guards.memory.give(size)
             if not self._client_message(buf[0], bytes(memoryview(buf)[5:])):
                 return
-        elif self._chead:
-            data = self._chead + data
-            self._chead = b""
+        else:
+            passing, data = cf.resume(data)
+            if passing:  # the rest of a message streaming through
+                if not data:
+                    self.server.transport.write(passing)  # type: ignore[union-attr]
+                    return
+                self._out.append(passing)
         self._walk_client(data)
         self._flush()
 
@@ -666,8 +653,7 @@ class PooledClient(asyncio.Protocol):
                         self._fatal("54000", "the pooled listener's memory for messages it must read is exhausted; "
                                     "retry shortly")
                         return
-                    self._cwhole = bytearray(data[pos:])
-                    self._cwhole_len = 1 + length
+                    self._cframe.start_whole(data, pos, mend)
                     return
                 if not self._client_message(kind, data[pos + 5 : mend]):
                     return
@@ -678,14 +664,14 @@ class PooledClient(asyncio.Protocol):
             if kind not in _CLEAN:
                 self._unsynced = kind != _SYNC_MSG
             if mend > end:
-                self._cskip = mend - end
+                self._cframe.skip = mend - end
                 pos = end
                 break
             pos = mend
         if run < pos:
             out.append(data[run:pos])
         if pos < end:
-            self._chead = data[pos:]
+            self._cframe.head = data[pos:]
 
     def _client_message(self, kind: int, body: bytes) -> bool:
         """One whole message the proxy reads; False when the session ended."""
@@ -837,8 +823,9 @@ class PooledClient(asyncio.Protocol):
     # --- server -> client ------------------------------------------------------------
     def from_server(self, data: bytes) -> None:
         queue = self.queue
-        if (len(queue) == 1 and queue[0] is _EXP_QUERY and not self._sskip and not self._shead
-                and self._swhole is None and self.transport is not None):
+        sf = self._sframe
+        if (len(queue) == 1 and queue[0] is _EXP_QUERY and not sf.skip and not sf.head
+                and sf.whole is None and self.transport is not None):
             # the fast path: the answer to one simple Query, whole messages, ReadyForQuery (if
             # it came) last and no ParameterStatus to record; anything else takes the walk
             pos, end, ready = 0, len(data), -1
@@ -858,42 +845,35 @@ class PooledClient(asyncio.Protocol):
                     self.pool.queries += 1
                     queue.popleft()
                     self.in_tx = data[ready + 5] != _IDLE
-                    if not self.in_tx and not self._cskip and not self._unsynced and self.server is not None:
+                    if not self.in_tx and not self._cframe.skip and not self._unsynced and self.server is not None:
                         if self._dirty:
                             self._probe()
                         else:
                             self._release_server()
                 return
         out: list[bytes] = []
-        if self._sskip:  # the rest of a message passing (or dropped) as it arrives
-            n = self._sskip
-            if n >= len(data):
-                self._sskip = n - len(data)
-                if not self._sdrop and self.transport is not None:
-                    self.transport.write(data)
+        if sf.whole is not None:  # a message the proxy reads whole
+            buf, data = sf.gather(data)
+            if buf is None:
                 return
-            self._sskip = 0
-            if not self._sdrop:
-                out.append(data[:n])
-            data = data[n:]
-        elif self._swhole is not None:  # a message the proxy reads whole
-            buf = self._swhole
-            rest = _fill(buf, self._swhole_len, data)
-            if rest is None:
-                return
-            self._swhole, data = None, rest
             if not self._walk_server(bytes(buf), out):
                 return
-        elif self._shead:
-            data = self._shead + data
-            self._shead = b""
+        else:
+            passing, data = sf.resume(data)
+            if passing:  # the rest of a message passing (or dropped) as it arrives
+                if not data:
+                    if not sf.drop and self.transport is not None:
+                        self.transport.write(passing)
+                    return
+                if not sf.drop:
+                    out.append(passing)
         if data and not self._walk_server(data, out):
             return
         if self.transport is not None and out:
             self.transport.write(out[0] if len(out) == 1 else b"".join(out))
         if self._ready:
             self._ready = False
-            if (not self.queue and not self.in_tx and not self._cskip and not self._unsynced
+            if (not self.queue and not self.in_tx and not self._cframe.skip and not self._unsynced
                     and self.server is not None):
                 if self._dirty:
                     self._probe()
@@ -930,7 +910,7 @@ class PooledClient(asyncio.Protocol):
                     if not self._proxy_reply(head, kind, data[pos + 5 : mend], out):
                         return False
                 elif mend > end:
-                    self._sskip, self._sdrop = mend - end, True
+                    self._sframe.skip, self._sframe.drop = mend - end, True
                     return True
                 pos = mend
                 continue
@@ -967,15 +947,15 @@ class PooledClient(asyncio.Protocol):
                         _emit_synth(queue, out)
                         run = mend
             if mend > end:  # the rest streams on in the next reads
-                self._sskip = mend - end
-                self._sdrop = run > pos
+                self._sframe.skip = mend - end
+                self._sframe.drop = run > pos
                 pos = end
                 break
             pos = mend
         if run < pos:
             out.append(data[run:pos])
         if pos < end:
-            self._shead = data[pos:]
+            self._sframe.head = data[pos:]
         return True
 
     def _gather_server(self, data: bytes, pos: int, mend: int, out: list[bytes]) -> bool:
@@ -985,8 +965,7 @@ class PooledClient(asyncio.Protocol):
             self._write(out)
             self._fatal("08P01", f"the database sent a message of {mend - pos} bytes the proxy must read whole")
             return False
-        self._swhole = bytearray(data[pos:])
-        self._swhole_len = mend - pos
+        self._sframe.start_whole(data, pos, mend)
         return True
 
     def _proxy_reply(self, head: Expect, kind: int, body: bytes, out: list[bytes]) -> bool:
@@ -1107,7 +1086,7 @@ class PooledClient(asyncio.Protocol):
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.write(m.error_response(sqlstate, text))
-            if self._cskip or self._chead or self._cwhole is not None or sqlstate == "54000":
+            if not self._cframe.between or sqlstate == "54000":
                 # the client is still sending a message: close after the error, discarding
                 # the rest (closing with it unread would reset the connection, error and all)
                 self._discard = _Discard(transport)
@@ -1125,22 +1104,23 @@ class PooledClient(asyncio.Protocol):
             self.acquiring.cancel()
         self.waiting = False  # the pool skips it
         if self.server is not None:
-            if (self.queue and not self.in_tx and not self._cskip and not self._unsynced
+            if (self.queue and not self.in_tx and not self._cframe.skip and not self._unsynced
                     and all(e.kind in _PROXY_KINDS for e in self.queue)):
                 # only the proxy's own queries are pending: let them finish, then release
                 self._closing = True
             else:
                 # mid-transaction or with answers pending, its state is unknown: do not reuse it
-                self._drop_server(discard=bool(self.queue or self.in_tx or self._cskip or self._unsynced
+                self._drop_server(discard=bool(self.queue or self.in_tx or self._cframe.skip or self._unsynced
                                                or self._dirty or self._unsure))
         self._busy(False)
         if self.transport is not None:
             self.transport.close()
             self.transport = None
         self.statements.clear()  # gives their memory back to the budget
-        if self._cwhole is not None:
-            self._cwhole = None
-            self.pool.guards.memory.give(self._cwhole_len)
+        cf = self._cframe
+        if cf.whole is not None:
+            self.pool.guards.memory.give(cf.whole_len)
+            cf.whole = None
         self.done.set_result(None)
 
     def cancel_target(self) -> tuple[int, int] | None:
@@ -1234,17 +1214,6 @@ class _OverBudget(Exception):
 _NAMES = {FrontendMsg.PARSE: "a named Parse message", FrontendMsg.BIND: "a Bind message",
           FrontendMsg.DESCRIBE: "a Describe message", FrontendMsg.CLOSE: "a Close message",
           FrontendMsg.QUERY: "a Query message"}
-
-
-def _fill(buf: bytearray, total: int, data: bytes) -> bytes | None:
-    """Gather a message the proxy reads whole: once `buf` holds its `total` bytes, what
-    followed it in `data`; None while more is to come."""
-    need = total - len(buf)
-    if need > len(data):
-        buf += data
-        return None
-    buf += data[:need]
-    return data[need:]
 
 
 def _emit_synth(queue: deque[Expect], out: list[bytes]) -> None:

@@ -15,7 +15,7 @@ from typing import Callable
 
 from pgfleet.pgwire.protocol import TransactionStatus
 
-from .frames import ClientScanner, ServerScanner
+from .scanners import ClientScanner, ServerScanner
 
 HIGH_WATER = 256 * 1024
 _IDLE = int(TransactionStatus.IDLE)

@@ -230,7 +230,7 @@ async def test_tls_with_sni_routing_and_require_tls(env, pooled, tmp_path):
 
         from pgfleet.pgwire import messages as m
         from pgfleet.pgwire.protocol import BackendMsg, FrontendMsg
-        from pgfleet.proxy.frames import MessageBuffer
+        from pgfleet.pgwire.framing import Framer
 
         tls = ssl.create_default_context(cafile=str(files.ca))
         tls.check_hostname = False
@@ -240,11 +240,11 @@ async def test_tls_with_sni_routing_and_require_tls(env, pooled, tmp_path):
                 await ws.send_bytes(m.startup_message({"user": "vault", "database": "vault"})
                                     + m.message(FrontendMsg.PASSWORD, created.password.encode() + b"\0")
                                     + m.message(FrontendMsg.QUERY, b"SELECT 40 + 2\0"))
-                buf, kinds = MessageBuffer(), []
+                buf, kinds = Framer(), []
                 while BackendMsg.DATA_ROW not in kinds:
                     msg = await ws.receive(timeout=60)
                     assert msg.type == aiohttp.WSMsgType.BINARY, msg
-                    kinds += [kind for kind, _ in buf.feed(msg.data)]
+                    kinds += [kind for kind, _ in buf.messages(msg.data)]
                     assert BackendMsg.ERROR_RESPONSE not in kinds
         async with httpx.AsyncClient(timeout=60) as client:
             r = await client.post(f"http://127.0.0.1:{plain.port}/sql", json={"query": "SELECT 1"},
