@@ -271,6 +271,7 @@ def test_any_split_of_either_stream_gives_the_same_answers(split_env, client_pie
     in turn, on top of what TCP does), the client gets the same bytes as when nothing is cut."""
     loop, server, password, reference = split_env
     from pgfleet.proxy import pool as pool_mod
+    from pgfleet.proxy.pooled_client import PooledClient
 
     def cutting(original, sizes):
         turn = [0]
@@ -286,14 +287,14 @@ def test_any_split_of_either_stream_gives_the_same_answers(split_env, client_pie
 
     async def attempt():
         c = await RawClient.connect(server.port, "split", password)
-        client_in, server_in = pool_mod.PooledClient.data_received, pool_mod.ServerConn.data_received
-        pool_mod.PooledClient.data_received = cutting(client_in, client_pieces)
+        client_in, server_in = PooledClient.data_received, pool_mod.ServerConn.data_received
+        PooledClient.data_received = cutting(client_in, client_pieces)
         pool_mod.ServerConn.data_received = cutting(server_in, server_pieces)
         try:
             c.writer.write(SCRIPT)
             return await _replies(c, READIES)
         finally:
-            pool_mod.PooledClient.data_received, pool_mod.ServerConn.data_received = client_in, server_in
+            PooledClient.data_received, pool_mod.ServerConn.data_received = client_in, server_in
             await c.close()
 
     got = loop.run_until_complete(asyncio.wait_for(attempt(), 60))
@@ -319,7 +320,7 @@ def test_malformed_messages_never_break_the_pooler(split_env, messages, pieces):
     import logging
 
     loop, server, password, _ = split_env
-    from pgfleet.proxy import pool as pool_mod
+    from pgfleet.proxy.pooled_client import PooledClient
 
     failures: list[logging.LogRecord] = []
 
@@ -335,7 +336,7 @@ def test_malformed_messages_never_break_the_pooler(split_env, messages, pieces):
 
     async def attack_then_query():
         c = await RawClient.connect(server.port, "split", password)
-        original = pool_mod.PooledClient.data_received
+        original = PooledClient.data_received
 
         def cut(self, data):
             pos, turn = 0, 0
@@ -344,12 +345,12 @@ def test_malformed_messages_never_break_the_pooler(split_env, messages, pieces):
                 original(self, data[pos : pos + n])
                 pos, turn = pos + n, turn + 1
 
-        pool_mod.PooledClient.data_received = cut
+        PooledClient.data_received = cut
         try:
             c.writer.write(stream)
             await c.writer.drain()
         finally:
-            pool_mod.PooledClient.data_received = original
+            PooledClient.data_received = original
             c.writer.close()
         other = await RawClient.connect(server.port, "split", password)
         _, small = await other.query("SELECT 'still serving'")

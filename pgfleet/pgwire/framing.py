@@ -96,6 +96,15 @@ class Framer:
             data, self.head = self.head + data, b""
         return b"", data
 
+    def finish(self, data: bytes, run: int, pos: int, out: list[bytes]) -> None:
+        """The end of a walker's pass over `data`: the run of messages passed on as they
+        came (`data[run:pos]`) joins `out`; the bytes from `pos`, not yet decided on, are
+        carried to the next read."""
+        if run < pos:
+            out.append(data[run:pos])
+        if pos < len(data):
+            self.head = data[pos:]
+
     def start_whole(self, data: bytes, pos: int, mend: int) -> None:
         """Gather the message at `pos` (ending at `mend`, past this read) whole."""
         self.whole = bytearray(data[pos:])

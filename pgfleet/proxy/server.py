@@ -31,7 +31,8 @@ from .connect import BackendRefused, open_session
 from .errors import ClientError
 from .guards import Pending, ProxyGuards
 from . import params as pm
-from .pool import Pool, PooledClient, ServerRefused
+from .pool import Pool, ServerRefused
+from .pooled_client import PooledClient
 from .relay import Relay, SessionActivity
 
 log = logging.getLogger(__name__)

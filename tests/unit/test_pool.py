@@ -9,7 +9,8 @@ import pytest
 
 from pgfleet.pgwire.framing import Framer, message
 from pgfleet.pgwire.protocol import BackendMsg, FrontendMsg
-from pgfleet.proxy.pool import Pool, PooledClient, ServerConn
+from pgfleet.proxy.pool import Pool, ServerConn
+from pgfleet.proxy.pooled_client import PooledClient
 from pgfleet.proxy.statements import server_statement_name
 from tests.fakes import FakeTransport
 
