@@ -161,7 +161,7 @@ async def test_clients_of_a_wake_storm_wait_their_turn_and_are_all_served(env, m
     start before its own, and is served, not refused."""
     import psycopg
 
-    from pgfleet.proxy import server
+    from pgfleet.proxy import sessions
 
     monkeypatch.setattr(env.fleet, "start_slots", asyncio.Semaphore(1))
     made = [await env.fleet.create(f"queue{i}", autostart=False) for i in range(5)]
@@ -172,7 +172,7 @@ async def test_clients_of_a_wake_storm_wait_their_turn_and_are_all_served(env, m
         return await real_start(self, spec)
 
     monkeypatch.setattr(SandboxDriver, "start", slow_start)
-    monkeypatch.setattr(server, "WAKE_TIMEOUT_S", 0.5)  # shorter than the queue: must not matter
+    monkeypatch.setattr(sessions, "WAKE_TIMEOUT_S", 0.5)  # shorter than the queue: must not matter
 
     async def client(c):
         conn = await psycopg.AsyncConnection.connect(**env.conninfo(c.row.name, c.password), autocommit=True)

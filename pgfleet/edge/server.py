@@ -22,7 +22,8 @@ from aiohttp.web_exceptions import HTTPRequestEntityTooLarge
 from pgfleet.fleet.manager import Fleet
 from pgfleet.proxy.errors import ClientError
 from pgfleet.proxy.pool import AnswerTooLarge
-from pgfleet.proxy.server import ProxyServer, route
+from pgfleet.proxy.routing import route
+from pgfleet.proxy.server import ProxyServer
 
 from . import connstr
 from . import sql as q
@@ -186,7 +187,7 @@ class EdgeServer:
         if target.password is None or target.user != row.role or not await self.passwords.check(
                 row.verifier, target.password):
             failures = logins.failed(target.user, source)
-            self.pooled.note_auth_failure(row, target.user, "http", source, failures=failures)
+            self.pooled.login.note_failure(row, target.user, "http", source, failures=failures)
             raise HttpError(400, f'password authentication failed for user "{target.user}"', "28P01")
         logins.succeeded(target.user, source)
 

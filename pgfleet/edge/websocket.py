@@ -16,7 +16,8 @@ from urllib.parse import parse_qs
 
 from aiohttp import WSMsgType, web
 
-from pgfleet.proxy.server import STREAM_LIMIT, Origin, ProxyServer
+from pgfleet.proxy.routing import Origin
+from pgfleet.proxy.server import STREAM_LIMIT, ProxyServer
 
 from .settings import EdgeSettings
 

@@ -4,11 +4,24 @@ plain counters the proxy keeps on the way (nothing here runs per query)."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .server import ProxyServer
+
+
+@dataclass
+class ProxyStats:
+    """One listener's counters."""
+
+    connections: int = 0
+    active: int = 0
+    auth_failures: int = 0
+    refused_limit: int = 0
+    per_database: dict[str, int] = field(default_factory=dict)
+    #: per database uuid, read on a metrics scrape
+    auth_failures_by_db: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass

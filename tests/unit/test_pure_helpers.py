@@ -17,7 +17,7 @@ from pgfleet.k8s.kube import quantity_bytes, quantity_mib
 from pgfleet.k8s.node import container_memory_mb, is_postgres_image, pgfleet_image
 from pgfleet.pgwire.client import quote_ident, quote_literal
 from pgfleet.proxy.params import identifier, parse_options
-from pgfleet.proxy.server import _take_endpoint
+from pgfleet.proxy.routing import take_endpoint
 from pgfleet.uri import connection_uri, connection_uris
 
 
@@ -128,7 +128,7 @@ def test_parse_options_refuses(options):
     ("-c a=b endpoint=shop", "shop", "-c a=b"), ("-c a=b", None, "-c a=b"),
 ])
 def test_take_endpoint(options, endpoint, rest):
-    assert _take_endpoint(options) == (endpoint, rest)
+    assert take_endpoint(options) == (endpoint, rest)
 
 
 @pytest.mark.parametrize("q, expected", [
