@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pgfleet.fleet.states import State
+from pgfleet.proxy.client_state import ClientPhase
 from pgfleet.proxy.server import ProxyServer
 from pgfleet.proxy.tls import ensure_local_ca, server_context
 
@@ -409,7 +410,7 @@ async def test_a_client_that_leaves_while_queued_for_the_pool_gets_nothing(env, 
     pool = servers["pooled"].pools[created.row.uuid]
     leaver = await aconnect(servers["pooled"], "queued", created.password)
     pending = asyncio.ensure_future(leaver.execute("SELECT 2"))
-    await until(lambda: any(c.waiting for c in pool.queued), what="the proxy to queue the client")
+    await until(lambda: any(c.phase is ClientPhase.WAITING for c in pool.queued), what="the proxy to queue the client")
     leaver.pgconn.finish()  # gone without a word, mid-wait
     with pytest.raises(psycopg.Error):
         await pending
@@ -417,7 +418,7 @@ async def test_a_client_that_leaves_while_queued_for_the_pool_gets_nothing(env, 
     after = await aconnect(servers["pooled"], "queued", created.password)
     try:
         assert await scalar(after, "SELECT 3") == 3
-        assert len(pool.conns) == 1 and not any(c.waiting for c in pool.queued)
+        assert len(pool.conns) == 1 and not any(c.phase is ClientPhase.WAITING for c in pool.queued)
     finally:
         await after.close()
         await holder.close()

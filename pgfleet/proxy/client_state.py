@@ -9,6 +9,7 @@ message.
 from __future__ import annotations
 
 import asyncio
+import enum
 from collections import deque
 from typing import TYPE_CHECKING, Callable
 
@@ -22,6 +23,18 @@ if TYPE_CHECKING:
     from .pool import Pool, ServerConn
 
 
+class ClientPhase(enum.Enum):
+    """Where a pooled client is with server connections: one state where there were flags
+    (waiting, closing, a task acquiring)."""
+
+    IDLE = "idle"  # no server connection, none asked for
+    ACQUIRING = "acquiring"  # one is being opened (its database woken) for it: `acquiring`
+    WAITING = "waiting"  # queued in the pool for the next released connection
+    ATTACHED = "attached"  # holds `server` for the current transaction
+    CLOSING = "closing"  # the client is gone; the proxy's own queries finish on `server`
+    CLOSED = "closed"
+
+
 class ClientState:
     """What a pooled client holds (set up by PooledClient.__init__)."""
 
@@ -31,8 +44,8 @@ class ClientState:
     busy: bool
     server: ServerConn | None  # the server connection bound for the current transaction
     pset: ParamSet  # the session parameters the client wants
-    acquiring: asyncio.Task | None  # a server connection being opened for it
-    waiting: bool  # queued in the pool for the next released connection
+    phase: ClientPhase
+    acquiring: asyncio.Task | None  # the task opening a server connection for it (ACQUIRING)
     queue: deque[Expect]  # the answers expected from the server, in order
     statements: ClientStatements  # client statement name -> server name, Parse rest, SETs
     in_tx: bool
@@ -48,4 +61,3 @@ class ClientState:
     _dirty: set[str] | None  # parameters the server does not report that the client may have changed
     _proxy_error: bytes | None  # the first error answering the proxy's own query
     _unsure: bool  # the server connection's parameters are unknown: it is not reused
-    _closing: bool  # the client is gone; the proxy's own queries are still answered

@@ -11,7 +11,7 @@ from pgfleet.pgwire import messages as m
 from pgfleet.pgwire.framing import MAX_MESSAGE_LENGTH
 from pgfleet.pgwire.protocol import FrontendMsg
 
-from .client_state import ClientState
+from .client_state import ClientPhase, ClientState
 from .expect import EXP_BIND, EXP_PARSE, EXP_QUERY, NOT_FAST, PASS_THROUGH, PEEK
 from .statement_mapping import OverBudget
 
@@ -20,6 +20,7 @@ _QUERY = int(FrontendMsg.QUERY)
 _PARSE = int(FrontendMsg.PARSE)
 _SYNC = int(FrontendMsg.SYNC)
 _from_bytes = int.from_bytes
+_IDLE = ClientPhase.IDLE
 #: the third byte of the SQL "SELECT" (upper or lower case): a Query starting "s?l" is not SET
 _SELECT_THIRD = b"lL"
 #: first bytes of a Query that may need a look (SET, RESET, DEALLOCATE, DISCARD, whitespace)
@@ -52,7 +53,7 @@ class ClientWalk(ClientState):
             # the fast path: one whole simple Query with nothing to look at (a SELECT, an
             # UPDATE...), on the bound server connection or on an idle one at hand
             conn = self.server
-            if conn is None and self.acquiring is None and not self.waiting and not self._backlog:
+            if conn is None and self.phase is _IDLE and not self._backlog:
                 conn = self.pool.try_acquire()
                 if conn is not None:
                     self._attach(conn)
@@ -63,7 +64,7 @@ class ClientWalk(ClientState):
         if self.server is not None:
             self._from_client(data)
             return
-        if self.acquiring is not None or self.waiting or self._backlog:
+        if self.phase is not _IDLE or self._backlog:  # a connection is on its way
             self._backlog += data
             return
         if data[0] == FrontendMsg.TERMINATE and self._cframe.between:  # Terminate while idle
@@ -85,7 +86,7 @@ class ClientWalk(ClientState):
         if self.pool.can_open():
             self.acquire_async()
         else:  # every connection is in use: the next one released comes here
-            self.waiting = True
+            self.phase = ClientPhase.WAITING
             self.pool.wait(self)
 
     def _from_client(self, data: bytes) -> None:

@@ -20,6 +20,7 @@ from pgfleet.pgwire.framing import Framer
 from pgfleet.pgwire.protocol import BackendMsg
 
 from . import params as pm
+from .client_state import ClientPhase
 from .connect import BackendRefused, open_session
 from .guards import ProxyGuards
 from .params import ParamRegistry, ParamSet
@@ -285,7 +286,7 @@ class Pool:
                 return
         while self.queued:
             client = self.queued.popleft()
-            if client.waiting:
+            if client.phase is ClientPhase.WAITING:
                 client.granted(conn)
                 return
         self.idle.append(conn)
@@ -308,8 +309,7 @@ class Pool:
             task.add_done_callback(lambda t: _resolve(fut, t))
         while self.queued and len(self.conns) + self._opening < self.size:
             client = self.queued.popleft()
-            if client.waiting:
-                client.waiting = False
+            if client.phase is ClientPhase.WAITING:
                 client.acquire_async()
 
     def close(self) -> None:

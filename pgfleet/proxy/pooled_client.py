@@ -23,6 +23,7 @@ from typing import Callable
 from pgfleet.pgwire import messages as m
 from pgfleet.pgwire.framing import Framer
 
+from .client_state import ClientPhase
 from .client_walk import ClientWalk
 from .expect import PROXY_KINDS, Expect
 from .params import ParamSet
@@ -31,6 +32,12 @@ from .server_walk import ServerWalk
 from .session_params import ParamFollowing
 from .statement_mapping import StatementMapping
 from .statements import ClientStatements
+
+
+#: bound for the per-transaction paths (an enum attribute lookup costs ~6x a global's)
+_IDLE = ClientPhase.IDLE
+_ATTACHED = ClientPhase.ATTACHED
+_CLOSING = ClientPhase.CLOSING
 
 
 class PooledClient(ClientWalk, ServerWalk, StatementMapping, ParamFollowing, asyncio.Protocol):
@@ -45,8 +52,8 @@ class PooledClient(ClientWalk, ServerWalk, StatementMapping, ParamFollowing, asy
         self.busy = False
         self.server: ServerConn | None = None
         self.pset = pset if pset is not None else pool.registry.base
+        self.phase = ClientPhase.IDLE
         self.acquiring: asyncio.Task | None = None
-        self.waiting = False
         self.queue: deque[Expect] = deque()
         self.statements = ClientStatements(pool.texts)
         self.in_tx = False
@@ -60,7 +67,6 @@ class PooledClient(ClientWalk, ServerWalk, StatementMapping, ParamFollowing, asy
         self._dirty: set[str] | None = None
         self._proxy_error: bytes | None = None
         self._unsure = False
-        self._closing = False
         # its lifecycle's own
         self.wait_since = 0.0  # monotonic time it began to wait for a server connection, else 0
         #: after a final error mid-message: resolves once the rest was dropped and the connection closed
@@ -81,6 +87,7 @@ class PooledClient(ClientWalk, ServerWalk, StatementMapping, ParamFollowing, asy
 
     def acquire_async(self) -> None:
         """A connection that may have to be opened (and the database woken) first."""
+        self.phase = ClientPhase.ACQUIRING
         self.acquiring = asyncio.ensure_future(self.pool.acquire())
         self.acquiring.add_done_callback(self._acquired)
 
@@ -97,7 +104,6 @@ class PooledClient(ClientWalk, ServerWalk, StatementMapping, ParamFollowing, asy
 
     def granted(self, conn: ServerConn) -> None:
         """A server connection for the messages that arrived while there was none."""
-        self.waiting = False
         self._waited()
         if self.done.done():
             self.pool.release(conn)
@@ -122,6 +128,7 @@ class PooledClient(ClientWalk, ServerWalk, StatementMapping, ParamFollowing, asy
             self.on_busy(True)
         conn.client = self
         self.server = conn
+        self.phase = _ATTACHED
         if conn.pset is not self.pset:  # the only per-transaction cost of session parameters
             self._sync_params(conn)
 
@@ -138,18 +145,26 @@ class PooledClient(ClientWalk, ServerWalk, StatementMapping, ParamFollowing, asy
 
     def _release_server(self) -> None:
         self.pool.transactions += 1
+        if self.phase is _CLOSING:  # the client is gone (and no longer busy)
+            self._drop_server(discard=self._unsure)
+            return
         if self._unsure:
             self._drop_server(discard=True)
-        else:
+        else:  # the common case, inline: it runs once per transaction
             server, self.server = self.server, None
+            self.phase = _IDLE
             self.pool.release(server)  # type: ignore[arg-type]
-        if self.busy and not self._closing:
+        if self.busy:
             self.busy = False
             self.on_busy(False)
 
     def _drop_server(self, discard: bool) -> None:
         server, self.server = self.server, None
         self._unsure = False
+        if self.phase is _ATTACHED:
+            self.phase = _IDLE
+        elif self.phase is _CLOSING:
+            self.phase = ClientPhase.CLOSED
         if server is None:
             return
         if discard:
@@ -201,12 +216,12 @@ class PooledClient(ClientWalk, ServerWalk, StatementMapping, ParamFollowing, asy
             return
         if self.acquiring is not None:
             self.acquiring.cancel()
-        self.waiting = False  # the pool skips it
+        self.phase = ClientPhase.CLOSED  # a pool that queued it skips it
         if self.server is not None:
             if (self.queue and not self.in_tx and not self._cframe.skip and not self._unsynced
                     and all(e.kind in PROXY_KINDS for e in self.queue)):
                 # only the proxy's own queries are pending: let them finish, then release
-                self._closing = True
+                self.phase = ClientPhase.CLOSING
             else:
                 # mid-transaction or with answers pending, its state is unknown: do not reuse it
                 self._drop_server(discard=bool(self.queue or self.in_tx or self._cframe.skip or self._unsynced
@@ -223,7 +238,7 @@ class PooledClient(ClientWalk, ServerWalk, StatementMapping, ParamFollowing, asy
         self.done.set_result(None)
 
     def cancel_target(self) -> tuple[int, int] | None:
-        if self.server is None or self._closing:
+        if self.phase is not _ATTACHED or self.server is None:
             return None
         return self.server.process_id, self.server.secret_key
 

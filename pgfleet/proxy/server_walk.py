@@ -8,7 +8,7 @@ from __future__ import annotations
 from pgfleet.pgwire import messages as m
 from pgfleet.pgwire.protocol import BackendMsg, TransactionStatus, byte
 
-from .client_state import ClientState
+from .client_state import ClientPhase, ClientState
 from .expect import DROP, EXP_QUERY, PROBE, PSYNC, SYNC, SYNTH, Expect, emit_synth
 
 #: the types the hot loops test, bound as plain ints (an enum attribute lookup costs ~6x a global's)
@@ -178,7 +178,7 @@ class ServerWalk(ClientState):
                 if head.kind == PSYNC:
                     fields = m.parse_error_fields(error)
                     self._write(out)
-                    if self._closing:
+                    if self.phase is ClientPhase.CLOSING:
                         self._drop_server(discard=True)
                     self._fatal(fields.get("C", "08006"), "could not give a server connection this session's "
                                 f"parameters: {fields.get('M', 'error')}")

@@ -7,6 +7,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from .client_state import ClientPhase
+
 if TYPE_CHECKING:
     from .server import ProxyServer
 
@@ -66,7 +68,7 @@ def traffic(proxy: "ProxyServer") -> dict[str, DatabaseTraffic]:
     now = time.monotonic()
     for uuid, pool in proxy.pools.items():
         t = of(uuid)
-        waiting = [c for c in pool.queued if c.waiting]
+        waiting = [c for c in pool.queued if c.phase is ClientPhase.WAITING]
         t.clients_waiting = len(waiting) + len(pool.waiters)
         since = [c.wait_since for c in waiting if c.wait_since]
         t.maxwait_seconds = now - min(since) if since else 0.0

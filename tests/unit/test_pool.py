@@ -9,6 +9,7 @@ import pytest
 
 from pgfleet.pgwire.framing import Framer, message
 from pgfleet.pgwire.protocol import BackendMsg, FrontendMsg
+from pgfleet.proxy.client_state import ClientPhase
 from pgfleet.proxy.pool import Pool, ServerConn
 from pgfleet.proxy.pooled_client import PooledClient
 from pgfleet.proxy.statements import server_statement_name
@@ -144,3 +145,25 @@ async def test_an_invalid_length_ends_the_session_with_a_protocol_error():
     fields = dict(_server_messages(to_client.take()))
     assert b"08P01" in fields[BackendMsg.ERROR_RESPONSE]
     assert client.done.done()
+
+
+async def test_a_client_waits_for_the_connection_another_releases():
+    pool, conn = _pool()
+    first, _ = _client(pool)
+    second, to_second = _client(pool)
+    assert first.phase is ClientPhase.IDLE
+    first.data_received(_q("BEGIN"))
+    conn.data_received(message(BackendMsg.COMMAND_COMPLETE, b"BEGIN\0") + message(BackendMsg.READY_FOR_QUERY, b"T"))
+    assert first.phase is ClientPhase.ATTACHED
+    second.data_received(_q("SELECT 1"))  # the pool's one connection is in use
+    assert second.phase is ClientPhase.WAITING and list(pool.queued) == [second]
+    conn.transport.take()  # type: ignore[union-attr]
+    first.data_received(_q("COMMIT"))
+    conn.data_received(message(BackendMsg.COMMAND_COMPLETE, b"COMMIT\0") + message(BackendMsg.READY_FOR_QUERY, b"I"))
+    assert first.phase is ClientPhase.IDLE
+    assert second.phase is ClientPhase.ATTACHED and second.server is conn
+    assert conn.transport.take() == _q("COMMIT") + _q("SELECT 1")  # type: ignore[union-attr]
+    conn.data_received(ANSWER)
+    assert to_second.take() == ANSWER and second.phase is ClientPhase.IDLE
+    second.close()
+    assert second.phase is ClientPhase.CLOSED and second.done.done()
