@@ -193,7 +193,7 @@ class HttpConnection(asyncio.Protocol):
             path = target.split(b"?", 1)[0].decode("ascii")
         except UnicodeDecodeError:
             return None
-        keep_alive = headers.get("connection", "").lower() != "close"
+        keep_alive = "close" not in headers.get("connection", "").lower().replace(" ", "").split(",")
         return Request(self, parts[0].decode("ascii"), path, headers, int(length_text), start, keep_alive)
 
     async def wait_for(self, size: int) -> None:
@@ -229,14 +229,14 @@ class HttpConnection(asyncio.Protocol):
             transport.close()
             return
         del self.buffer[:end]
-        self._request = None
         self._task = None
         self._limit = READ_AHEAD
         if self._drained is not None:  # the client is not reading its answers: wait for it
             try:
-                await self._drained
+                await self._drained  # (the next request stays in the buffer meanwhile)
             except ConnectionError:
                 return
+        self._request = None
         if self.transport is None:
             return
         if not self._reading and len(self.buffer) <= self._limit:

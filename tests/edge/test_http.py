@@ -7,6 +7,8 @@ import ssl
 import httpx
 import pytest
 
+from tests.polling import until
+
 from .conftest import neon_headers
 
 pytestmark = pytest.mark.asyncio
@@ -381,5 +383,26 @@ async def test_body_over_the_limit_ends_the_connection(edge, db):
         status, headers, answer = await read_answer(reader)
         assert status == 413 and headers["connection"] == "close" and b"limit" in answer
         assert await reader.read() == b""
+    finally:
+        writer.close()
+
+
+async def test_a_client_that_does_not_read_its_answers_holds_them_back(edge, db):
+    """Requests sent ahead while the answers pile up unread are answered one at a time, in
+    order, as the client reads (the listener stops reading meanwhile)."""
+    import asyncio
+
+    name, password = db
+    reader, writer = await asyncio.open_connection("127.0.0.1", edge.port, limit=1 << 20)
+    try:
+        count = 80
+        for i in range(count):
+            writer.write(raw_request(name, password, b'{"query": "SELECT %d, repeat(\'x\', 200000)"}' % i))
+        await writer.drain()
+        # the answers fill the socket and the transport's buffer: the listener waits for the client
+        await until(lambda: any(c._drained is not None for c in edge._fast))
+        for i in range(count):
+            status, _, body = await read_answer(reader)
+            assert status == 200 and body.startswith(b'{"command":"SELECT","rowCount":1,"rows":[["%d",' % i)
     finally:
         writer.close()
