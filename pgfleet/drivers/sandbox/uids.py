@@ -40,6 +40,19 @@ def _has_passwd_entry(uid: int) -> bool:
     return True
 
 
+class _UnusedUids:
+    """uid -> no process runs under it and no passwd entry names it (the processes are
+    scanned once, at the first question)."""
+
+    def __init__(self) -> None:
+        self._running: set[int] | None = None
+
+    def __call__(self, uid: int) -> bool:
+        if self._running is None:
+            self._running = _running_uids()
+        return uid not in self._running and not _has_passwd_entry(uid)
+
+
 class UidRegistry:
     def __init__(self, root: Path = REGISTRY) -> None:
         self.root = root
@@ -71,27 +84,18 @@ class UidRegistry:
             if mine is not None:
                 return mine  # an interrupted create of this very instance
             taken = {int(n) for n in os.listdir(self.root) if n.isdigit()}
-            running: set[int] | None = None
+            unused = _UnusedUids()
             after = max(taken, default=UID_FIRST - 1) + 1
             for uid in itertools.chain(range(after, UID_LAST + 1), range(UID_FIRST, after)):
-                if uid in taken:
-                    continue
-                if running is None:
-                    running = _running_uids()
-                if uid in running or _has_passwd_entry(uid):
-                    continue
-                return self._record(uid, owner_s)
+                if uid not in taken and unused(uid):
+                    return self._record(uid, owner_s)
             for uid in sorted(taken):
                 held_by = self._owner(uid)
                 if held_by == owner_s:
                     return uid
-                if held_by is not None and os.path.exists(held_by):
-                    continue
-                if running is None:
-                    running = _running_uids()
-                if uid in running or _has_passwd_entry(uid):
-                    continue
-                return self._record(uid, owner_s)
+                stale = held_by is None or not os.path.exists(held_by)
+                if stale and unused(uid):
+                    return self._record(uid, owner_s)
             raise RuntimeError(f"no free uid left in {UID_FIRST}..{UID_LAST}")
         finally:
             os.close(fd)
