@@ -9,7 +9,6 @@ left over from an older, laxer version is brought down to this on its next perso
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
 from pgfleet.pgwire.client import quote_ident, quote_literal
@@ -114,4 +113,6 @@ class DatabaseNames:
         self._names[spec.uuid] = name
 
     def forget(self, spec: "InstanceSpec") -> None:
+        """The instance is gone: its record too."""
         self._names.pop(spec.uuid, None)
+        (spec.home / self.RECORD).unlink(missing_ok=True)

@@ -83,7 +83,7 @@ async def make_instance(driver, tmp_path) -> AsyncIterator[Callable[..., Awaitab
 async def connect(backend: Backend, user: str = "postgres", timeout: float = 30.0) -> AdminConnection:
     async def go() -> AdminConnection:
         reader, writer = await backend.open_connection()
-        return await AdminConnection.open(reader, writer, user)
+        return await AdminConnection.open(reader, writer, user, backend.database)
     return await asyncio.wait_for(go(), timeout)
 
 

@@ -41,6 +41,7 @@ def test_create_query_suspend_and_wake_through_the_proxy(vm_daemon):
     assert d.json("db", "logs", "vm1")["size"] > 0, "the VM's console is captured"
     for uri in (created["uri"], created["pooled_uri"]):
         with psycopg.connect(uri, autocommit=True, connect_timeout=120) as conn:
+            assert conn.execute("SELECT current_database()").fetchone() == ("vm1",)
             conn.execute("CREATE TABLE IF NOT EXISTS t(x int)")
             conn.execute("INSERT INTO t VALUES (1)")
     for _ in range(3):

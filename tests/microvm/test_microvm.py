@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -48,11 +49,13 @@ async def test_create_gives_a_personalised_running_database(driver, make_instanc
         [r] = await conn.query(
             "SELECT current_user, rolsuper::text, pg_get_userbyid(d.datdba), "
             "(SELECT pg_get_userbyid(nspowner) FROM pg_namespace WHERE nspname = 'public'), "
-            "extract(epoch FROM now())::bigint "
-            "FROM pg_roles r, pg_database d WHERE r.rolname = current_user AND d.datname = 'postgres'")
-        user, superuser, db_owner, schema_owner, guest_epoch = r.rows[0]
+            "extract(epoch FROM now())::bigint, current_database() "
+            "FROM pg_roles r, pg_database d WHERE r.rolname = current_user AND d.datname = current_database()")
+        user, superuser, db_owner, schema_owner, guest_epoch, database = r.rows[0]
         # schema public is pg_database_owner's (initdb's default): the database owner's, alice's
         assert (user, superuser, db_owner, schema_owner) == ("alice", "false", "alice", "pg_database_owner")
+        # the database inside carries the database's name
+        assert database == spec.name and backend.database == spec.name
         # The template was snapshotted earlier: the guest clock must have been set on restore.
         assert abs(int(guest_epoch) - time.time()) < 5
         await conn.query("CREATE TABLE notes (id int PRIMARY KEY, body text)")
@@ -229,6 +232,26 @@ async def test_recover_adopts_a_running_vm_after_daemon_restart(driver, make_ins
     await restarted.destroy(spec)
     assert qemu_pids(spec.home) == []
     assert not Path(f"/run/netns/pgf-{spec.slot}").exists()
+
+
+async def test_a_vm_made_before_the_rename_is_reached_at_its_postgres_database(driver, make_instance, tmp_path):
+    """A VM made before the database inside took the database's name holds "postgres" and
+    no record of the name: after an upgrade it is reached there, adopted, woken and restarted."""
+    spec, backend = await make_instance()
+    await query(replace(backend, database="template1"), f"ALTER DATABASE {spec.name} RENAME TO postgres")
+    (spec.home / "database").unlink()
+    _, vm = driver._vms.pop(spec.uuid)
+    vm.expected_exit = True
+    await vm.close_qmp()
+    upgraded = MicroVMDriver(tmp_path / "state2")
+    await upgraded.prepare()
+    adopted = await upgraded.recover(spec)
+    assert adopted is not None and adopted.database == "postgres"
+    assert await query(adopted, "SELECT current_database()", "tenant") == "postgres"
+    await upgraded.suspend(spec)
+    woken = await upgraded.start(spec)
+    assert await query(woken, "SELECT current_database()", "tenant") == "postgres"
+    await upgraded.destroy(spec)
 
 
 async def test_recover_cleans_up_when_the_vm_is_gone(driver, make_instance):

@@ -20,10 +20,11 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from pgfleet.drivers.base import Backend, Driver, DriverError, DriverUnavailable, ExitCallback, InstanceSpec
-from pgfleet.drivers.roles import TEMPLATE_DATABASE, check_role_name, tenant_role_sql
+from pgfleet.drivers.roles import MAINTENANCE_DATABASE, DatabaseNames, check_role_name, personalise_sql
 from pgfleet.pgwire.client import QueryError
 
 from . import network, vmm
@@ -106,6 +107,7 @@ class MicroVMDriver(TemplateMaker, VmPlumbing, Driver):
         self._syncs: dict[str, asyncio.Task] = {}  # uuid -> background fsync of its snapshot
         self._netns_ok: set[str] = set()
         self.guest = GuestControl()
+        self.databases = DatabaseNames()  # the name of each instance's database inside
         #: mechanism costs of the most recent create/start/suspend, in ms (for the benchmark)
         self.last_timings: dict[str, float] = {}
 
@@ -151,17 +153,17 @@ class MicroVMDriver(TemplateMaker, VmPlumbing, Driver):
         self._netns_ok.add(ns)
 
     def backend(self, spec: InstanceSpec) -> Backend:
-        return Backend(host=GUEST_ADDR, port=PG_PORT, netns=self._netns(spec))
+        return Backend(host=GUEST_ADDR, port=PG_PORT, netns=self._netns(spec), database=self.databases.inside(spec))
 
     def log_path(self, spec: InstanceSpec) -> Path:
         """The guest's serial console: kernel, init and Postgres server log."""
         return vmm.VmFiles(spec.home).console
 
-    async def _personalise(self, spec: InstanceSpec) -> None:
-        """The tenant's own role (pgfleet.drivers.roles), owning the database and schema public."""
-        conn = await admin(self.backend(spec))
+    async def _personalise(self, spec: InstanceSpec, sql: str) -> None:
+        """personalise_sql over TCP, from the maintenance database (the tenant's is renamed)."""
+        conn = await admin(replace(self.backend(spec), database=MAINTENANCE_DATABASE))
         try:
-            await conn.query(tenant_role_sql(spec.role, TEMPLATE_DATABASE))
+            await conn.query(sql)
         finally:
             await conn.close()
 
@@ -193,14 +195,16 @@ class MicroVMDriver(TemplateMaker, VmPlumbing, Driver):
                 timings["netns_ms"] = (time.perf_counter() - t1) * 1000
                 assert self.image is not None
                 self._record(spec, self.image)
+                # the tenant's role, and the database inside named after the database
+                sql = personalise_sql(spec.role, spec.name)
                 try:
-                    await self._restore(spec, files, timings, self.image, then=[
-                        sql_command(tenant_role_sql(spec.role, TEMPLATE_DATABASE)), b"X"])
+                    await self._restore(spec, files, timings, self.image, then=[sql_command(sql), b"X"])
                 except NoAdminSession:
                     # A template without init's admin session: personalise over TCP.
                     t1 = time.perf_counter()
-                    await self._personalise(spec)
+                    await self._personalise(spec, sql)
                     timings["personalise_ms"] = (time.perf_counter() - t1) * 1000
+                self.databases.renamed(spec, spec.name)
             except BaseException as exc:
                 await self._teardown(spec)  # no half-made instance left behind
                 if isinstance(exc, (DriverError, OSError, QueryError, asyncio.TimeoutError)):

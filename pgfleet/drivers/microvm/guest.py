@@ -27,7 +27,7 @@ class NoAdminSession(GuestCommandError):
 async def admin(backend: Backend, timeout: float = 10.0) -> AdminConnection:
     async def connect() -> AdminConnection:
         reader, writer = await backend.open_connection()
-        return await AdminConnection.open(reader, writer, backend.admin_user)
+        return await AdminConnection.open(reader, writer, backend.admin_user, backend.database)
     return await asyncio.wait_for(connect(), timeout)
 
 

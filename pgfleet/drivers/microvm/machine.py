@@ -10,6 +10,7 @@ import os
 import time
 
 from pgfleet.drivers.base import DriverError, ExitCallback, InstanceSpec
+from pgfleet.drivers.roles import DatabaseNames
 
 from . import network, vmm
 from .guest import GuestCommandError, GuestControl, reseed_command, wait_ready
@@ -27,6 +28,7 @@ class VmPlumbing:
     boot_timeout: float
     on_exit: ExitCallback
     guest: GuestControl
+    databases: DatabaseNames
     _vms: dict[str, tuple[InstanceSpec, vmm.Vm]]
     _syncs: dict[str, asyncio.Task]
     _netns_ok: set[str]
@@ -196,6 +198,7 @@ class VmPlumbing:
         for path in files.owned():
             unlink_quiet(path)
             unlink_quiet(path.with_name(path.name + ".part"))
+        self.databases.forget(spec)
         self._netns_ok.discard(self._netns(spec))
         await asyncio.to_thread(network.delete, self._netns(spec))
         try:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from pgfleet.drivers.base import Backend, DriverError
-from pgfleet.drivers.roles import TEMPLATE_DATABASE, tenant_role_sql
+from pgfleet.drivers.roles import personalise_sql
 
 from . import network, vmm
 from .clonepool import Template
@@ -107,7 +107,7 @@ class TemplateMaker:
             # through it with no TCP handshake and no backend fork. Warm its caches with the
             # very statements personalising runs, rolled back.
             await self.guest.control(ns, [b"A", sql_command(
-                "BEGIN; " + tenant_role_sql("pgfleet_warmup", TEMPLATE_DATABASE) + "; ROLLBACK")])
+                "BEGIN; " + personalise_sql("pgfleet_warmup", "pgfleet_warmup") + "; ROLLBACK")])
             token = await self._save(vm, files)
             # Templates outlive host reboots: make them durable before anyone copies them.
             await asyncio.to_thread(sync_snapshot, files.state, [files.ram, files.data], token)

@@ -271,7 +271,9 @@ static void cmd_admin_open(int fd) {
         admin_close();
         return reply(fd, "err cannot reach postgres on its unix socket\n");
     }
-    static const char params[] = "user\0postgres\0database\0postgres\0application_name\0pgfleet-init\0";
+    /* template1 (pgfleet.drivers.roles.MAINTENANCE_DATABASE): personalising renames the
+     * tenant's database, which a session connected to it could not */
+    static const char params[] = "user\0postgres\0database\0template1\0application_name\0pgfleet-init\0";
     unsigned char msg[8 + sizeof params];
     put32(msg, sizeof msg);
     put32(msg + 4, 196608); /* protocol 3.0 */
