@@ -68,7 +68,7 @@ def processes_of(home: Path) -> int:
 
 def cgroup_pss_kib(home: Path, uuid: str) -> int:
     """PSS of every process in a database's memory cgroup (frozen ones included)."""
-    from pgfleet.drivers.sandbox import cgroups
+    from pgfleet.drivers import cgroups
     from pgfleet.drivers.sandbox.driver import CGROUP_PARENT, _home_tag
 
     cg = cgroups.Cgroup(f"{CGROUP_PARENT}/{_home_tag(home / 'sandbox')}", uuid)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from pgfleet.drivers import cgroups
 from pgfleet.drivers.base import DriverError, InstanceSpec, admin_connect
-from pgfleet.drivers.sandbox import cgroups
 from pgfleet.drivers.sandbox.driver import SandboxDriver
 from pgfleet.drivers.sandbox.procscan import find_postmaster
 

@@ -76,7 +76,7 @@ async def test_a_tenant_flooding_its_log_is_rotated_within_a_cap(env):
 
 
 async def test_cpu_pct_caps_the_database_cgroup(env):
-    from pgfleet.drivers.sandbox import cgroups
+    from pgfleet.drivers import cgroups
 
     created = await env.fleet.create("capped", cpu_pct=50)
     spec = env.fleet.spec(created.row)

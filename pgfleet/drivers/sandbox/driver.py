@@ -22,10 +22,11 @@ from ..base import Backend, Driver, DriverError, InstanceSpec, admin_connect
 from ..pgbin import PostgresInstall, find_postgres
 from ..roles import MAINTENANCE_DATABASE, DatabaseNames, check_role_name, personalise_sql
 from ..untrusted import write_root_file
-from . import cgroups, disk, freeze
+from .. import cgroups, freeze
+from ..jail import ensure_jail
+from . import disk
 from .backups import SandboxBackups
 from .identity import SandboxIdentity
-from .jail import ensure_jail
 from .processes import PORT, SandboxProcesses, _Running
 from .recovery import SandboxRecovery
 from .storage import OverlayStorage, ensure_lower, overlay_supported

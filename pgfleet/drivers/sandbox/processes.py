@@ -17,9 +17,9 @@ from pathlib import Path
 
 from ..base import Backend, DriverError, InstanceSpec
 from ..untrusted import read_head, read_tail, rotate_log
+from ..jail import jail_argv
 from . import archive, disk
 from .dirwatch import DirWatch
-from .jail import jail_argv
 from .procscan import find_postmaster
 
 log = logging.getLogger(__name__)

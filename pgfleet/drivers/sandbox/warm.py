@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .. import swap
 from ..base import Backend, DriverError, InstanceSpec
-from . import freeze
+from .. import freeze
 
 
 class SandboxWarm:

@@ -1,4 +1,6 @@
-"""Warm standby for the sandbox: freeze a database's processes and reclaim its memory.
+"""Warm standby, for every driver that runs an instance in cgroups of its own: freeze a
+database's processes (the sandbox: its postgres; the microvm driver reclaims only, its
+QEMU is paused over QMP) and reclaim its memory.
 
 A frozen database keeps its processes and their sockets (so client sessions survive) but
 gets no CPU; with swap on the host its memory is pushed out (zswap-compressed where the

@@ -1,5 +1,6 @@
 """pgfleet-jail (jail.c): the private root, privilege drop and seccomp filter every process of a
-sandboxed database starts under. Compiled once per source version into the cache (a C program:
+sandboxed database starts under; its `-j` step (join cgroups, then exec) also starts each
+microVM's QEMU in its own memory cgroup. Compiled once per source version into the cache (a C program:
 it runs on every wake, where an interpreter's start-up would cost more than the whole jail).
 """
 
@@ -11,7 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
-from ..base import DriverError, DriverUnavailable
+from .base import DriverError, DriverUnavailable
 
 SOURCE = Path(__file__).with_name("jail.c")
 
@@ -39,7 +40,7 @@ async def ensure_jail(cache_dir: Path) -> Path:
         return final
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
-        raise DriverUnavailable("the sandbox driver needs a C compiler to build its jail (run `make deps`)")
+        raise DriverUnavailable("pgfleet needs a C compiler to build its jail (run `make deps`)")
     final.parent.mkdir(parents=True, exist_ok=True)
     os.chmod(final.parent, 0o755)
     tmp = final.with_name(f".{final.name}.{os.getpid()}")
