@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path("/sys/fs/cgroup")
+#: every instance's cgroups live under <controller>/pgfleet/<home tag>/<uuid>
+CGROUP_PARENT = "pgfleet"
 PIDS_MAX = 256
 CPU_PERIOD_US = 100_000  # postgres needs max_connections + ~10 auxiliary processes
 
@@ -99,6 +101,14 @@ class Cgroup:
             except OSError as exc:
                 if exc.errno != errno.EBUSY:
                     raise
+
+
+def home_tag(state_dir: Path) -> str:
+    """A short name for one driver state directory: two pgfleet homes (or two drivers of one)
+    on a host never share a cgroup parent."""
+    import hashlib
+
+    return hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:10]
 
 
 def _cpu_max(cpu_pct: int) -> str:

@@ -8,6 +8,7 @@ Life of an instance (all files in spec.home, see vmm.VmFiles):
   start    restore from `vmstate` if there is one (it exists only while a valid snapshot
            does), else cold boot from the data disk (Postgres runs crash recovery).
   stop     clean shutdown through the guest init; RAM file and snapshot removed.
+  freeze   warm standby (warm.py): paused over QMP, its QEMU's memory reclaimed; thaw resumes it.
 The invariant that keeps data safe: `vmstate` is renamed into place only after a completed
 migration and deleted as soon as a restored guest runs, so RAM file + disk + state always
 form one consistent snapshot, or there is no snapshot and the disk alone is the truth.
@@ -27,6 +28,7 @@ from pgfleet.drivers.base import Backend, Driver, DriverError, DriverUnavailable
 from pgfleet.drivers.roles import MAINTENANCE_DATABASE, DatabaseNames, check_role_name, personalise_sql
 from pgfleet.pgwire.client import QueryError
 
+from ..jail import ensure_jail
 from . import network, vmm
 from .clonepool import ClonePool, Template, copy_template, log_failure
 from .common import GUEST_ADDR, PG_PORT, QEMU, cache_dir
@@ -36,6 +38,7 @@ from .machine import VmPlumbing
 from .probe import kvm_works
 from .snapshot import allocated_bytes, drop_snapshot, snapshot_usable, sync_snapshot, unlink_quiet
 from .templates import TemplateMaker
+from .warm import MicroVMWarm
 
 log = logging.getLogger("pgfleet.drivers.microvm")
 
@@ -72,7 +75,7 @@ def memory_breakdown(pid: int, ram: Path) -> dict[str, int]:
             "pss_qemu_bytes": (pss - ram_pss - tcg_pss) * 1024}
 
 
-class MicroVMDriver(TemplateMaker, VmPlumbing, Driver):
+class MicroVMDriver(MicroVMWarm, TemplateMaker, VmPlumbing, Driver):
     """Postgres in QEMU microVMs, restored from per-image templates, suspended to files.
     Templates (templates.py), each instance's QEMU and snapshot files (machine.py), the
     guest's control port (guest.py) and the clone pool (clonepool.py) live apart."""
@@ -100,6 +103,7 @@ class MicroVMDriver(TemplateMaker, VmPlumbing, Driver):
         self.boot_timeout = boot_timeout
         self.pool = ClonePool(state_dir / "clone-pool", clone_pool, lambda: self._templates.values())
         self.image: Image | None = None
+        self.jail: Path | None = None
         self._vms: dict[str, tuple[InstanceSpec, vmm.Vm]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._template_lock = asyncio.Lock()
@@ -126,6 +130,7 @@ class MicroVMDriver(TemplateMaker, VmPlumbing, Driver):
         if not Path("/dev/net/tun").exists():
             raise DriverUnavailable("/dev/net/tun is missing: VMs need a TAP device")
         self.image = await asyncio.to_thread(build_image, self.image_name, self.cache)
+        self.jail = await ensure_jail(self.cache)
         if self.accel is None:
             self.accel = "kvm" if await asyncio.to_thread(kvm_works) else "tcg"
             if self.accel == "tcg":
@@ -268,6 +273,9 @@ class MicroVMDriver(TemplateMaker, VmPlumbing, Driver):
                 return
             t0 = time.perf_counter()
             timings: dict[str, float] = {}
+            # warm -> cold: resumed first (its limit back for the migration), since a snapshot
+            # of a paused guest would restore paused (QEMU keeps the run state in it)
+            await self._resume(spec, vm)
             token = await self._save(vm, vm.files, timings)
             self._vms.pop(spec.uuid, None)
             files = vm.files
@@ -295,6 +303,10 @@ class MicroVMDriver(TemplateMaker, VmPlumbing, Driver):
                     log.warning("%s: could not resume for a clean stop (%s)", spec.name, exc)
                     vm = None
             if vm is not None:
+                try:
+                    await self._resume(spec, vm)  # a paused guest cannot shut down
+                except DriverError as exc:
+                    log.warning("%s: %s", spec.name, exc)
                 vm.expected_exit = True
                 self.guest.drop(spec.uuid)
                 try:

@@ -9,6 +9,9 @@ import logging
 import os
 import time
 
+from pathlib import Path
+
+from pgfleet.drivers import cgroups
 from pgfleet.drivers.base import DriverError, ExitCallback, InstanceSpec
 from pgfleet.drivers.roles import DatabaseNames
 
@@ -32,6 +35,7 @@ class VmPlumbing:
     _vms: dict[str, tuple[InstanceSpec, vmm.Vm]]
     _syncs: dict[str, asyncio.Task]
     _netns_ok: set[str]
+    jail: Path | None  # pgfleet-jail: its -j joins QEMU's cgroups before QEMU's exec
 
     def _machine(self, memory_mb: int, vcpus: int, image: Image | None = None) -> vmm.MachineConfig:
         if self.image is None or self.accel is None:
@@ -65,10 +69,20 @@ class VmPlumbing:
         return entry[1]
 
     async def _spawn(self, cfg: vmm.MachineConfig, files: vmm.VmFiles, ns: str, *,
-                     incoming: bool, timings: dict[str, float] | None = None) -> vmm.Vm:
+                     incoming: bool, timings: dict[str, float] | None = None,
+                     spec: InstanceSpec | None = None) -> vmm.Vm:
+        """`spec`: an instance's VM, started in its own cgroup (warm.py); templates have none."""
+        launcher = None
+        if spec is not None:
+            if self.jail is None:
+                raise DriverError("microvm driver used before prepare()")
+            cgroup = self._cgroup(spec)  # type: ignore[attr-defined]
+            cgroup.create(self._limits(spec))  # type: ignore[attr-defined]
+            launcher = [str(self.jail), "-j", *cgroup.procs_files(), "--"]
         tap = network.open_tap(ns)
         try:
-            return await vmm.spawn(cfg, files, tap, incoming=incoming, timings=timings)
+            return await vmm.spawn(cfg, files, tap, incoming=incoming, timings=timings,
+                                   launcher=launcher)
         finally:
             os.close(tap)  # QEMU holds its own copy
 
@@ -83,6 +97,7 @@ class VmPlumbing:
         if not vm.expected_exit:
             self.guest.drop(spec.uuid)
         asyncio.ensure_future(vm.close_qmp())
+        self._cgroup(spec).remove()  # type: ignore[attr-defined]  # empty now: nothing stays charged
         try:
             if int(vm.files.pid.read_text()) == vm.pid:
                 vm.files.pid.unlink()  # no stale pid for a later start() to look up
@@ -129,7 +144,7 @@ class VmPlumbing:
         commands sent with the reseed."""
         ns = self._netns(spec)
         vm = await self._spawn(self._machine(spec.memory_mb, spec.vcpus, image), files, ns,
-                               incoming=True, timings=timings)
+                               incoming=True, timings=timings, spec=spec)
         self._attach(spec, vm)
         try:
             t0 = time.perf_counter()
@@ -162,7 +177,7 @@ class VmPlumbing:
         assert self.image is not None
         self._record(spec, self.image)  # a cold boot may move to the current image
         vm = await self._spawn(self._machine(spec.memory_mb, spec.vcpus), files, ns,
-                               incoming=False, timings=timings)
+                               incoming=False, timings=timings, spec=spec)
         self._attach(spec, vm)
         try:
             await vmm.set_snapshot_caps(vm)
@@ -195,6 +210,7 @@ class VmPlumbing:
         stray = await vmm.adopt(files)  # e.g. left by a previous daemon
         if stray is not None:
             await stray.kill()
+        self._cgroup(spec).remove()  # type: ignore[attr-defined]
         for path in files.owned():
             unlink_quiet(path)
             unlink_quiet(path.with_name(path.name + ".part"))
@@ -216,10 +232,11 @@ class VmPlumbing:
         vm = await vmm.adopt(files)
         if vm is not None:
             status = (await vm.qmp.execute("query-status"))["status"]  # type: ignore[index]
-            if status == "running" and network.exists(self._netns(spec)):
-                vm.established = True
+            if status in ("running", "paused") and network.exists(self._netns(spec)):
+                # paused: warm standby (warm.py); the fleet keeps it warm or thaws it
+                vm.established, vm.paused = True, status == "paused"
                 self._attach(spec, vm)
-                log.info("microvm %s: adopted running qemu pid %d", spec.name, vm.pid)
+                log.info("microvm %s: adopted %s qemu pid %d", spec.name, status, vm.pid)
                 return True
             if status == "postmigrate" and files.state_tmp.exists():
                 mig = await vm.qmp.execute("query-migrate")

@@ -152,6 +152,7 @@ class Vm:
     popen: subprocess.Popen | None = None  # None when adopted after a daemon restart
     expected_exit: bool = False
     established: bool = False  # create/start finished: an exit from now on is news to the fleet
+    paused: bool = False  # stopped over QMP for warm standby (freeze); `cont` undoes it
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     exit_reason: str = ""
     _pidfd: int = -1
@@ -217,14 +218,16 @@ class Vm:
 
 
 async def spawn(cfg: MachineConfig, files: VmFiles, tap_fd: int, *, incoming: bool,
-                timings: dict[str, float] | None = None) -> Vm:
-    """Start QEMU (paused for an incoming snapshot, or booting) with a connected QMP session."""
+                timings: dict[str, float] | None = None, launcher: list[str] | None = None) -> Vm:
+    """Start QEMU (paused for an incoming snapshot, or booting) with a connected QMP session.
+    `launcher`: a command that execs QEMU's argv after it (pgfleet-jail -j joining its cgroups),
+    so QEMU is spawned with no Python code between fork and exec."""
     t0 = time.perf_counter()
     listener = _bind_qmp(files.qmp)
     data_fds = (os.open(files.data, os.O_RDWR | os.O_CLOEXEC),
                 os.open(files.data, os.O_RDONLY | os.O_CLOEXEC))
-    argv = qemu_argv(cfg, files, tap_fd=tap_fd, qmp_fd=listener.fileno(), incoming=incoming,
-                     data_fds=data_fds)
+    argv = [*(launcher or []), *qemu_argv(cfg, files, tap_fd=tap_fd, qmp_fd=listener.fileno(),
+                                          incoming=incoming, data_fds=data_fds)]
     log = open(files.qemu_log, "ab")
     try:
         popen = subprocess.Popen(

@@ -36,7 +36,7 @@ from .warm import SandboxWarm
 
 log = logging.getLogger(__name__)
 
-CGROUP_PARENT = "pgfleet"
+CGROUP_PARENT = cgroups.CGROUP_PARENT
 SOCKET_ROOT = Path("/run/pgfleet")
 
 
@@ -284,7 +284,4 @@ class SandboxDriver(SandboxProcesses, SandboxWarm, SandboxRecovery, SandboxIdent
 
 
 
-def _home_tag(state_dir: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:10]
+_home_tag = cgroups.home_tag  # tests find an instance's cgroups through it
