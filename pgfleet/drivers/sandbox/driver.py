@@ -131,7 +131,9 @@ class SandboxDriver(SandboxProcesses, SandboxWarm, SandboxRecovery, SandboxIdent
         if self.storage.lower is None:
             await self._clone(spec)
             return
-        self.storage.provision(spec.home, self.uid_of(spec))
+        # a handful of directory and file creations, the host-wide uid lock and a scan of
+        # /proc: on a worker thread, so concurrent creates overlap and the proxy is not held up
+        await asyncio.to_thread(lambda: self.storage.provision(spec.home, self.uid_of(spec)))
 
     def _personalised_marker(self, spec: InstanceSpec) -> Path:
         return spec.home / "personalised"
