@@ -358,3 +358,4 @@ class MicroVMDriver(MicroVMWarm, TemplateMaker, VmPlumbing, Driver):
         self.guest.close()
         for _, vm in list(self._vms.values()):
             await vm.close_qmp()
+        self._cgroup_parent().remove()  # only once empty: running VMs keep theirs

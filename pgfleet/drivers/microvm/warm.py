@@ -37,6 +37,9 @@ class MicroVMWarm:
 
     # --- the cgroup of each instance's QEMU ---------------------------------------------
 
+    def _cgroup_parent(self) -> cgroups.Cgroup:
+        return cgroups.Cgroup(cgroups.CGROUP_PARENT, cgroups.home_tag(self.state_dir))
+
     def _cgroup(self, spec: InstanceSpec) -> cgroups.Cgroup:
         return cgroups.Cgroup(f"{cgroups.CGROUP_PARENT}/{cgroups.home_tag(self.state_dir)}", spec.uuid)
 
