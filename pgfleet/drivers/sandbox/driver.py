@@ -274,7 +274,10 @@ class SandboxDriver(SandboxProcesses, SandboxWarm, SandboxRecovery, SandboxIdent
 
     async def close(self) -> None:
         """Remove this home's empty per-host directories (socket root, cgroup parents) so
-        that homes that come and go leave nothing behind."""
+        that homes that come and go leave nothing behind; stop the log guard (instances
+        left running keep their logs until the next daemon adopts them)."""
+        if self._log_guard is not None:
+            self._log_guard.cancel()
         sockets = SOCKET_ROOT / self.home_tag
         slots = [d for d in sockets.iterdir() if d.is_dir()] if sockets.is_dir() else []
         freezer_parent = freeze.Freezer(CGROUP_PARENT, self.home_tag).dir
@@ -283,7 +286,6 @@ class SandboxDriver(SandboxProcesses, SandboxWarm, SandboxRecovery, SandboxIdent
                 d.rmdir()
             except OSError:
                 pass  # still in use (instances left running on purpose), or already gone
-
 
 
 _home_tag = cgroups.home_tag  # tests find an instance's cgroups through it
