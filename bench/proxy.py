@@ -287,7 +287,7 @@ class Bench:
         self.db = self.d.api("GET", f"/v1/databases/{DBNAME}")
         self.sockdir = self.db["backend"].removeprefix("unix:")
         self.role = self.db["role"]
-        self.backend_db = "postgres"  # the sandbox cluster's database; the role owns what it creates in it
+        self.backend_db = DBNAME  # the database inside carries the database's name; the role owns it
         host, port = self.d.proxy
         pooled_host, pooled_port = self.d.info["listen_pooled"].rsplit(":", 1)
         self.bouncers = {config: PgBouncer(self.sockdir, self.backend_db, DBNAME, self.role, self.password, mode)

@@ -210,7 +210,7 @@ def main() -> None:
             server_boot_us.append(d.api("GET", f"/v1/databases/{name}")["boot_time_us"])
             samples["warm"].append(first_query_ms(**conninfo))
             backend = d.api("GET", f"/v1/databases/{name}")["backend"].removeprefix("unix:")
-            samples["direct"].append(first_query_ms(host=backend, dbname="postgres", user="postgres"))
+            samples["direct"].append(first_query_ms(host=backend, dbname=name, user="postgres"))
             progress("wake/warm/direct", i + 1, args.cycles)
         standby = [db for db in d.api("GET", "/v1/databases")["databases"] if db["state"] == "standby"]
         d.api("PUT", f"/v1/databases/{name}/suspend")
