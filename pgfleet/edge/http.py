@@ -101,7 +101,6 @@ class HttpConnection(asyncio.Protocol):
         self._wanted = 0  # the buffer length a waiting read needs
         self._waiter: asyncio.Future | None = None  # a read waiting for its body
         self._drained: asyncio.Future | None = None  # set while the client does not read answers
-        self._close_after = False
 
     # --- asyncio.Protocol ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -123,10 +122,7 @@ class HttpConnection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def eof_received(self) -> bool | None:
-        if self._request is None:
-            return None  # closes
-        self._close_after = True  # the client sent all it will: answer, then close
-        return True
+        return None  # the transport closes: a request in flight is cancelled (as aiohttp does)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.connections.discard(self)
@@ -134,9 +130,10 @@ class HttpConnection(asyncio.Protocol):
             self._idle.cancel()
         if self._task is not None and not self._task.done():
             self._task.cancel()  # as aiohttp's handler_cancellation: the handler's finally blocks clean up
-        for fut in (self._waiter, self._drained):
-            if fut is not None and not fut.done():
-                fut.set_exception(ConnectionResetError("the client closed the connection"))
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(ConnectionResetError("the client closed the connection"))
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)  # (no exception: no one may be waiting to retrieve it)
         self.transport = None
 
     def pause_writing(self) -> None:
@@ -222,7 +219,7 @@ class HttpConnection(asyncio.Protocol):
             return
         end = request.start + request.length
         # a body the handler did not read is skipped if it is here; else the connection ends
-        keep = request.keep_alive and not self._close_after and (
+        keep = request.keep_alive and (
             request.consumed or (request.length <= self.max_body and len(self.buffer) >= end))
         transport.write(_serialise(answer, keep))
         if not keep:
@@ -232,12 +229,9 @@ class HttpConnection(asyncio.Protocol):
         self._task = None
         self._limit = READ_AHEAD
         if self._drained is not None:  # the client is not reading its answers: wait for it
-            try:
-                await self._drained  # (the next request stays in the buffer meanwhile)
-            except ConnectionError:
-                return
+            await self._drained  # (the next request stays in the buffer meanwhile)
         self._request = None
-        if self.transport is None:
+        if self.transport is None:  # lost meanwhile
             return
         if not self._reading and len(self.buffer) <= self._limit:
             self._reading = True

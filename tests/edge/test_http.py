@@ -406,3 +406,23 @@ async def test_a_client_that_does_not_read_its_answers_holds_them_back(edge, db)
             assert status == 200 and body.startswith(b'{"command":"SELECT","rowCount":1,"rows":[["%d",' % i)
     finally:
         writer.close()
+
+
+async def test_a_client_gone_mid_query_cancels_it(edge, db):
+    """The client closes its connection while its query runs: the request is cancelled (its
+    server connection, in an unknown state, is discarded) and nothing is left in flight."""
+    import asyncio
+
+    name, password = db
+    h = neon_headers(name, password)
+    assert (await post(edge, {"query": "SELECT 1"}, h)).status_code == 200
+    pool = edge.pooled.pool_for(edge.fleet.find(name))
+    reader, writer = await asyncio.open_connection("127.0.0.1", edge.port)
+    writer.write(raw_request(name, password, b'{"query": "SELECT pg_sleep(60)"}'))
+    await writer.drain()
+    await until(lambda: edge.in_flight)
+    busy = set(pool.conns) - set(pool.idle)
+    writer.close()
+    await until(lambda: not edge.in_flight)
+    assert not busy & set(pool.conns)  # discarded, not given back mid-query
+    assert (await post(edge, {"query": "SELECT 2"}, h)).json()["rows"] == [["2"]]
