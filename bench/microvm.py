@@ -211,7 +211,7 @@ class Bench:
         memory["settled"] = await self.memory(running)
         for s, b in running:
             await self.driver.suspend(s)
-        standby_disk = [sum(allocated_bytes(p) for p in (VmFiles(s.home).ram, VmFiles(s.home).data,
+        standby_disk = [sum(allocated_bytes(p) for p in (VmFiles(s.home).ram, VmFiles(s.home).disk,
                                                           VmFiles(s.home).state)) / 2**20
                         for s, _ in running]
         # ... and they all come back.

@@ -83,11 +83,18 @@ def test_prune_keeps_images_in_use(image, tmp_path):
     (old_dir / "image.json").write_text(json.dumps(old.to_json()))
     home = tmp_path / "instance"
     home.mkdir()
-    register_user(old, "some-uuid", home)
-    assert prune_images(cache) == [], "an image an instance still needs must be kept"
-    shutil.rmtree(home)  # the instance is gone (its reference is stale)
-    assert prune_images(cache, dry_run=True) == [old_dir] and old_dir.exists()
-    assert prune_images(cache) == [old_dir] and not old_dir.exists()
+    register_user(old.dir, "some-uuid", home)
+    # ... and a template of it whose data image a copy-on-write disk reads through to
+    tpl_dir = cache / "templates" / "1111111111111111"
+    tpl_dir.mkdir(parents=True)
+    (tpl_dir / "template.json").write_text(json.dumps(
+        {"image": old.key, "accel": "tcg", "memory_mb": 128, "vcpus": 1}))
+    register_user(tpl_dir, "some-uuid", home)
+    assert prune_images(cache) == [], "an image or template an instance still needs must be kept"
+    shutil.rmtree(home)  # the instance is gone (its references are stale)
+    assert sorted(prune_images(cache, dry_run=True)) == sorted([old_dir, tpl_dir]) and old_dir.exists()
+    assert sorted(prune_images(cache)) == sorted([old_dir, tpl_dir])
+    assert not old_dir.exists() and not tpl_dir.exists()
 
 
 def _memory_image(elf: bytes) -> tuple[int, bytearray]:

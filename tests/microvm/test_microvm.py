@@ -69,7 +69,7 @@ async def test_create_gives_a_personalised_running_database(driver, make_instanc
     uids = next(l for l in Path(f"/proc/{pid}/status").read_text().splitlines()
                 if l.startswith("Uid:")).split()[1:]
     assert set(uids) == {"65534"}, f"qemu runs with uids {uids}"
-    for f in (VmFiles(spec.home).ram, VmFiles(spec.home).data):
+    for f in (VmFiles(spec.home).ram, VmFiles(spec.home).disk):
         assert os.stat(f).st_mode & 0o077 == 0, f"{f} is readable by others"
 
 
@@ -344,3 +344,73 @@ async def test_start_adopts_a_vm_left_running_instead_of_starting_a_second(drive
     assert qemu_pids(spec.home) == [vm.pid]
     assert await query(backend, "SELECT 1") == "1"
     await restarted.destroy(spec)
+
+
+# ------------------------------------------------------------------ copy-on-write data disks
+
+async def test_a_fresh_database_owns_only_a_small_overlay_of_its_templates_disk(driver, make_instance):
+    from pgfleet.drivers.microvm.qcow2 import backing_file
+    from pgfleet.drivers.microvm.snapshot import allocated_bytes
+
+    tpl = driver._templates[(128, 1)]
+    spec, backend = await make_instance()
+    files = VmFiles(spec.home)
+    assert files.disk == files.data_cow and not files.data.exists()
+    assert backing_file(files.disk) == tpl.files.data
+    assert (tpl.dir / "users" / spec.uuid).exists(), "the template image must be kept for it"
+    fresh = await driver.disk_bytes(spec)
+    assert fresh < 4 * 2**20 < allocated_bytes(tpl.files.data) // 4, \
+        f"fresh disk {fresh} bytes vs template {allocated_bytes(tpl.files.data)}"
+
+    await query(backend, "CREATE TABLE big AS SELECT g, md5(g::text) AS h "
+                         "FROM generate_series(1, 20000) g", "tenant")
+    await query(backend, "CHECKPOINT")  # the table's pages reach the disk, not just the WAL
+    await driver.suspend(spec)
+    await driver.start(spec)
+    assert driver.last_timings.get("mode") == 0.0, "start after suspend must restore"
+    assert await query(backend, "SELECT count(*) FROM big", "tenant") == "20000"
+    assert await driver.disk_bytes(spec) > fresh, "written clusters belong to the database"
+
+    await driver.destroy(spec)
+    assert not (tpl.dir / "users" / spec.uuid).exists()
+    assert tpl.files.data.exists(), "destroying a database leaves the shared template image"
+
+
+async def test_a_disk_whose_template_image_is_missing_is_refused(driver, make_instance, tmp_path):
+    from pgfleet.drivers.microvm.qcow2 import write_overlay
+
+    spec, _ = await make_instance()
+    await driver.stop(spec)
+    files = VmFiles(spec.home)
+    write_overlay(files.data_cow, tmp_path / "pruned-template" / "data.img", 8 << 30)
+    with pytest.raises(DriverError, match="template image .* is missing"):
+        await driver.start(spec)
+    assert files.data_cow.exists() and qemu_pids(spec.home) == []
+
+
+async def test_a_database_with_a_raw_disk_copy_still_runs(driver, make_instance):
+    """Databases (and clone pool copies) made before copy-on-write disks: a full raw copy."""
+    import shutil
+
+    from pgfleet.drivers.microvm.snapshot import copy_sparse, mark_unsynced
+
+    tpl = driver._templates[(128, 1)]
+    old = VmFiles(driver.pool.dir(tpl) / "ready-0-raw-copy")  # sorts before any new copy
+    old.home.mkdir(parents=True)
+    copy_sparse(tpl.files.ram, old.ram)
+    copy_sparse(tpl.files.data, old.data)
+    shutil.copyfile(tpl.files.console, old.console)
+    shutil.copyfile(tpl.files.state, old.state)
+    mark_unsynced(old.state)
+
+    spec, backend = await make_instance()
+    files = VmFiles(spec.home)
+    assert files.disk == files.data and not files.data_cow.exists()
+    assert not (tpl.dir / "users" / spec.uuid).exists()
+    await query(backend, "CREATE TABLE kept AS SELECT 5 AS x", "tenant")
+    await driver.suspend(spec)
+    await driver.start(spec)  # restore on the raw disk
+    await driver.stop(spec)
+    await driver.start(spec)  # cold boot on it
+    assert driver.last_timings.get("mode") == 1.0
+    assert await query(backend, "SELECT x FROM kept", "tenant") == "5"

@@ -1,8 +1,9 @@
 """The microvm isolation driver: every database in its own QEMU microVM.
 
 Life of an instance (all files in spec.home, see vmm.VmFiles):
-  create   copy a template snapshot (RAM file, data disk, device state), restore it, reseed the
-           guest's clock and RNG, create the tenant role. Never a cold boot per database.
+  create   copy a template snapshot (RAM file, device state; the data disk is a qcow2 overlay
+           over the template's, see qcow2.py), restore it, reseed the guest's clock and RNG,
+           create the tenant role. Never a cold boot per database.
   suspend  stream device state (~50 KB) to `vmstate`; guest RAM stays in its file
            (x-ignore-shared); QEMU ends: no process, no RAM left, only sparse files.
   start    restore from `vmstate` if there is one (it exists only while a valid snapshot
@@ -33,8 +34,8 @@ from . import network, vmm
 from .clonepool import ClonePool, Template, copy_template, log_failure
 from .common import GUEST_ADDR, PG_PORT, QEMU, cache_dir
 from .guest import GuestCommandError, GuestControl, NoAdminSession, admin, sql_command
-from .image import DEFAULT_IMAGE, Image, build_image
-from .machine import VmPlumbing
+from .image import DEFAULT_IMAGE, Image, build_image, register_user
+from .machine import VmPlumbing, disk_template
 from .probe import kvm_works
 from .snapshot import allocated_bytes, drop_snapshot, snapshot_usable, sync_snapshot, unlink_quiet
 from .templates import TemplateMaker
@@ -195,6 +196,9 @@ class MicroVMDriver(MicroVMWarm, TemplateMaker, VmPlumbing, Driver):
                     await asyncio.to_thread(copy_template, tpl.files, files)
                     timings["copy_ms"] = (time.perf_counter() - t1) * 1000
                 self.pool.refill(tpl)
+                template = disk_template(files)
+                if template is not None:  # its image must outlive this database's disk
+                    register_user(template, spec.uuid, spec.home)
                 t1 = time.perf_counter()
                 await self._ensure_netns(spec)
                 timings["netns_ms"] = (time.perf_counter() - t1) * 1000
@@ -232,8 +236,9 @@ class MicroVMDriver(MicroVMWarm, TemplateMaker, VmPlumbing, Driver):
             if self._running(spec) is not None or await self._adopt_or_clear(spec):
                 return self.backend(spec)
             files = vmm.VmFiles(spec.home)
-            if not files.data.exists():
-                raise DriverError(f"microvm {spec.name} has no data disk at {files.data}")
+            if not files.disk.exists():
+                raise DriverError(f"microvm {spec.name} has no data disk at {files.disk}")
+            vmm.check_backing(files.disk)  # before anything is dropped or started
             t0 = time.perf_counter()
             timings: dict[str, float] = {}
             self._syncs.pop(spec.uuid, None)  # a running fsync is harmless, and not waited for
@@ -281,7 +286,7 @@ class MicroVMDriver(MicroVMWarm, TemplateMaker, VmPlumbing, Driver):
             files = vm.files
             # Durable in the background; until then the snapshot is trusted only in this boot.
             sync = asyncio.ensure_future(asyncio.to_thread(
-                sync_snapshot, files.state, [files.ram, files.data], token))
+                sync_snapshot, files.state, [files.ram, files.disk], token))
             sync.add_done_callback(log_failure)
             self._syncs[spec.uuid] = sync
             # The namespace stays: host sockets held into the guest live there.
@@ -331,10 +336,16 @@ class MicroVMDriver(MicroVMWarm, TemplateMaker, VmPlumbing, Driver):
                 return self.backend(spec)
             return None
 
+    async def disk_bytes(self, spec: InstanceSpec) -> int | None:
+        """Its data disk's allocated bytes: for a copy-on-write disk the clusters it wrote (the
+        template image it reads through to is shared). A suspended VM's RAM file and device
+        state are its memory, not its data: usage() counts them too."""
+        return allocated_bytes(vmm.VmFiles(spec.home).disk)
+
     async def usage(self, spec: InstanceSpec) -> dict[str, int]:
         vm = self._running(spec)
         files = vmm.VmFiles(spec.home)
-        out = {"disk_bytes": sum(allocated_bytes(p) for p in (files.ram, files.data, files.state))}
+        out = {"disk_bytes": sum(allocated_bytes(p) for p in (files.ram, files.disk, files.state))}
         if vm is None:
             return out
         try:

@@ -166,7 +166,7 @@ def build_image(
             if not force:
                 progress("done", 1.0, f"{name} is cached ({key})")
                 return Image.from_json(json.loads((final / "image.json").read_text()))
-            users = _live_users(final)
+            users = live_users(final)
             if users:
                 # A suspended guest's page cache belongs to these exact image bytes.
                 raise DriverError(f"image {name} ({key}) is in use by {len(users)} instance(s); "
@@ -230,26 +230,27 @@ def _ensure_kernel(cache: Path, progress: Progress) -> tuple[Path, str]:
 # ---------------------------------------------------------------- users and pruning
 #
 # A suspended instance's snapshot holds the guest's page cache of *its* root image, so it can
-# only be resumed with that very image: images in use are recorded (one small file per
-# instance under <image>/users/) and never pruned.
+# only be resumed with that very image; and a copy-on-write data disk reads through to *its*
+# template's data image. Images and templates in use are recorded (one small file per
+# instance under <image or template dir>/users/) and never pruned.
 
 
-def register_user(image: Image, uuid: str, home: Path) -> None:
-    users = image.dir / "users"
+def register_user(owner_dir: Path, uuid: str, home: Path) -> None:
+    users = owner_dir / "users"
     users.mkdir(exist_ok=True)
     (users / uuid).write_text(str(home) + "\n")
 
 
-def unregister_user(image_dir: Path, uuid: str) -> None:
+def unregister_user(owner_dir: Path, uuid: str) -> None:
     try:
-        (image_dir / "users" / uuid).unlink()
+        (owner_dir / "users" / uuid).unlink()
     except FileNotFoundError:
         pass
 
 
-def _live_users(image_dir: Path) -> list[str]:
+def live_users(owner_dir: Path) -> list[str]:
     live = []
-    for ref in (image_dir / "users").glob("*"):
+    for ref in (owner_dir / "users").glob("*"):
         try:
             if Path(ref.read_text().strip()).exists():
                 live.append(ref.name)
@@ -260,7 +261,7 @@ def _live_users(image_dir: Path) -> list[str]:
 
 def prune_images(cache: Path | None = None, dry_run: bool = False) -> list[Path]:
     """Remove images that are neither current nor used by an instance, templates of
-    non-current images, and kernels no remaining image uses. Returns what was (or would be)
+    non-current images no instance's disk reads through to, and kernels no remaining image uses. Returns what was (or would be)
     removed."""
     cache = cache or cache_dir()
     removed: list[Path] = []
@@ -276,7 +277,7 @@ def prune_images(cache: Path | None = None, dry_run: bool = False) -> list[Path]
         keep_kernels: set[Path] = set()
         keep_images: set[str] = set()
         for img in list_images(cache):
-            if img.key == current.get(img.name) or _live_users(img.dir):
+            if img.key == current.get(img.name) or live_users(img.dir):
                 keep_kernels.add(img.kernel.parent)
                 keep_images.add(img.key)
             else:
@@ -289,7 +290,7 @@ def prune_images(cache: Path | None = None, dry_run: bool = False) -> list[Path]
             # Other drivers keep templates here too: only ours carry an image key and accel.
             if not {"image", "accel", "memory_mb"} <= info.keys():
                 continue
-            if info["image"] not in current.values():
+            if info["image"] not in current.values() and not live_users(meta.parent):
                 removed.append(meta.parent)
         for kdir in (cache / "kernels").glob("*"):
             if kdir.is_dir() and not kdir.name.startswith(".") and kdir not in keep_kernels:

@@ -15,12 +15,24 @@ from pgfleet.drivers import cgroups
 from pgfleet.drivers.base import DriverError, ExitCallback, InstanceSpec
 from pgfleet.drivers.roles import DatabaseNames
 
-from . import network, vmm
+from . import network, qcow2, vmm
 from .guest import GuestCommandError, GuestControl, reseed_command, wait_ready
 from .image import Image, register_user, unregister_user
 from .snapshot import drop_snapshot, mark_unsynced, unlink_quiet
 
 log = logging.getLogger("pgfleet.drivers.microvm")
+
+
+def disk_template(files: vmm.VmFiles) -> Path | None:
+    """The template directory a copy-on-write data disk reads through to (None: a raw disk,
+    or none)."""
+    if vmm.disk_format(files.disk) != "qcow2":
+        return None
+    try:
+        backing = qcow2.backing_file(files.disk)
+    except (OSError, ValueError):
+        return None
+    return backing.parent if backing is not None else None
 
 
 class VmPlumbing:
@@ -49,7 +61,7 @@ class VmPlumbing:
         tmp = files.meta.with_name(files.meta.name + ".tmp")
         tmp.write_text(json.dumps({"image": image.to_json(), "accel": self.accel}))
         os.rename(tmp, files.meta)
-        register_user(image, spec.uuid, spec.home)
+        register_user(image.dir, spec.uuid, spec.home)
         if old is not None and old.dir != image.dir:
             unregister_user(old.dir, spec.uuid)
 
@@ -207,6 +219,9 @@ class VmPlumbing:
         image = self._recorded_image(spec, any_accel=True)
         if image is not None:
             unregister_user(image.dir, spec.uuid)
+        template = disk_template(files)
+        if template is not None:
+            unregister_user(template, spec.uuid)
         stray = await vmm.adopt(files)  # e.g. left by a previous daemon
         if stray is not None:
             await stray.kill()

@@ -21,7 +21,7 @@ from . import network, vmm
 from .clonepool import Template
 from .common import GUEST_ADDR, PG_PORT, QEMU, content_hash
 from .guest import GuestControl, admin, sql_command, wait_ready
-from .image import Image
+from .image import Image, live_users
 from .snapshot import copy_sparse, sync_snapshot, unlink_quiet
 
 log = logging.getLogger("pgfleet.drivers.microvm")
@@ -117,6 +117,9 @@ class TemplateMaker:
             (tmp / "template.json").write_text(json.dumps(meta, indent=2))
             for junk in (files.qmp, files.pid, files.qemu_log):
                 unlink_quiet(junk)
+            if live_users(final):  # a broken template whose image databases still read through to
+                raise DriverError(f"template {final} lacks template.json but databases use its "
+                                  "data image: move it aside by hand")
             shutil.rmtree(final, ignore_errors=True)
             os.rename(tmp, final)
             log.info("microvm template %s made in %.1f s", final.name, time.perf_counter() - t0)

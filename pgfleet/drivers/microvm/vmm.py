@@ -25,6 +25,7 @@ from qemu.qmp.error import QMPError
 from pgfleet.drivers.base import DriverError
 from pgfleet.drivers.untrusted import read_tail
 
+from . import qcow2
 from .common import GUEST_MAC, QEMU
 from .image import Image
 
@@ -42,8 +43,18 @@ class VmFiles:
         return self.home / "ram"
 
     @property
-    def data(self) -> Path:  # the data disk (ext4 with /pgdata)
+    def data(self) -> Path:  # a raw data disk (ext4 with /pgdata): templates, older databases
         return self.home / "data.img"
+
+    @property
+    def data_cow(self) -> Path:  # a qcow2 data disk over its template's data.img (qcow2.py)
+        return self.home / "data.qcow2"
+
+    @property
+    def disk(self) -> Path:
+        """The data disk QEMU opens: the copy-on-write one if there is one (its name tells
+        its format: see disk_format)."""
+        return self.data_cow if self.data_cow.exists() else self.data
 
     @property
     def state(self) -> Path:  # device state; exists only while a valid snapshot exists
@@ -74,9 +85,27 @@ class VmFiles:
         return self.home / "microvm.json"
 
     def owned(self) -> list[Path]:
-        return [self.ram, self.data, self.state, self.state_tmp,
+        return [self.ram, self.data, self.data_cow, self.state, self.state_tmp,
                 self.state.with_name(self.state.name + ".durable"), self.qmp, self.pid,
                 self.console, self.qemu_log, self.meta]
+
+
+def disk_format(disk: Path) -> str:
+    return "qcow2" if disk.suffix == ".qcow2" else "raw"
+
+
+def check_backing(disk: Path) -> None:
+    """A copy-on-write disk is only half of the data: refuse to run it without its template
+    image (QEMU would fail less clearly, and nothing may be written to it meanwhile)."""
+    if disk_format(disk) != "qcow2":
+        return
+    try:
+        backing = qcow2.backing_file(disk)
+    except (OSError, ValueError) as exc:
+        raise DriverError(f"data disk {disk} is unreadable: {exc}") from exc
+    if backing is not None and not backing.exists():
+        raise DriverError(f"data disk {disk} reads through to its template image {backing}, "
+                          "which is missing: restore that template (same path) to use this database")
 
 
 @dataclass(frozen=True)
@@ -89,10 +118,13 @@ class MachineConfig:
 
 
 def qemu_argv(cfg: MachineConfig, files: VmFiles, *, tap_fd: int, qmp_fd: int,
-              incoming: bool, data_fds: tuple[int, int] = (-1, -1)) -> list[str]:
+              incoming: bool, data_fds: tuple[int, int] = (-1, -1),
+              data_format: str = "raw") -> list[str]:
     """data_fds: the data disk opened read-write and read-only by us. QEMU runs as nobody
     and cannot open the (root-only) image itself; it reopens it read-only when a snapshot
-    completes and read-write when one is restored, so it needs both, as an fd set."""
+    completes and read-write when one is restored, so it needs both, as an fd set.
+    A qcow2 disk's backing file (its template's image, only ever read) is opened by QEMU
+    from the path in its header, at startup, while QEMU is still root."""
     img = cfg.image
     mem = f"{cfg.memory_mb}M"
     accel = ["-accel", "kvm", "-cpu", "host"] if cfg.accel == "kvm" else [
@@ -126,7 +158,7 @@ def qemu_argv(cfg: MachineConfig, files: VmFiles, *, tap_fd: int, qmp_fd: int,
         # vdb: this instance's data. cache=none: guest writes reach the image before the
         # guest sees them complete, so image + RAM file always form a consistent pair.
         "-add-fd", f"fd={data_fds[0]},set=1", "-add-fd", f"fd={data_fds[1]},set=1",
-        "-drive", "id=data,file=/dev/fdset/1,format=raw,if=none,cache=none,aio=threads,discard=unmap",
+        "-drive", f"id=data,file=/dev/fdset/1,format={data_format},if=none,cache=none,aio=threads,discard=unmap",
         "-device", "virtio-blk-device,drive=data",
         "-netdev", f"tap,id=net0,fd={tap_fd}",
         "-device", f"virtio-net-device,netdev=net0,mac={GUEST_MAC}",
@@ -224,10 +256,16 @@ async def spawn(cfg: MachineConfig, files: VmFiles, tap_fd: int, *, incoming: bo
     so QEMU is spawned with no Python code between fork and exec."""
     t0 = time.perf_counter()
     listener = _bind_qmp(files.qmp)
-    data_fds = (os.open(files.data, os.O_RDWR | os.O_CLOEXEC),
-                os.open(files.data, os.O_RDONLY | os.O_CLOEXEC))
+    disk = files.disk
+    try:
+        check_backing(disk)
+        data_fds = (os.open(disk, os.O_RDWR | os.O_CLOEXEC), os.open(disk, os.O_RDONLY | os.O_CLOEXEC))
+    except BaseException:
+        listener.close()
+        raise
     argv = [*(launcher or []), *qemu_argv(cfg, files, tap_fd=tap_fd, qmp_fd=listener.fileno(),
-                                          incoming=incoming, data_fds=data_fds)]
+                                          incoming=incoming, data_fds=data_fds,
+                                          data_format=disk_format(disk))]
     log = open(files.qemu_log, "ab")
     try:
         popen = subprocess.Popen(
