@@ -39,7 +39,10 @@ def test_create_query_suspend_and_wake_through_the_proxy(vm_daemon):
     d = vm_daemon
     created = d.json("db", "create", "vm1", "--cooldown-ms", "600000")
     assert created["driver"] == "microvm" and created["state"] == "running"
-    assert d.json("db", "show", "vm1")["backend"].startswith("netns:pgf-")
+    shown = d.json("db", "show", "vm1")
+    assert shown["backend"].startswith("netns:pgf-")
+    # what it owns: its copy-on-write disk's own clusters, not its template's image (~31 MiB)
+    assert 0 < shown["disk_bytes"] < 4 * 2**20, shown["disk_bytes"]
     assert d.json("db", "logs", "vm1")["size"] > 0, "the VM's console is captured"
     for uri in (created["uri"], created["pooled_uri"]):
         with psycopg.connect(uri, autocommit=True, connect_timeout=120) as conn:

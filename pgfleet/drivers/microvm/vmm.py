@@ -156,7 +156,9 @@ def qemu_argv(cfg: MachineConfig, files: VmFiles, *, tap_fd: int, qmp_fd: int,
         "-drive", f"id=root,file={img.rootfs},format=raw,if=none,readonly=on",
         "-device", "virtio-blk-device,drive=root",
         # vdb: this instance's data. cache=none: guest writes reach the image before the
-        # guest sees them complete, so image + RAM file always form a consistent pair.
+        # guest sees them complete, so image + RAM file always form a consistent pair. (A
+        # qcow2 disk's cluster allocations are written when the guest flushes, as a disk
+        # cache would, and when a migration completes: a snapshot still has them all.)
         "-add-fd", f"fd={data_fds[0]},set=1", "-add-fd", f"fd={data_fds[1]},set=1",
         "-drive", f"id=data,file=/dev/fdset/1,format={data_format},if=none,cache=none,aio=threads,discard=unmap",
         "-device", "virtio-blk-device,drive=data",
