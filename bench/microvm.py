@@ -121,6 +121,8 @@ class Bench:
             await first_query(backend)
             self.add("clone_first_query_ms", (time.perf_counter() - t) * 1000)
             self.add("clone_create_ms", (t_created - t) * 1000)
+            # what a fresh database owns of its data disk (a copy-on-write overlay)
+            self.add("fresh_data_disk_mib", (await self.driver.disk_bytes(s) or 0) / 2**20)
             self.pool_hits += "pool_take_ms" in self.driver.last_timings
             await self.driver.destroy(s)
             # Clones arriving back to back would outrun the pool's background refill; this
