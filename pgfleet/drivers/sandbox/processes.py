@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..base import Backend, DriverError, InstanceSpec
+from ..spawn import Spawned, spawn
 from ..untrusted import read_head, read_tail, rotate_log
 from ..jail import jail_argv
 from . import archive, disk
@@ -95,9 +96,7 @@ class SandboxProcesses:
         os.fchmod(logf.fileno(), 0o600)
         with DirWatch(data) as changes:  # watching before the spawn: no change is missed
             try:
-                proc = await asyncio.create_subprocess_exec(
-                    *argv, stdin=asyncio.subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True,
-                )
+                proc = spawn(argv, stdout=logf, stderr=logf)  # vfork, whatever the event loop
             finally:
                 logf.close()
             try:
@@ -111,7 +110,7 @@ class SandboxProcesses:
         self._watch(spec, pm_pid, proc.wait())
         return self.backend(spec)
 
-    async def _kill_start(self, spec: InstanceSpec, proc: asyncio.subprocess.Process) -> None:
+    async def _kill_start(self, spec: InstanceSpec, proc: Spawned) -> None:
         """A start given up (failed, timed out, cancelled): every process it made is gone when
         this returns, not only the one spawned (unshare), so no postmaster is left behind on
         the data directory (a twin for the next start) or in the cgroup."""
@@ -150,7 +149,7 @@ class SandboxProcesses:
             timeout=timeout, start_new_session=True,
         )
 
-    async def _wait_ready(self, spec: InstanceSpec, proc: asyncio.subprocess.Process, changes: DirWatch,
+    async def _wait_ready(self, spec: InstanceSpec, proc: Spawned, changes: DirWatch,
                           timeout_s: float = READY_TIMEOUT_S) -> int:
         """Wait until the postmaster reports 'ready' in postmaster.pid; returns its host pid.
         Looks again whenever the data directory changes (inotify: a wake is on the client's
