@@ -96,6 +96,13 @@ SSL_ACCEPTED = b"S"
 SSL_REFUSED = b"N"
 
 
+def kinds(*members: int) -> frozenset[int]:
+    """Types or codes as a set of plain ints, for the hot loops: a byte read from a buffer
+    is a cached small int, which a set of plain ints finds by identity (an IntEnum member
+    is another object, found by a slower equality test)."""
+    return frozenset(int(k) for k in members)
+
+
 def byte(kind: int) -> bytes:
     """A type or code as the single byte it is on the wire."""
     return bytes((kind,))

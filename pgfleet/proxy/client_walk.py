@@ -9,7 +9,7 @@ import time
 
 from pgfleet.pgwire import messages as m
 from pgfleet.pgwire.framing import MAX_MESSAGE_LENGTH
-from pgfleet.pgwire.protocol import FrontendMsg
+from pgfleet.pgwire.protocol import FrontendMsg, kinds
 
 from .client_state import ClientPhase, ClientState
 from .expect import EXP_BIND, EXP_PARSE, EXP_QUERY, NOT_FAST, PASS_THROUGH, PEEK
@@ -30,10 +30,10 @@ _DEALLOCATE_START = re.compile(rb"\s*(?:deallocate|discard)\b", re.IGNORECASE)
 SMALL_SQL = 4096
 #: messages that leave the server's extended-protocol state as it was: Query, FunctionCall
 #: (which answer with ReadyForQuery) and COPY data (which a COPY consumes, or the server ignores)
-_CLEAN = frozenset({FrontendMsg.QUERY, FrontendMsg.FUNCTION_CALL, FrontendMsg.COPY_DATA, FrontendMsg.COPY_DONE,
-                    FrontendMsg.COPY_FAIL})
+_CLEAN = kinds(FrontendMsg.QUERY, FrontendMsg.FUNCTION_CALL, FrontendMsg.COPY_DATA, FrontendMsg.COPY_DONE,
+               FrontendMsg.COPY_FAIL)
 #: messages decided by the start of their body
-_LOOK = frozenset({FrontendMsg.QUERY, FrontendMsg.PARSE, FrontendMsg.BIND})
+_LOOK = kinds(FrontendMsg.QUERY, FrontendMsg.PARSE, FrontendMsg.BIND)
 _NAMES = {FrontendMsg.PARSE: "a named Parse message", FrontendMsg.BIND: "a Bind message",
           FrontendMsg.DESCRIBE: "a Describe message", FrontendMsg.CLOSE: "a Close message",
           FrontendMsg.QUERY: "a Query message"}
@@ -99,7 +99,7 @@ class ClientWalk(ClientState):
             self.pool.guards.memory.give(size)
             if not self._client_message(buf[0], bytes(memoryview(buf)[5:])):
                 return
-        else:
+        elif cf.skip or cf.head:  # carried from the last read (the common case has nothing: no call)
             passing, data = cf.resume(data)
             if passing:  # the rest of a message streaming through
                 if not data:

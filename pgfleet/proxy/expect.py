@@ -11,7 +11,7 @@ from collections import deque
 from typing import Callable
 
 from pgfleet.pgwire.framing import message
-from pgfleet.pgwire.protocol import BackendMsg, FrontendMsg
+from pgfleet.pgwire.protocol import BackendMsg, FrontendMsg, kinds
 
 
 class Answer(enum.IntEnum):
@@ -51,14 +51,15 @@ class Expect:
 
 PARSE_COMPLETE = message(BackendMsg.PARSE_COMPLETE)
 CLOSE_COMPLETE = message(BackendMsg.CLOSE_COMPLETE)
-READY_ENDS = frozenset({BackendMsg.READY_FOR_QUERY})
-PARSED = frozenset({BackendMsg.PARSE_COMPLETE})
+READY_ENDS = kinds(BackendMsg.READY_FOR_QUERY)
+PARSED = kinds(BackendMsg.PARSE_COMPLETE)
 #: the answers that end an Execute
-EXEC_END = frozenset({BackendMsg.COMMAND_COMPLETE, BackendMsg.EMPTY_QUERY_RESPONSE, BackendMsg.PORTAL_SUSPENDED})
+EXEC_END = kinds(BackendMsg.COMMAND_COMPLETE, BackendMsg.EMPTY_QUERY_RESPONSE, BackendMsg.PORTAL_SUSPENDED)
 #: a message the proxy reads whole (its expectation depends on what it holds)
 NOT_FAST = Expect(FWD)
-#: what the server answers to each message forwarded as it came (None: nothing)
-PASS_THROUGH: dict[int, Expect | None] = {
+#: what the server answers to each message forwarded as it came (None: nothing); keyed by
+#: plain ints, as protocol.kinds() explains
+PASS_THROUGH: dict[int, Expect | None] = {int(k): v for k, v in {
     FrontendMsg.QUERY: Expect(SYNC, READY_ENDS),
     FrontendMsg.SYNC: Expect(SYNC, READY_ENDS),
     FrontendMsg.FUNCTION_CALL: Expect(SYNC, READY_ENDS),
@@ -67,13 +68,13 @@ PASS_THROUGH: dict[int, Expect | None] = {
     # read by the proxy
     FrontendMsg.PARSE: NOT_FAST, FrontendMsg.BIND: NOT_FAST, FrontendMsg.DESCRIBE: NOT_FAST,
     FrontendMsg.CLOSE: NOT_FAST, FrontendMsg.TERMINATE: NOT_FAST,
-}
+}.items()}
 EXP_QUERY = PASS_THROUGH[FrontendMsg.QUERY]
 EXP_PARSE = Expect(FWD, PARSED)
-EXP_BIND = Expect(FWD, frozenset({BackendMsg.BIND_COMPLETE}))
-EXP_PARAMS = Expect(FWD, frozenset({BackendMsg.PARAMETER_DESCRIPTION}))
-EXP_ROWS = Expect(FWD, frozenset({BackendMsg.ROW_DESCRIPTION, BackendMsg.NO_DATA}))
-EXP_CLOSE = Expect(FWD, frozenset({BackendMsg.CLOSE_COMPLETE}))
+EXP_BIND = Expect(FWD, kinds(BackendMsg.BIND_COMPLETE))
+EXP_PARAMS = Expect(FWD, kinds(BackendMsg.PARAMETER_DESCRIPTION))
+EXP_ROWS = Expect(FWD, kinds(BackendMsg.ROW_DESCRIPTION, BackendMsg.NO_DATA))
+EXP_CLOSE = Expect(FWD, kinds(BackendMsg.CLOSE_COMPLETE))
 EXP_PSYNC = Expect(PSYNC, READY_ENDS)
 
 

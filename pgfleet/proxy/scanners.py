@@ -6,10 +6,10 @@ ReadyForQuery messages with their transaction status. Framing is pgwire's (Frame
 from __future__ import annotations
 
 from pgfleet.pgwire.framing import Framer
-from pgfleet.pgwire.protocol import BackendMsg, FrontendMsg
+from pgfleet.pgwire.protocol import BackendMsg, FrontendMsg, kinds
 
 #: client messages that each make the server answer with exactly one ReadyForQuery
-SYNC_POINTS = frozenset({FrontendMsg.QUERY, FrontendMsg.SYNC, FrontendMsg.FUNCTION_CALL})
+SYNC_POINTS = kinds(FrontendMsg.QUERY, FrontendMsg.SYNC, FrontendMsg.FUNCTION_CALL)
 
 
 class ServerScanner:

@@ -6,7 +6,7 @@ queries dropped (or read), answers to work the proxy skipped written by it, in o
 from __future__ import annotations
 
 from pgfleet.pgwire import messages as m
-from pgfleet.pgwire.protocol import BackendMsg, TransactionStatus, byte
+from pgfleet.pgwire.protocol import BackendMsg, TransactionStatus, byte, kinds
 
 from .client_state import ClientPhase, ClientState
 from .expect import DROP, EXP_QUERY, PROBE, PSYNC, SYNC, SYNTH, Expect, emit_synth
@@ -19,9 +19,9 @@ _IDLE = int(TransactionStatus.IDLE)
 _IDLE_STATUS = byte(TransactionStatus.IDLE)
 _from_bytes = int.from_bytes
 #: server messages that may come at any time, whatever was asked
-_ASYNC = frozenset({BackendMsg.NOTICE_RESPONSE, BackendMsg.PARAMETER_STATUS, BackendMsg.NOTIFICATION_RESPONSE})
+_ASYNC = kinds(BackendMsg.NOTICE_RESPONSE, BackendMsg.PARAMETER_STATUS, BackendMsg.NOTIFICATION_RESPONSE)
 #: of the answers to its own queries, what the proxy reads
-_PROXY_READS = frozenset({BackendMsg.ERROR_RESPONSE, BackendMsg.DATA_ROW, BackendMsg.READY_FOR_QUERY})
+_PROXY_READS = kinds(BackendMsg.ERROR_RESPONSE, BackendMsg.DATA_ROW, BackendMsg.READY_FOR_QUERY)
 
 
 class ServerWalk(ClientState):
@@ -60,7 +60,7 @@ class ServerWalk(ClientState):
                 return
             if not self._walk_server(bytes(buf), out):
                 return
-        else:
+        elif sf.skip or sf.head:  # carried from the last read (the common case has nothing: no call)
             passing, data = sf.resume(data)
             if passing:  # the rest of a message passing (or dropped) as it arrives
                 if not data:
