@@ -287,7 +287,7 @@ class Bench:
         self.db = self.d.api("GET", f"/v1/databases/{DBNAME}")
         self.sockdir = self.db["backend"].removeprefix("unix:")
         self.role = self.db["role"]
-        self.backend_db = DBNAME  # the database inside carries the database's name; the role owns it
+        self.backend_db = self._backend_database()
         host, port = self.d.proxy
         pooled_host, pooled_port = self.d.info["listen_pooled"].rsplit(":", 1)
         self.bouncers = {config: PgBouncer(self.sockdir, self.backend_db, DBNAME, self.role, self.password, mode)
@@ -305,6 +305,18 @@ class Bench:
         }
         self.select1 = Path(self.bouncers["pgbouncer"].dir.parent / f"pgfleet-bench-select1-{os.getpid()}.sql")
         self.select1.write_text("SELECT 1;\n")
+
+    def _backend_database(self) -> str:
+        """The database inside the instance: named after the database (issue 15), or the
+        cluster's 'postgres' on daemons from before it (a before/after run of an old commit)."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        env.update(PGHOST=self.sockdir, PGPORT="5432", PGUSER=self.role)
+        for name in (DBNAME, "postgres"):
+            p = subprocess.run(["psql", "-X", "-At", "-c", "SELECT 1"], env={**env, "PGDATABASE": name},
+                               capture_output=True, text=True, timeout=60)
+            if p.returncode == 0:
+                return name
+        raise SystemExit(f"no database to reach over the backend's socket: {p.stderr.strip()}")
 
     def close(self) -> None:
         for bouncer in self.bouncers.values():
@@ -381,8 +393,9 @@ class Bench:
             kw["sslmode"] = "disable"
         p = subprocess.run([sys.executable, __file__, "--connect-loop", json.dumps(kw), str(n)],
                            capture_output=True, text=True, timeout=600)
-        if p.returncode != 0:
-            raise RuntimeError(f"connect loop via {config}: {p.stderr.strip()[-500:]}")
+        if p.returncode != 0:  # recorded as no samples (the summary says n 0), the run goes on
+            print(f"connect loop via {config} failed: {p.stderr.strip()[-300:]}", file=sys.stderr, flush=True)
+            return []
         return json.loads(p.stdout)
 
     # --- the benchmark ------------------------------------------------------------------
@@ -449,7 +462,7 @@ class Bench:
                 done += 1
                 print(f"[{done}/{total}] round {rnd + 1} connect {config:<15} "
                       f"pgbench -C {res['tps'] or 0:.0f} conn/s, psycopg p50 "
-                      f"{statistics.median(conn_samples[config]):.2f} ms", file=sys.stderr, flush=True)
+                      f"{median_or_none(conn_samples[config])} ms", file=sys.stderr, flush=True)
         return {"workloads": wls, "runs": runs, "connects": connects, "connect_samples_ms": conn_samples}
 
 
