@@ -351,12 +351,13 @@ async def test_start_adopts_a_vm_left_running_instead_of_starting_a_second(drive
 async def test_a_fresh_database_owns_only_a_small_overlay_of_its_templates_disk(driver, make_instance):
     from pgfleet.drivers.microvm.qcow2 import backing_file
     from pgfleet.drivers.microvm.snapshot import allocated_bytes
+    from pgfleet.drivers.microvm.vmm import recorded_backing
 
     tpl = driver._templates[(128, 1)]
     spec, backend = await make_instance()
     files = VmFiles(spec.home)
     assert files.disk == files.data_cow and not files.data.exists()
-    assert backing_file(files.disk) == tpl.files.data
+    assert recorded_backing(files) == backing_file(files.disk) == tpl.files.data
     assert (tpl.dir / "users" / spec.uuid).exists(), "the template image must be kept for it"
     fresh = await driver.disk_bytes(spec)
     assert fresh < 4 * 2**20 < allocated_bytes(tpl.files.data) // 4, \
@@ -377,12 +378,12 @@ async def test_a_fresh_database_owns_only_a_small_overlay_of_its_templates_disk(
 
 
 async def test_a_disk_whose_template_image_is_missing_is_refused(driver, make_instance, tmp_path):
-    from pgfleet.drivers.microvm.qcow2 import write_overlay
+    from pgfleet.drivers.microvm.vmm import record_backing
 
     spec, _ = await make_instance()
     await driver.stop(spec)
     files = VmFiles(spec.home)
-    write_overlay(files.data_cow, tmp_path / "pruned-template" / "data.img", 8 << 30)
+    record_backing(files, tmp_path / "pruned-template" / "data.img")
     with pytest.raises(DriverError, match="template image .* is missing"):
         await driver.start(spec)
     assert files.data_cow.exists() and qemu_pids(spec.home) == []

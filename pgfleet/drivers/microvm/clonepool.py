@@ -46,6 +46,7 @@ def copy_template(src: vmm.VmFiles, dst: vmm.VmFiles) -> None:
     # The disk is not copied: an empty overlay reads through to the template's image, which
     # stays where it is, unchanged, while any database refers to it (templates.py).
     qcow2.write_overlay(dst.data_cow, src.data, os.stat(src.data).st_size)
+    vmm.record_backing(dst, src.data)  # what QEMU reads through to: never the overlay's header
     # The guest's boot and Postgres startup lines, so log_path() tells the whole story.
     with open(src.console, "rb") as fin, open(dst.console, "ab") as fout:
         shutil.copyfileobj(fin, fout)
@@ -82,10 +83,14 @@ class ClonePool:
             except OSError:
                 continue  # another create took it first
             src = vmm.VmFiles(claimed)
-            if not snapshot_usable(src.state):  # copied before a host crash: maybe torn
+            if not snapshot_usable(src.state) or (  # copied before a host crash: maybe torn
+                    # or an overlay made before its template image was recorded
+                    vmm.disk_format(src.disk) == "qcow2" and not src.backing.exists()):
                 shutil.rmtree(claimed, ignore_errors=True)
                 continue
             os.rename(src.ram, dst.ram)
+            if vmm.disk_format(src.disk) == "qcow2":
+                os.rename(src.backing, dst.backing)
             os.rename(src.disk, dst.home / src.disk.name)  # (raw in copies made by older versions)
             os.rename(src.console, dst.console)
             mark_unsynced(dst.state)

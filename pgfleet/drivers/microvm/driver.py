@@ -238,7 +238,7 @@ class MicroVMDriver(MicroVMWarm, TemplateMaker, VmPlumbing, Driver):
             files = vmm.VmFiles(spec.home)
             if not files.disk.exists():
                 raise DriverError(f"microvm {spec.name} has no data disk at {files.disk}")
-            vmm.check_backing(files.disk)  # before anything is dropped or started
+            vmm.check_backing(files)  # before anything is dropped or started
             t0 = time.perf_counter()
             timings: dict[str, float] = {}
             self._syncs.pop(spec.uuid, None)  # a running fsync is harmless, and not waited for

@@ -15,7 +15,7 @@ from pgfleet.drivers import cgroups
 from pgfleet.drivers.base import DriverError, ExitCallback, InstanceSpec
 from pgfleet.drivers.roles import DatabaseNames
 
-from . import network, qcow2, vmm
+from . import network, vmm
 from .guest import GuestCommandError, GuestControl, reseed_command, wait_ready
 from .image import Image, register_user, unregister_user
 from .snapshot import drop_snapshot, mark_unsynced, unlink_quiet
@@ -25,13 +25,10 @@ log = logging.getLogger("pgfleet.drivers.microvm")
 
 def disk_template(files: vmm.VmFiles) -> Path | None:
     """The template directory a copy-on-write data disk reads through to (None: a raw disk,
-    or none)."""
+    or none recorded)."""
     if vmm.disk_format(files.disk) != "qcow2":
         return None
-    try:
-        backing = qcow2.backing_file(files.disk)
-    except (OSError, ValueError):
-        return None
+    backing = vmm.recorded_backing(files)
     return backing.parent if backing is not None else None
 
 

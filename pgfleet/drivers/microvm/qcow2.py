@@ -6,6 +6,11 @@ it has written. The overlay is written here, in Python, rather than by `qemu-img
 it is four clusters of fixed layout, costs no subprocess on the create path and needs no
 qemu-utils on the host. QEMU validates the header when it opens the disk.
 
+The header names the backing file, but QEMU is never left to open it: the tenant's QEMU
+holds the overlay read-write and could rename it to any file root can read. pgfleet records
+the template image in the instance's home (vmm.record_backing) and hands QEMU the whole
+chain (vmm.data_disk_args).
+
 Layout (64 KiB clusters, qcow2 version 3, 16-bit refcounts):
   cluster 0  header, the backing-format extension ("raw"), the backing file's path
   cluster 1  refcount table (one entry: cluster 2)
@@ -26,6 +31,7 @@ REFCOUNT_ORDER = 4  # 16-bit refcounts, QEMU's default
 HEADER_V3_LENGTH = 104
 EXT_BACKING_FORMAT = 0xE2792ACA
 EXT_END = 0
+BACKING_NAME_LIMIT = 4096  # PATH_MAX: no real backing file name is longer
 
 
 def write_overlay(path: Path, backing: Path, size: int) -> None:
@@ -70,16 +76,27 @@ def write_overlay(path: Path, backing: Path, size: int) -> None:
 
 
 def backing_file(path: Path) -> Path | None:
-    """The backing file a qcow2 image names in its header (None: it has none)."""
-    with open(path, "rb") as f:
-        head = f.read(20)
+    """The backing file a qcow2 image names in its header (None: it has none). Only for
+    looking at: the header is the tenant's (QEMU holds the disk read-write), so nothing
+    uses this name to open a file (vmm.recorded_backing is the template image), and a name
+    longer than BACKING_NAME_LIMIT is refused rather than read."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        head = os.pread(fd, 20, 0)
         if len(head) < 20 or head[:4] != MAGIC:
             raise ValueError(f"{path} is not a qcow2 image")
         offset, length = struct.unpack(">QI", head[8:20])
         if offset == 0:
             return None
-        f.seek(offset)
-        return Path(f.read(length).decode())
+        if length > BACKING_NAME_LIMIT:
+            raise ValueError(f"{path} names a backing file of {length} bytes "
+                             f"(more than {BACKING_NAME_LIMIT})")
+        name = os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
+    if len(name) != length:
+        raise ValueError(f"{path} is truncated inside its backing file name")
+    return Path(name.decode(errors="replace"))
 
 
 def _pad8(n: int) -> int:

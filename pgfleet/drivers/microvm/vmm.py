@@ -23,9 +23,8 @@ from qemu.qmp import EventListener, QMPClient
 from qemu.qmp.error import QMPError
 
 from pgfleet.drivers.base import DriverError
-from pgfleet.drivers.untrusted import read_tail
+from pgfleet.drivers.untrusted import read_head, read_tail, write_root_file
 
-from . import qcow2
 from .common import GUEST_MAC, QEMU
 from .image import Image
 
@@ -57,6 +56,13 @@ class VmFiles:
         return self.data_cow if self.data_cow.exists() else self.data
 
     @property
+    def backing(self) -> Path:
+        """The template image a copy-on-write disk reads through to, recorded by root when the
+        overlay was made. The overlay's header names it too, but QEMU (the tenant, once the
+        guest escapes into it) holds the overlay read-write: its header is never trusted."""
+        return self.home / "data.backing"
+
+    @property
     def state(self) -> Path:  # device state; exists only while a valid snapshot exists
         return self.home / "vmstate"
 
@@ -85,7 +91,7 @@ class VmFiles:
         return self.home / "microvm.json"
 
     def owned(self) -> list[Path]:
-        return [self.ram, self.data, self.data_cow, self.state, self.state_tmp,
+        return [self.ram, self.data, self.data_cow, self.backing, self.state, self.state_tmp,
                 self.state.with_name(self.state.name + ".durable"), self.qmp, self.pid,
                 self.console, self.qemu_log, self.meta]
 
@@ -94,18 +100,67 @@ def disk_format(disk: Path) -> str:
     return "qcow2" if disk.suffix == ".qcow2" else "raw"
 
 
-def check_backing(disk: Path) -> None:
-    """A copy-on-write disk is only half of the data: refuse to run it without its template
-    image (QEMU would fail less clearly, and nothing may be written to it meanwhile)."""
+def record_backing(files: VmFiles, image: Path) -> None:
+    """Record, root-owned in the instance's home, the template image its overlay reads through to."""
+    write_root_file(files.backing, f"{image.absolute()}\n")
+
+
+def recorded_backing(files: VmFiles) -> Path | None:
+    """The template image recorded by record_backing (None: no record)."""
+    text = read_head(files.backing)
+    if text is None or not text.strip():
+        return None
+    return Path(text.decode(errors="replace").strip())
+
+
+def check_backing(files: VmFiles) -> Path | None:
+    """The template image a copy-on-write disk reads through to (None: a raw disk). A
+    copy-on-write disk is only half of the data: refuse to run it without its template image
+    (QEMU would fail less clearly, and nothing may be written to it meanwhile)."""
+    disk = files.disk
     if disk_format(disk) != "qcow2":
-        return
-    try:
-        backing = qcow2.backing_file(disk)
-    except (OSError, ValueError) as exc:
-        raise DriverError(f"data disk {disk} is unreadable: {exc}") from exc
-    if backing is not None and not backing.exists():
+        return None
+    backing = recorded_backing(files)
+    if backing is None:
+        raise DriverError(f"data disk {disk} has no record of its template image ({files.backing}): "
+                          "it cannot be run (its header is not trusted to name it)")
+    if not backing.exists():
         raise DriverError(f"data disk {disk} reads through to its template image {backing}, "
                           "which is missing: restore that template (same path) to use this database")
+    return backing
+
+
+def _opt(value: object) -> str:
+    """A value inside a QEMU option string (a comma is written as two)."""
+    return str(value).replace(",", ",,")
+
+
+def data_disk_args(data_format: str, backing: Path | None) -> list[str]:
+    """vdb: this instance's data, from the fd set (see qemu_argv). cache=none: guest writes
+    reach the image before the guest sees them complete, so image + RAM file always form a
+    consistent pair. (A qcow2 disk's cluster allocations are written when the guest flushes,
+    as a disk cache would, and when a migration completes: a snapshot still has them all.)
+
+    A qcow2 disk gets its backing chain spelled out (-blockdev): QEMU opens the recorded
+    template image read-only and never the backing file the overlay's header names, which
+    the tenant can rewrite. The device (virtio-blk on node `data`, write cache on as
+    -drive's cache=none sets it) is the one a raw disk's -drive gives, so a template's
+    snapshot (taken on a raw disk) restores onto either."""
+    if data_format != "qcow2":
+        return ["-drive", "id=data,file=/dev/fdset/1,format=raw,if=none,cache=none,aio=threads,discard=unmap",
+                "-device", "virtio-blk-device,drive=data"]
+    if backing is None:
+        raise ValueError("a qcow2 data disk needs its recorded template image")
+    return [
+        # the template's image: page cached and shared by every database made from it
+        "-blockdev", f"driver=file,node-name=template-file,filename={_opt(backing)},read-only=on",
+        "-blockdev", "driver=raw,node-name=template,file=template-file,read-only=on",
+        "-blockdev", "driver=file,node-name=data-file,filename=/dev/fdset/1,aio=threads,"
+                     "cache.direct=on,discard=unmap",
+        "-blockdev", "driver=qcow2,node-name=data,file=data-file,backing=template,"
+                     "cache.direct=on,discard=unmap",
+        "-device", "virtio-blk-device,drive=data,write-cache=on",
+    ]
 
 
 @dataclass(frozen=True)
@@ -119,12 +174,12 @@ class MachineConfig:
 
 def qemu_argv(cfg: MachineConfig, files: VmFiles, *, tap_fd: int, qmp_fd: int,
               incoming: bool, data_fds: tuple[int, int] = (-1, -1),
-              data_format: str = "raw") -> list[str]:
+              data_format: str = "raw", backing: Path | None = None) -> list[str]:
     """data_fds: the data disk opened read-write and read-only by us. QEMU runs as nobody
     and cannot open the (root-only) image itself; it reopens it read-only when a snapshot
     completes and read-write when one is restored, so it needs both, as an fd set.
-    A qcow2 disk's backing file (its template's image, only ever read) is opened by QEMU
-    from the path in its header, at startup, while QEMU is still root."""
+    backing: a qcow2 disk's template image (its recorded one, see check_backing), only ever
+    read; QEMU opens it at startup, while still root (see data_disk_args)."""
     img = cfg.image
     mem = f"{cfg.memory_mb}M"
     accel = ["-accel", "kvm", "-cpu", "host"] if cfg.accel == "kvm" else [
@@ -155,13 +210,8 @@ def qemu_argv(cfg: MachineConfig, files: VmFiles, *, tap_fd: int, qmp_fd: int,
         # vda: the shared read-only root; host page cache serves all VMs.
         "-drive", f"id=root,file={img.rootfs},format=raw,if=none,readonly=on",
         "-device", "virtio-blk-device,drive=root",
-        # vdb: this instance's data. cache=none: guest writes reach the image before the
-        # guest sees them complete, so image + RAM file always form a consistent pair. (A
-        # qcow2 disk's cluster allocations are written when the guest flushes, as a disk
-        # cache would, and when a migration completes: a snapshot still has them all.)
         "-add-fd", f"fd={data_fds[0]},set=1", "-add-fd", f"fd={data_fds[1]},set=1",
-        "-drive", f"id=data,file=/dev/fdset/1,format={data_format},if=none,cache=none,aio=threads,discard=unmap",
-        "-device", "virtio-blk-device,drive=data",
+        *data_disk_args(data_format, backing),
         "-netdev", f"tap,id=net0,fd={tap_fd}",
         "-device", f"virtio-net-device,netdev=net0,mac={GUEST_MAC}",
         # Free page reporting hands memory the guest frees back to the host (holes in the RAM file).
@@ -260,14 +310,14 @@ async def spawn(cfg: MachineConfig, files: VmFiles, tap_fd: int, *, incoming: bo
     listener = _bind_qmp(files.qmp)
     disk = files.disk
     try:
-        check_backing(disk)
+        backing = check_backing(files)
         data_fds = (os.open(disk, os.O_RDWR | os.O_CLOEXEC), os.open(disk, os.O_RDONLY | os.O_CLOEXEC))
     except BaseException:
         listener.close()
         raise
     argv = [*(launcher or []), *qemu_argv(cfg, files, tap_fd=tap_fd, qmp_fd=listener.fileno(),
                                           incoming=incoming, data_fds=data_fds,
-                                          data_format=disk_format(disk))]
+                                          data_format=disk_format(disk), backing=backing)]
     log = open(files.qemu_log, "ab")
     try:
         popen = subprocess.Popen(
