@@ -33,7 +33,7 @@ from ..jail import ensure_jail
 from . import network, vmm
 from .clonepool import ClonePool, Template, copy_template, log_failure
 from .common import GUEST_ADDR, PG_PORT, QEMU, cache_dir
-from .guest import GuestCommandError, GuestControl, NoAdminSession, admin, sql_command
+from .guest import GuestCommand, GuestCommandError, GuestControl, NoAdminSession, admin, sql_command
 from .image import DEFAULT_IMAGE, Image, build_image, register_user
 from .machine import VmPlumbing, disk_template
 from .probe import kvm_works
@@ -207,7 +207,8 @@ class MicroVMDriver(MicroVMWarm, TemplateMaker, VmPlumbing, Driver):
                 # the tenant's role, and the database inside named after the database
                 sql = personalise_sql(spec.role, spec.name)
                 try:
-                    await self._restore(spec, files, timings, self.image, then=[sql_command(sql), b"X"])
+                    await self._restore(spec, files, timings, self.image,
+                                        then=[sql_command(sql), GuestCommand.ADMIN_CLOSE])
                 except NoAdminSession:
                     # A template without init's admin session: personalise over TCP.
                     t1 = time.perf_counter()
@@ -315,7 +316,7 @@ class MicroVMDriver(MicroVMWarm, TemplateMaker, VmPlumbing, Driver):
                 vm.expected_exit = True
                 self.guest.drop(spec.uuid)
                 try:
-                    await self.guest.control(self._netns(spec), [b"H"], timeout=60)
+                    await self.guest.control(self._netns(spec), [GuestCommand.HALT], timeout=60)
                 except (OSError, asyncio.TimeoutError, DriverError) as exc:
                     log.warning("%s: clean shutdown failed (%s); killing the VM", spec.name, exc)
                 if not await vm.wait_exit(30):

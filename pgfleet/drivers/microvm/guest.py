@@ -54,6 +54,17 @@ async def wait_ready(vm: vmm.Vm, backend: Backend, timeout: float) -> None:
                       f"(last error: {last!r}); console: {vmm.tail(vm.files.console)}")
 
 
+class GuestCommand:
+    """The first byte of each command of the guest init's control port (guest/init.c):
+    pgfleet's own protocol, not Postgres's."""
+
+    RESEED = b"R"  # + int64 sec + int64 nsec + 64 random bytes: set the clock, reseed the CRNG
+    ADMIN_OPEN = b"A"  # open the admin session
+    ADMIN_QUERY = b"Q"  # + uint32 length + SQL: run SQL in the admin session
+    ADMIN_CLOSE = b"X"  # close the admin session
+    HALT = b"H"  # fast-shutdown Postgres, unmount, power off
+
+
 def reseed_command() -> bytes:
     """Set the guest clock to now and reseed its CRNG with host randomness.
 
@@ -61,12 +72,12 @@ def reseed_command() -> bytes:
     starts with the same RNG state: both are fixed before anyone else talks to it.
     """
     now = time.time_ns()
-    return b"R" + struct.pack("<qq", now // 10**9, now % 10**9) + os.urandom(64)
+    return GuestCommand.RESEED + struct.pack("<qq", now // 10**9, now % 10**9) + os.urandom(64)
 
 
 def sql_command(sql: str) -> bytes:
     data = sql.encode()
-    return b"Q" + struct.pack("<I", len(data)) + data
+    return GuestCommand.ADMIN_QUERY + struct.pack("<I", len(data)) + data
 
 
 class GuestControl:
@@ -131,8 +142,8 @@ class GuestControl:
                 text = answer.decode(errors="replace").strip()
                 # init's answers for the admin session: "err no admin session",
                 # "err admin session: ...", "err admin session lost" (guest/init.c)
-                kind = NoAdminSession if command[:1] in (b"A", b"Q") and "admin session" in text \
-                    else GuestCommandError
+                of_session = command[:1] in (GuestCommand.ADMIN_OPEN, GuestCommand.ADMIN_QUERY)
+                kind = NoAdminSession if of_session and "admin session" in text else GuestCommandError
                 raise kind(f"guest init refused {command[:1]!r}: {text}")
 
     def drop(self, uuid: str) -> None:

@@ -20,7 +20,7 @@ from pgfleet.drivers.roles import personalise_sql
 from . import network, vmm
 from .clonepool import Template
 from .common import GUEST_ADDR, PG_PORT, QEMU, content_hash
-from .guest import GuestControl, admin, sql_command, wait_ready
+from .guest import GuestCommand, GuestControl, admin, sql_command, wait_ready
 from .image import Image, live_users
 from .snapshot import copy_sparse, sync_snapshot, unlink_quiet
 
@@ -106,7 +106,7 @@ class TemplateMaker:
             # The admin session held by init is part of the snapshot: clones are personalised
             # through it with no TCP handshake and no backend fork. Warm its caches with the
             # very statements personalising runs, rolled back.
-            await self.guest.control(ns, [b"A", sql_command(
+            await self.guest.control(ns, [GuestCommand.ADMIN_OPEN, sql_command(
                 "BEGIN; " + personalise_sql("pgfleet_warmup", "pgfleet_warmup") + "; ROLLBACK")])
             token = await self._save(vm, files)
             # Templates outlive host reboots: make them durable before anyone copies them.
