@@ -48,8 +48,11 @@ class DirWatch:
 
     def __exit__(self, *exc) -> None:
         if self.fd >= 0:
-            asyncio.get_running_loop().remove_reader(self.fd)
-            os.close(self.fd)
+            loop = asyncio.get_running_loop()
+            loop.remove_reader(self.fd)
+            # Closing an inotify instance waits for an SRCU grace period (10-20 ms measured):
+            # on a worker thread, not on the wake's critical path.
+            loop.run_in_executor(None, os.close, self.fd)
             self.fd = -1
 
     def _on_readable(self) -> None:
