@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,3 +133,32 @@ def _write(path: Path, value: str, optional: bool = False) -> None:
     except OSError:
         if not optional:
             raise
+
+
+FAVOR_DYNMODS = "favordynmods"
+
+
+def favor_migrations(mounts: Path = Path("/proc/self/mounts")) -> str:
+    """Make moving a process into a cgroup cheap, and say what was done (for the log).
+
+    Every database start moves its first process into the instance's cgroups, and by default
+    each move waits for an RCU grace period (the kernel's threadgroup lock is biased towards
+    fork and exit): 10-15 ms measured on every wake. The cgroup2 root option `favordynmods`
+    (Linux 6.1+) biases it the other way, for the whole host, at a small cost to every fork and
+    exit. It is a property of the one cgroup2 root, so it works on a v1 host too where a
+    cgroup2 hierarchy is mounted (systemd's hybrid layout). The remount keeps every option the
+    mount has."""
+    for line in mounts.read_text().splitlines():
+        fields = line.split()
+        if len(fields) < 4 or fields[2] != "cgroup2":
+            continue
+        target, options = fields[1], fields[3].split(",")
+        if FAVOR_DYNMODS in options:
+            return f"cgroup2 {target}: {FAVOR_DYNMODS} already on"
+        wanted = ",".join(["remount", *[o for o in options if o not in ("rw", "ro")], FAVOR_DYNMODS])
+        done = subprocess.run(["mount", "-o", wanted, target], capture_output=True, text=True)
+        if done.returncode != 0:
+            return f"cgroup2 {target}: could not turn {FAVOR_DYNMODS} on ({done.stderr.strip()[:200]}): " \
+                   "every database start waits for an RCU grace period"
+        return f"cgroup2 {target}: {FAVOR_DYNMODS} turned on (joining a cgroup no longer waits for an RCU grace period)"
+    return f"no cgroup2 mount: every database start waits for an RCU grace period to join its cgroups"

@@ -29,6 +29,7 @@ from pgfleet.drivers.base import Backend, Driver, DriverError, DriverUnavailable
 from pgfleet.drivers.roles import MAINTENANCE_DATABASE, DatabaseNames, check_role_name, personalise_sql
 from pgfleet.pgwire.client import QueryError
 
+from ..cgroups import favor_migrations
 from ..jail import ensure_jail
 from . import network, vmm
 from .clonepool import ClonePool, Template, copy_template, log_failure
@@ -132,6 +133,7 @@ class MicroVMDriver(MicroVMWarm, TemplateMaker, VmPlumbing, Driver):
             raise DriverUnavailable("/dev/net/tun is missing: VMs need a TAP device")
         self.image = await asyncio.to_thread(build_image, self.image_name, self.cache)
         self.jail = await ensure_jail(self.cache)
+        log.info("%s", await asyncio.to_thread(favor_migrations))  # QEMU joins its cgroups at each start
         if self.accel is None:
             self.accel = "kvm" if await asyncio.to_thread(kvm_works) else "tcg"
             if self.accel == "tcg":
