@@ -1,6 +1,6 @@
 /* pgfleet-jail: the last step before a sandboxed database's postgres (or a test's tenant shell)
- * runs. Started by the daemon as root, as PID 1 of fresh mount/PID/IPC/UTS/network/cgroup
- * namespaces (`unshare --fork`), already in the instance's cgroups. It
+ * runs. Started by the daemon as root with -n, which joins the instance's cgroups, makes fresh
+ * mount/PID/IPC/UTS/network/cgroup namespaces and forks; as PID 1 of them it
  *   1. builds a private root: a read-only tmpfs holding read-only binds of /usr and /etc (and
  *      /bin, /lib... or their merged-usr symlinks), a minimal /dev, a fresh /proc of its PID
  *      namespace, size-limited private /tmp and /dev/shm (tmpfs: charged to the instance's
@@ -17,10 +17,13 @@
  * Any failure exits 111 with one line on stderr; nothing runs half-jailed.
  *
  * usage: pgfleet-jail [-w] UID TMP_MB DATA_DIR SOCKET_DIR AUTH_DIR [WAL_DIR] -- COMMAND [ARG...]
+ *        pgfleet-jail -n CGROUP_PROCS_FILE... -- [-w] UID TMP_MB ... (the same)
+ * (-n: join the instance's cgroups, make the fresh namespaces and fork (see
+ *  join_and_enter_namespaces), then the child jails as above: the daemon's one exec per start)
  *        pgfleet-jail -j CGROUP_PROCS_FILE... -- COMMAND [ARG...]
- * (-j: the step before `unshare`: join the instance's cgroups (write 0 to each cgroup.procs) and
- *  exec COMMAND. The daemon spawns this instead of joining between fork and exec itself: Python
- *  code between fork and exec forces a full fork() of the daemon (page tables and all, ~10-30 ms
+ * (-j: join the instance's cgroups (write 0 to each cgroup.procs) and exec COMMAND: the microVM
+ *  driver's QEMU. -n and -j exist because the daemon must not join cgroups between fork and exec
+ *  itself: Python code there forces a full fork() of the daemon (page tables and all, ~10-30 ms
  *  on a wake's critical path), while a plain exec lets it use vfork.)
  * (WAL_DIR: pg_wal's own filesystem, for a database with a disk limit; bound read-write)
  * (-w: wait until the host's root is detached before exec; see detach_old_root)
@@ -209,9 +212,9 @@ static void drop_privileges(uid_t uid) {
     if (setresgid(uid, uid, uid) != 0) die("setresgid", NULL);
     if (setresuid(uid, uid, uid) != 0) die("setresuid", NULL); /* clears permitted/effective */
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) die("no_new_privs", NULL);
-    /* The uid change cleared the parent-death signal `unshare --kill-child` set: set it again,
-     * so that when unshare (the daemon's handle on the instance) is killed, this process (PID 1
-     * of the namespace: postgres, after exec) dies and takes every process of the namespace. */
+    /* The uid change cleared the parent-death signal -n set: set it again, so that when the
+     * parent (the daemon's handle on the instance) is killed, this process (PID 1 of the
+     * namespace: postgres, after exec) dies and takes every process of the namespace. */
     if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) != 0) die("parent-death signal", NULL);
 }
 
@@ -310,8 +313,43 @@ static int join_cgroups_then_exec(int argc, char **argv) {
     return 111;
 }
 
+/* -n: join the cgroups, unshare the namespaces and fork. The child (PID 1 of the new PID
+ * namespace) returns the index of the "--" that ends the cgroup list and goes on as the jail
+ * with what follows; the parent (the daemon's handle on the instance) waits for it and exits
+ * with its status. What `unshare --fork --kill-child` did, without exec'ing a dynamically
+ * linked program on every wake. */
+static int join_and_enter_namespaces(int argc, char **argv) {
+    int i = 2;
+    for (; i < argc && strcmp(argv[i], "--") != 0; i++) {
+        int fd = open(argv[i], O_WRONLY | O_CLOEXEC);
+        if (fd < 0) die("open", argv[i]);
+        if (write(fd, "0", 1) != 1) die("join cgroup", argv[i]);
+        close(fd);
+    }
+    if (i >= argc) { errno = EINVAL; die("-n without --", NULL); }
+    if (unshare(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWNET | CLONE_NEWCGROUP) != 0)
+        die("unshare", NULL);
+    pid_t child = fork();
+    if (child < 0) die("fork", NULL);
+    if (child == 0) {
+        /* killed with the parent (set again after the uid change: see drop_privileges) */
+        if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) != 0) die("parent-death signal", NULL);
+        return i;
+    }
+    int status;
+    while (waitpid(child, &status, 0) != child)
+        if (errno != EINTR) die("waitpid", NULL);
+    if (WIFSIGNALED(status)) exit(128 + WTERMSIG(status));
+    exit(WIFEXITED(status) ? WEXITSTATUS(status) : 111);
+}
+
 int main(int argc, char **argv) {
     if (argc > 1 && strcmp(argv[1], "-j") == 0) return join_cgroups_then_exec(argc, argv);
+    if (argc > 1 && strcmp(argv[1], "-n") == 0) {
+        int rest = join_and_enter_namespaces(argc, argv); /* only the child returns */
+        argv += rest; /* argv[0] is now the "--" */
+        argc -= rest;
+    }
     int wait_detach = argc > 1 && strcmp(argv[1], "-w") == 0;
     argv += wait_detach;
     argc -= wait_detach;

@@ -64,14 +64,13 @@ def jail_argv(jail: Path, uid: int, tmp_mb: int, data: Path, sockets: Path, auth
               argv: list[str], cgroup_procs: list[str], wait_detach: bool = False,
               wal: Path | None = None) -> list[str]:
     """`argv` in the instance's cgroups (`cgroup_procs`: its cgroup.procs files), in fresh
-    namespaces (unshare: PID 1 of a new PID namespace, killed with its parent), jailed (see
-    jail.c). The cgroups are joined first (`pgfleet-jail -j`, before unshare), so the cgroup
-    namespace is rooted at the instance's own cgroup; the caller spawns this with no Python
-    code between fork and exec, which lets the daemon vfork."""
+    mount, PID, IPC, UTS, network and cgroup namespaces (PID 1 of the new PID namespace, killed
+    with the process the caller spawns), jailed (see jail.c). The cgroups are joined first, so
+    the cgroup namespace is rooted at the instance's own cgroup. One exec of a static binary
+    (`pgfleet-jail -n`); the caller spawns it with no Python code between fork and exec, which
+    lets the daemon vfork."""
     return [
-        str(jail), "-j", *cgroup_procs, "--",
-        "unshare", "--mount", "--pid", "--fork", "--ipc", "--uts", "--net", "--cgroup", "--kill-child",
-        "--", str(jail), *(["-w"] if wait_detach else []), str(uid), str(tmp_mb),
+        str(jail), "-n", *cgroup_procs, "--", *(["-w"] if wait_detach else []), str(uid), str(tmp_mb),
         os.path.realpath(data), os.path.realpath(sockets), os.path.realpath(auth),
         *([os.path.realpath(wal)] if wal is not None else []), "--", *argv,
     ]
