@@ -59,6 +59,8 @@ CREATE TABLE IF NOT EXISTS transitions (
     reason      TEXT
 );
 CREATE INDEX IF NOT EXISTS transitions_uuid ON transitions(uuid, id);
+-- the quotas' live count on every start and create, and db list --state: no scan of every row
+CREATE INDEX IF NOT EXISTS instances_state ON instances(state);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
