@@ -189,7 +189,11 @@ def main() -> None:
     home = base / "home"
     env = dict(os.environ, PGFLEET_HOME=str(home), PGFLEET_QUOTA_INSTANCES=str(args.databases + 10),
                PGFLEET_QUOTA_LIVE_INSTANCES=str(max(args.storm, args.restart_running) + 10),
-               PGFLEET_QUOTA_LIVE_MEMORY_MB=str(10**7))
+               PGFLEET_QUOTA_LIVE_MEMORY_MB=str(10**7),
+               # the storm's clients all come from 127.0.0.1: one source address, as behind a
+               # load balancer; the default cap of 256 authenticating per source would refuse
+               # the rest (docs/security.md)
+               PGFLEET_LIMIT_MAX_PENDING_PER_SOURCE=str(args.storm + 64))
     d = Daemon(home, env)
     result: dict = {"benchmark": "density", "driver": "sandbox", "machine": machine(), "args": vars(args)}
     try:

@@ -24,8 +24,10 @@ from pgfleet.drivers import make_driver, swap
 from pgfleet.edge.settings import EdgeSettings
 from pgfleet.fleet.manager import Fleet
 from pgfleet.fleet.memory import MemoryManager
+from pgfleet.fleet.errors import InvalidRequest
 from pgfleet.fleet.quotas import Quotas
-from pgfleet.proxy.guards import ProxyGuards
+from pgfleet.overrides import OverrideError
+from pgfleet.proxy.guards import GuardLimits, ProxyGuards
 from pgfleet.proxy.server import ProxyServer
 from pgfleet.store import Store
 
@@ -80,6 +82,17 @@ class AlreadyRunning(RuntimeError):
 
 class ListenError(RuntimeError):
     """A listener could not be bound (one line for the user, no traceback)."""
+
+
+class LimitsError(RuntimeError):
+    """A quota or limit (file or environment) cannot be read (one line, no traceback)."""
+
+
+def _load_limits(home: Path) -> tuple[Quotas, GuardLimits]:
+    try:
+        return Quotas.load(home), GuardLimits.load(home)
+    except (InvalidRequest, OverrideError) as exc:
+        raise LimitsError(str(exc)) from None
 
 
 async def _start_listening(server, what: str, value: str) -> None:
@@ -156,12 +169,13 @@ async def serve(opts: DaemonOptions, ready: asyncio.Future | None = None) -> Non
     api_host, api_port = parse_hostport(opts.api, "--api")
     http_addr = parse_hostport(opts.listen_http, "--listen-http") if opts.listen_http else None
     token = ensure_token(opts.home)
+    quotas, limits = _load_limits(opts.home)  # before anything changes: a bad value changes nothing
 
     swap_setup = swap.enable(opts.home / "swapfile", opts.swap_bytes) if opts.swap_bytes else None
     store = Store(opts.home / "state.db")
     make_private(opts.home)
     driver = make_driver(opts.driver, opts.home)
-    fleet = Fleet(store, driver, opts.home, quotas=Quotas.load(opts.home))
+    fleet = Fleet(store, driver, opts.home, quotas=quotas)
     log.info("pgfleet %s starting on %s with the %s driver", __version__, opts.home, driver.name)
     await driver.prepare()
     await fleet.recover()
@@ -182,7 +196,8 @@ async def serve(opts: DaemonOptions, ready: asyncio.Future | None = None) -> Non
         routing = FleetRouting(opts.kubeconfig, opts.node_name)
         log.info("fleet routing through the cluster (%s) as node %s", opts.kubeconfig, opts.node_name)
     tls_ctx, ca_file = _tls(opts, [proxy_host, pooled_host] + ([http_addr[0]] if http_addr else []))
-    guards = ProxyGuards()  # pre-auth caps, login backoff and pooler memory: one set for both listeners
+    # pre-auth caps, login backoff and pooler memory: one set for both listeners
+    guards = ProxyGuards(limits=limits)
     direct = ProxyServer(fleet, proxy_host, proxy_port, remote=routing.direct if routing else None,
                          mode="session", tls=tls_ctx, domain=opts.domain, guards=guards)
     pooled = ProxyServer(fleet, pooled_host, pooled_port, remote=routing.pooled if routing else None,
@@ -300,9 +315,8 @@ def _tls(opts: DaemonOptions, hosts: list[str]):
 def warn_host_limits(home: Path) -> None:
     """A clear warning for each host limit too low for the configured quotas."""
     from pgfleet import hostlimits
-    from pgfleet.fleet.quotas import Quotas
 
-    quotas = Quotas.load(home)
+    quotas, _ = _load_limits(home)
     for problem in hostlimits.problems(hostlimits.checks(home, quotas.instances, quotas.live_instances)):
         log.warning("this host cannot hold the configured fleet: %s", problem)
 

@@ -158,7 +158,7 @@ def up(
         if as_json:
             _print_json(dataclasses.asdict(info))
         return
-    from pgfleet.daemon import AlreadyRunning, DaemonOptions, ListenError, run
+    from pgfleet.daemon import AlreadyRunning, DaemonOptions, LimitsError, ListenError, run
     from pgfleet.edge.settings import MiB, EdgeSettings
 
     http = EdgeSettings(max_request_bytes=v["http_max_request_mb"] * MiB,
@@ -171,7 +171,7 @@ def up(
                           log_format=v["log_format"], listen_http=v["listen_http"] if http_on else None,
                           http=http, http_tls=v["http_tls"],
                           swap_bytes=sizes["--swap"], memory_budget_bytes=sizes["--memory-budget"]))
-    except (AlreadyRunning, ListenError) as exc:
+    except (AlreadyRunning, LimitsError, ListenError) as exc:
         raise CliError(str(exc)) from None
 
 

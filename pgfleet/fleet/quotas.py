@@ -9,11 +9,11 @@ live ones (starting, running, draining, stopping) count against the live limits.
 
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Mapping
+
+from pgfleet import overrides
 
 from . import states
 from .errors import InvalidRequest, QuotaExceeded
@@ -32,30 +32,10 @@ class Quotas:
 
     @classmethod
     def load(cls, home: Path | str | None = None, environ: Mapping[str, str] | None = None) -> "Quotas":
-        env: Mapping[str, str] = os.environ if environ is None else environ
-        values: dict[str, Any] = {}  # as written (JSON or the environment): checked below
-        if home is not None:
-            path = Path(home) / "quotas.json"
-            if path.exists():
-                data = json.loads(path.read_text())
-                if not isinstance(data, dict):
-                    raise InvalidRequest(f"{path}: expected a JSON object")
-                values.update(data)
-        for f in fields(cls):
-            raw = env.get(ENV_PREFIX + f.name.upper())
-            if raw is not None:
-                values[f.name] = raw
-        out = cls()
-        for f in fields(cls):
-            if f.name in values:
-                try:
-                    value = int(values[f.name])
-                except (TypeError, ValueError):
-                    raise InvalidRequest(f"quota {f.name} must be an integer, not {values[f.name]!r}") from None
-                if value < 0:
-                    raise InvalidRequest(f"quota {f.name} must not be negative")
-                setattr(out, f.name, value)
-        return out
+        try:
+            return overrides.load(cls(), home, "quotas.json", ENV_PREFIX, "quota", environ)
+        except overrides.OverrideError as exc:
+            raise InvalidRequest(str(exc)) from None
 
     def hard(self) -> dict[str, int]:
         return asdict(self)

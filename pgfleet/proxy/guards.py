@@ -17,11 +17,17 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from pathlib import Path
+from typing import Mapping
 from dataclasses import dataclass, field
 
+from pgfleet import overrides
 from pgfleet.pgwire.messages import MAX_READ_WHOLE
 
 from .errors import ClientError
+
+ENV_PREFIX = "PGFLEET_LIMIT_"
+
 
 @dataclass(frozen=True)
 class GuardLimits:
@@ -44,6 +50,12 @@ class GuardLimits:
     max_read_whole: int = MAX_READ_WHOLE
     #: what the pooler may hold for all clients together (messages read whole, statement texts)
     memory_budget: int = 128 << 20
+
+    @classmethod
+    def load(cls, home: Path | str | None = None, environ: Mapping[str, str] | None = None) -> "GuardLimits":
+        """The defaults, then `<home>/limits.json`, then PGFLEET_LIMIT_<FIELD> (e.g. behind a
+        load balancer every client has one source address: PGFLEET_LIMIT_MAX_PENDING_PER_SOURCE)."""
+        return overrides.load(cls(), home, "limits.json", ENV_PREFIX, "limit", environ)
 
 
 class Pending:

@@ -188,3 +188,19 @@ def test_resolve_home_prefers_the_given_then_the_environment(monkeypatch, tmp_pa
     assert resolve_home(Path("rel")) == Path.cwd() / "rel"
     monkeypatch.delenv("PGFLEET_HOME")
     assert resolve_home().name == "pgfleet"
+
+
+def test_limits_before_authentication_come_from_file_then_environment(tmp_path):
+    """The proxy's limits an operator raises (e.g. every client behind one load balancer has
+    one source address): defaults, then <home>/limits.json, then PGFLEET_LIMIT_*."""
+    from pgfleet.overrides import OverrideError
+    from pgfleet.proxy.guards import GuardLimits
+
+    assert GuardLimits.load(tmp_path, environ={}) == GuardLimits()
+    (tmp_path / "limits.json").write_text('{"max_pending_per_source": 2000, "startup_timeout_s": 5.5}')
+    limits = GuardLimits.load(tmp_path, environ={"PGFLEET_LIMIT_MAX_PENDING_PER_SOURCE": "3000"})
+    assert (limits.max_pending_per_source, limits.startup_timeout_s) == (3000, 5.5)
+    with pytest.raises(OverrideError, match="limit max_pending must be an integer, not 'many'"):
+        GuardLimits.load(tmp_path, environ={"PGFLEET_LIMIT_MAX_PENDING": "many"})
+    with pytest.raises(OverrideError, match="limit backoff_base_s must not be negative"):
+        GuardLimits.load(tmp_path, environ={"PGFLEET_LIMIT_BACKOFF_BASE_S": "-1"})
