@@ -72,19 +72,25 @@ class UidRegistry:
     def allocate(self, owner: Path) -> int:
         """A uid for `owner` (an instance's home, which must exist), recorded host-wide.
 
-        A uid no entry has ever held comes first, counting on from the highest held (one
-        listing of the registry, a set lookup per uid, one scan of the processes and one
-        passwd lookup per candidate: a host with 10,000 databases allocates as fast as an
-        empty one). Only when none is left is a stale entry's uid (its owner directory gone,
-        nothing running under it) given again: a fresh uid can own no forgotten file."""
+        A uid no entry has ever held comes first, counting on from the last one given (a hint
+        file: no listing of the registry, one process scan and one passwd lookup per candidate:
+        a host with 10,000 databases allocates as fast as an empty one); past the end of the
+        range, from the highest held, then from the start (one listing). Only when none is left
+        is a stale entry's uid (its owner directory gone, nothing running under it) given again:
+        a fresh uid can own no forgotten file."""
         owner_s = os.path.realpath(owner)
         fd = self._locked()
         try:
             mine = self._uid_of_owner(owner_s)
             if mine is not None:
                 return mine  # an interrupted create of this very instance
-            taken = {int(n) for n in os.listdir(self.root) if n.isdigit()}
             unused = _UnusedUids()
+            hint = self._next_hint()
+            if hint is not None:
+                for uid in range(hint, UID_LAST + 1):
+                    if not (self.root / str(uid)).exists() and unused(uid):
+                        return self._record(uid, owner_s)
+            taken = {int(n) for n in os.listdir(self.root) if n.isdigit()}
             after = max(taken, default=UID_FIRST - 1) + 1
             for uid in itertools.chain(range(after, UID_LAST + 1), range(UID_FIRST, after)):
                 if uid not in taken and unused(uid):
@@ -111,12 +117,24 @@ class UidRegistry:
             return None
         return uid if self._owner(uid) == owner_s else None
 
+    def _next_hint(self) -> int | None:
+        """Where the last fresh allocation left off (None: unknown, or past the range)."""
+        try:
+            hint = int((self.root / ".next").read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        return hint if UID_FIRST <= hint <= UID_LAST else None
+
     def _record(self, uid: int, owner_s: str) -> int:
         for path, text in ((self.root / str(uid), owner_s), (self._owner_key(owner_s), str(uid))):
             path.parent.mkdir(mode=0o700, exist_ok=True)
             tmp = path.with_name(f".{path.name}.tmp")
             tmp.write_text(text)
             tmp.rename(path)
+        hint = self.root / ".next"
+        if uid >= (self._next_hint() or UID_FIRST):
+            hint.with_name(".next.tmp").write_text(str(uid + 1))
+            hint.with_name(".next.tmp").rename(hint)
         return uid
 
     def claim(self, uid: int, owner: Path) -> None:
