@@ -183,7 +183,7 @@ async def serve(opts: DaemonOptions, ready: asyncio.Future | None = None) -> Non
         from pgfleet.fleet.branches import Backups
 
         Backups(fleet).start()  # continuous archiving, base backups, retention
-    warn_host_limits(opts.home)
+    warn_host_limits(opts.home, quotas)
     fleet.memory = MemoryManager(fleet, opts.memory_budget_bytes)
     fleet.memory.start()
     log.info("standby: %s; memory budget %.0f MiB", fleet.standby_status()["explain"],
@@ -312,11 +312,10 @@ def _tls(opts: DaemonOptions, hosts: list[str]):
     return server_context(files), files.ca
 
 
-def warn_host_limits(home: Path) -> None:
+def warn_host_limits(home: Path, quotas: Quotas) -> None:
     """A clear warning for each host limit too low for the configured quotas."""
     from pgfleet import hostlimits
 
-    quotas, _ = _load_limits(home)
     for problem in hostlimits.problems(hostlimits.checks(home, quotas.instances, quotas.live_instances)):
         log.warning("this host cannot hold the configured fleet: %s", problem)
 

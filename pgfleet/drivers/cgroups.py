@@ -161,4 +161,4 @@ def favor_migrations(mounts: Path = Path("/proc/self/mounts")) -> str:
             return f"cgroup2 {target}: could not turn {FAVOR_DYNMODS} on ({done.stderr.strip()[:200]}): " \
                    "every database start waits for an RCU grace period"
         return f"cgroup2 {target}: {FAVOR_DYNMODS} turned on (joining a cgroup no longer waits for an RCU grace period)"
-    return f"no cgroup2 mount: every database start waits for an RCU grace period to join its cgroups"
+    return "no cgroup2 mount: every database start waits for an RCU grace period to join its cgroups"

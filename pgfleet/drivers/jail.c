@@ -295,8 +295,9 @@ static void install_seccomp(void) {
     if (prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog, 0, 0) != 0) die("seccomp", NULL);
 }
 
-/* -j: join cgroups, then exec what follows "--" (still root, still in the host's namespaces) */
-static int join_cgroups_then_exec(int argc, char **argv) {
+/* -j and -n: move this process into each cgroup named (its cgroup.procs files) from argv[2] up
+ * to "--"; returns the index of that "--" (argc if there is none). */
+static int join_cgroups(int argc, char **argv) {
     int i = 2;
     for (; i < argc && strcmp(argv[i], "--") != 0; i++) {
         int fd = open(argv[i], O_WRONLY | O_CLOEXEC);
@@ -304,6 +305,12 @@ static int join_cgroups_then_exec(int argc, char **argv) {
         if (write(fd, "0", 1) != 1) die("join cgroup", argv[i]);
         close(fd);
     }
+    return i;
+}
+
+/* -j: join cgroups, then exec what follows "--" (still root, still in the host's namespaces) */
+static int join_cgroups_then_exec(int argc, char **argv) {
+    int i = join_cgroups(argc, argv);
     if (i + 1 >= argc) {
         fprintf(stderr, "usage: pgfleet-jail -j CGROUP_PROCS_FILE... -- COMMAND [ARG...]\n");
         return 111;
@@ -319,13 +326,7 @@ static int join_cgroups_then_exec(int argc, char **argv) {
  * with its status. What `unshare --fork --kill-child` did, without exec'ing a dynamically
  * linked program on every wake. */
 static int join_and_enter_namespaces(int argc, char **argv) {
-    int i = 2;
-    for (; i < argc && strcmp(argv[i], "--") != 0; i++) {
-        int fd = open(argv[i], O_WRONLY | O_CLOEXEC);
-        if (fd < 0) die("open", argv[i]);
-        if (write(fd, "0", 1) != 1) die("join cgroup", argv[i]);
-        close(fd);
-    }
+    int i = join_cgroups(argc, argv);
     if (i >= argc) { errno = EINVAL; die("-n without --", NULL); }
     if (unshare(CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWNET | CLONE_NEWCGROUP) != 0)
         die("unshare", NULL);

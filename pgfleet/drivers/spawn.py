@@ -34,15 +34,7 @@ class Spawned:
     async def wait(self) -> int:
         if self._popen.poll() is not None:
             return self._popen.returncode
-        loop = asyncio.get_running_loop()
-        fd = os.pidfd_open(self.pid)  # our unreaped child: the pid cannot have been reused
-        done: asyncio.Future[None] = loop.create_future()
-        loop.add_reader(fd, lambda: done.done() or done.set_result(None))
-        try:
-            await done
-        finally:
-            loop.remove_reader(fd)
-            os.close(fd)
+        await wait_pid_exit(self.pid)  # our unreaped child: the pid cannot have been reused
         return self._popen.wait()
 
 
@@ -50,3 +42,21 @@ def spawn(argv: list[str], *, stdout: IO | int | None = None, stderr: IO | int |
     """`argv` in a new session, stdin from /dev/null, descriptors closed (vfork: ~1 ms)."""
     return Spawned(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
                                     start_new_session=True, close_fds=True))
+
+
+async def wait_pid_exit(pid: int) -> None:
+    """Wait until process `pid` has exited, on a pidfd (no polling, no thread). For a process
+    that is not our child (a postmaster adopted after a restart) the pidfd also rules out a
+    reused pid; one already gone returns at once."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+    loop.add_reader(fd, lambda: done.done() or done.set_result(None))
+    try:
+        await done
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)

@@ -66,7 +66,6 @@ class SandboxDriver(SandboxProcesses, SandboxWarm, SandboxRecovery, SandboxIdent
         self._log_guard: asyncio.Task | None = None
         self._stopping: set[asyncio.Task] = set()  # background stops of strays found by recover()
         self._running: dict[str, _Running] = {}
-        self._favoured = False  # cgroups.favor_migrations() done
         self._scanned: dict[str, int] | None = None  # postmasters by data dir, during a recovery
         self.home_tag = _home_tag(state_dir)
         self.cgroup_parent = f"{CGROUP_PARENT}/{self.home_tag}"
@@ -110,9 +109,7 @@ class SandboxDriver(SandboxProcesses, SandboxWarm, SandboxRecovery, SandboxIdent
         lower = await ensure_lower(self.template) if overlay_supported() else None
         self.storage = OverlayStorage(lower)
         self.jail = await ensure_jail(self.cache_dir)
-        if not self._favoured:  # once per driver: a remount, logged
-            self._favoured = True
-            log.info("%s", await asyncio.to_thread(cgroups.favor_migrations))
+        log.info("%s", await asyncio.to_thread(cgroups.favor_migrations))  # at most one remount, logged
 
     async def create(self, spec: InstanceSpec) -> Backend:
         await self.provision(spec)

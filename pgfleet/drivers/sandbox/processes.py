@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..base import Backend, DriverError, InstanceSpec
-from ..spawn import Spawned, spawn
+from ..spawn import Spawned, spawn, wait_pid_exit
 from ..untrusted import read_head, read_tail, rotate_log
 from ..jail import jail_argv
 from . import archive, disk
@@ -119,7 +119,7 @@ class SandboxProcesses:
             # PID 1 first: the kernel kills the rest of its namespace, and unshare (still
             # alive) reaps it and exits, so nothing is left to the host's init as a zombie
             _kill(postmaster, signal.SIGKILL)
-            await _wait_pid_exit(postmaster)
+            await wait_pid_exit(postmaster)
         self._cgroup(spec).kill()  # anything else (a start cut short before the fork)
         if proc.returncode is None:
             proc.kill()
@@ -236,7 +236,7 @@ class SandboxProcesses:
     async def _adopt_or_stop(self, spec: InstanceSpec, pm_pid: int, keep: bool) -> Backend | None:
         """A postmaster we did not start in this daemon's life: watch it, or stop it."""
         if spec.uuid not in self._running:
-            self._watch(spec, pm_pid, _wait_pid_exit(pm_pid))
+            self._watch(spec, pm_pid, wait_pid_exit(pm_pid))
         if keep and _is_ready(self.data_dir(spec)):
             return self.backend(spec)
         await self._shutdown(spec, signal.SIGINT)
@@ -279,20 +279,3 @@ async def _exits_within(entry: _Running, timeout: float) -> bool:
     except asyncio.TimeoutError:
         return False
     return True
-
-
-async def _wait_pid_exit(pid: int) -> None:
-    """Wait for a process that is not our child to exit (pidfd: no polling, no pid reuse race)."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    loop = asyncio.get_running_loop()
-    done = loop.create_future()
-    loop.add_reader(fd, lambda: done.done() or done.set_result(None))
-    try:
-        await done
-    finally:
-        loop.remove_reader(fd)
-        os.close(fd)
-

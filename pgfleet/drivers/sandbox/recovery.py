@@ -13,7 +13,8 @@ from pathlib import Path
 
 from ..base import Backend, InstanceSpec
 from .procscan import find_postmaster, find_postmasters
-from .processes import QUIT_TIMEOUT_S, _is_ready, _wait_pid_exit
+from ..spawn import wait_pid_exit
+from .processes import QUIT_TIMEOUT_S, _is_ready
 from .storage import mounted_data_dirs
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ class SandboxRecovery:
         # in the background, so that one tenant never holds up the daemon's start. A start
         # of this instance in the meantime waits for that stop (same waiter).
         if spec.uuid not in self._running:
-            self._watch(spec, pm, _wait_pid_exit(pm))
+            self._watch(spec, pm, wait_pid_exit(pm))
         # immediate shutdown: it was not serving, and WAL recovery makes the next start whole
         task = asyncio.create_task(self._shutdown(spec, signal.SIGQUIT, QUIT_TIMEOUT_S))
         self._stopping.add(task)
