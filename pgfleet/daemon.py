@@ -20,7 +20,7 @@ from pgfleet import __version__
 from pgfleet.api.app import create_app
 from pgfleet.api.common import ApiContext
 from pgfleet.config import DaemonInfo, ensure_token, parse_hostport
-from pgfleet.drivers import make_driver, swap
+from pgfleet.drivers import cowstore, make_driver, swap
 from pgfleet.edge.settings import EdgeSettings
 from pgfleet.fleet.manager import Fleet
 from pgfleet.fleet.memory import MemoryManager
@@ -62,6 +62,9 @@ class DaemonOptions:
     swap_bytes: int | None = None
     #: the fleet's memory budget (default: a share of host RAM)
     memory_budget_bytes: int | None = None
+    #: branches by reflink on a host without XFS/btrfs: a sparse XFS image of this size made
+    #: under the home for the databases' files (once; mounted again at every start)
+    cow_image_bytes: int | None = None
 
 
 class _Uvicorn(uvicorn.Server):
@@ -171,6 +174,7 @@ async def serve(opts: DaemonOptions, ready: asyncio.Future | None = None) -> Non
     token = ensure_token(opts.home)
     quotas, limits = _load_limits(opts.home)  # before anything changes: a bad value changes nothing
 
+    branch_storage = cowstore.prepare(opts.home, opts.cow_image_bytes)  # before any database's file is touched
     swap_setup = swap.enable(opts.home / "swapfile", opts.swap_bytes) if opts.swap_bytes else None
     store = Store(opts.home / "state.db")
     make_private(opts.home)
@@ -226,7 +230,7 @@ async def serve(opts: DaemonOptions, ready: asyncio.Future | None = None) -> Non
         driver=driver.name, home=str(opts.home), ca_file=str(ca_file) if ca_file else None, domain=opts.domain,
         proxy_stats=lambda: {"direct": dataclasses.asdict(direct.stats), "pooled": dataclasses.asdict(pooled.stats),
                              "guards": guards.stats()},
-        proxies={"direct": direct, "pooled": pooled},
+        proxies={"direct": direct, "pooled": pooled}, branch_storage=branch_storage.to_json(),
     )
     api = _Uvicorn(uvicorn.Config(
         create_app(ctx), host=api_host, port=api_port, log_level="warning", lifespan="off",
@@ -278,6 +282,8 @@ async def serve(opts: DaemonOptions, ready: asyncio.Future | None = None) -> Non
         await fleet.shutdown()
         if swap_setup is not None:
             swap_setup.undo()  # the host as it was (no frozen database is left to need it)
+        if branch_storage.image is not None:
+            cowstore.unmount(opts.home)  # every database is suspended: nothing holds it (kept if something does)
         await api_task
         if routing is not None:
             await routing.close()

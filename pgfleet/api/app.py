@@ -146,6 +146,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
             "standby": ctx.fleet.standby_status(),
             "memory": ctx.fleet.memory.status() if ctx.fleet.memory is not None else None,
             "proxy": stats() if stats else None,
+            "branch_storage": ctx.branch_storage,
         })
 
     @app.get("/docs", include_in_schema=False)

@@ -59,6 +59,8 @@ class ApiContext:
     domain: str | None = None
     #: the listeners by name ("direct", "pooled"), read on a metrics scrape
     proxies: dict[str, Any] | None = None
+    #: how a branch copies its parent's files (drivers/cowstore.BranchStorage.to_json)
+    branch_storage: dict[str, Any] | None = None
 
 
 class ApiError(Exception):

@@ -96,6 +96,10 @@ def up(
                                                   "warm standby, e.g. 4G; removed at stop"),
     memory_budget: Optional[str] = typer.Option(None, help="memory the databases may use, e.g. 16G "
                                                            "(default: 75% of RAM); beyond it idle ones are demoted"),
+    cow_image: Optional[str] = typer.Option(None, help="branches by copy-on-write (reflink) on a host whose home is "
+                                                       "not on XFS/btrfs: make a sparse XFS image of this size, "
+                                                       "e.g. 20G, for the databases' files (kept; mounted at "
+                                                       "every start)"),
     as_json: bool = JsonOpt,
 ) -> None:
     """Run the pgfleet daemon (foreground; Ctrl-C suspends databases and stops cleanly).
@@ -146,19 +150,21 @@ def up(
     from pgfleet.drivers.swap import parse_size
 
     sizes: dict[str, int | None] = {}
-    for flag, value in (("--swap", swap), ("--memory-budget", memory_budget)):
+    for flag, value in (("--swap", swap), ("--memory-budget", memory_budget), ("--cow-image", cow_image)):
         try:
             sizes[flag] = parse_size(value) if value is not None else None
         except ValueError as exc:
             raise CliError(f"{flag}: {exc}") from None
     # not remembered in the config: they change the host (a swap file), given each time
-    extra = [f"{flag}={value}" for flag, value in (("--swap", swap), ("--memory-budget", memory_budget)) if value]
+    extra = [f"{flag}={value}" for flag, value in
+             (("--swap", swap), ("--memory-budget", memory_budget), ("--cow-image", cow_image)) if value]
     if detach:
         info = _detach(h, v, timeout, quiet=as_json, extra=extra)
         if as_json:
             _print_json(dataclasses.asdict(info))
         return
     from pgfleet.daemon import AlreadyRunning, DaemonOptions, LimitsError, ListenError, run
+    from pgfleet.drivers.cowstore import CowStoreError
     from pgfleet.edge.settings import MiB, EdgeSettings
 
     http = EdgeSettings(max_request_bytes=v["http_max_request_mb"] * MiB,
@@ -170,8 +176,9 @@ def up(
                           tls_key=Path(v["tls_key"]) if v["tls_key"] else None, tls=v["tls"], domain=v["domain"],
                           log_format=v["log_format"], listen_http=v["listen_http"] if http_on else None,
                           http=http, http_tls=v["http_tls"],
-                          swap_bytes=sizes["--swap"], memory_budget_bytes=sizes["--memory-budget"]))
-    except (AlreadyRunning, LimitsError, ListenError) as exc:
+                          swap_bytes=sizes["--swap"], memory_budget_bytes=sizes["--memory-budget"],
+                          cow_image_bytes=sizes["--cow-image"]))
+    except (AlreadyRunning, LimitsError, ListenError, CowStoreError) as exc:
         raise CliError(str(exc)) from None
 
 
@@ -264,6 +271,11 @@ def status(as_json: bool = JsonOpt) -> None:
     if memory:
         out.print(f"memory: {memory['charged_bytes'] >> 20} MiB charged of a {memory['budget_bytes'] >> 20} MiB budget"
                   + ("" if memory["pressure_some_avg10"] is None else f", pressure {memory['pressure_some_avg10']}%"))
+    branching = data.get("branch_storage")
+    if branching:
+        out.print(f"branches: {'copy-on-write (reflink)' if branching['mode'] == 'reflink' else 'full copies'} "
+                  f"in {branching['path']}" + (f" (image {branching['image']})" if branching["image"] else ""),
+                  highlight=False)
 
 
 def tls_hint(listen: str, domain: str, ca_file: str, name: str = "NAME") -> str:
