@@ -75,8 +75,28 @@ class Env:
 
 @pytest.fixture
 async def env(tmp_path):
+    async with _fleet_env(tmp_path) as e:
+        yield e
+
+
+#: a copy-on-write store (XFS with reflinks) needs mkfs.xfs; without it these tests skip loudly
+COW_SKIP = None if shutil.which("mkfs.xfs") else "mkfs.xfs (xfsprogs) is not installed: run `make deps`"
+
+
+@pytest.fixture
+async def cow_env(tmp_path):
+    """env with the databases' files on a copy-on-write store (pgfleet up --cow-image)."""
+    if COW_SKIP:
+        pytest.skip(f"SKIPPED LOUDLY: {COW_SKIP}")
+    async with _fleet_env(tmp_path, cow_image_bytes=512 << 20) as e:
+        yield e
+
+
+@contextlib.asynccontextmanager
+async def _fleet_env(tmp_path: Path, cow_image_bytes: int | None = None):
     if SANDBOX_SKIP:
         pytest.skip(f"SKIPPED LOUDLY: {SANDBOX_SKIP}")
+    from pgfleet.drivers import cowstore
     from pgfleet.drivers.sandbox.driver import SandboxDriver
     from pgfleet.fleet.manager import Fleet
     from pgfleet.proxy.server import ProxyServer
@@ -85,20 +105,26 @@ async def env(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     os.chmod(home, 0o711)
+    if cow_image_bytes is not None:
+        assert cowstore.prepare(home, cow_image_bytes).mode == "reflink"
     store = Store(home / "state.db")
     fleet = Fleet(store, SandboxDriver(home / "sandbox"), home)
-    await fleet.driver.prepare()
-    await fleet.recover()
-    proxy = ProxyServer(fleet, "127.0.0.1", 0)
-    await proxy.start()
     try:
-        yield Env(home, fleet, proxy)
+        await fleet.driver.prepare()
+        await fleet.recover()
+        proxy = ProxyServer(fleet, "127.0.0.1", 0)
+        await proxy.start()
+        try:
+            yield Env(home, fleet, proxy)
+        finally:
+            await proxy.close()
+            for row in fleet.list():
+                await fleet.delete(row.uuid)
+            await fleet.shutdown()
+            store.close()
     finally:
-        await proxy.close()
-        for row in fleet.list():
-            await fleet.delete(row.uuid)
-        await fleet.shutdown()
-        store.close()
+        if cow_image_bytes is not None:
+            cowstore.unmount(home)
 
 
 @contextlib.contextmanager

@@ -76,7 +76,7 @@ class Backups:
     def __init__(self, fleet, retention_s: int = DEFAULT_RETENTION_S,
                  base_interval_s: float = DEFAULT_BASE_BACKUP_INTERVAL_S, poll_s: float = POLL_S) -> None:
         self.fleet = fleet
-        self.root = fleet.home / "backups"
+        self.root = (fleet.home / "backups").resolve()  # canonical, as Fleet.instances_root
         self.default_retention_s = retention_s
         self.base_interval_s = base_interval_s
         self._schedule = Chore(poll_s, self.tick, "backup schedule")

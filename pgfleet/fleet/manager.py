@@ -62,6 +62,10 @@ class Fleet:
         self.store = store
         self.driver = driver
         self.home = home
+        #: where each database's directory is: <home>/instances, resolved once because on a
+        #: copy-on-write store (drivers/cowstore) it is a symlink to the store, and a
+        #: database's paths must be canonical (the jail binds them at exactly these paths)
+        self.instances_root = (home / "instances").resolve()
         #: admission control, checked on every path that makes a database live (create and
         #: every start: wake, resume, the UKC routes, Kubernetes); None: the defaults
         self.quotas = quotas if quotas is not None else Quotas()
@@ -139,7 +143,7 @@ class Fleet:
 
     def data_path(self, row: InstanceRow) -> Path:
         """The directory holding everything of one database (its volume)."""
-        return self.home / "instances" / row.uuid
+        return self.instances_root / row.uuid
 
     def spec(self, row: InstanceRow) -> InstanceSpec:
         """What the driver is told of a database."""

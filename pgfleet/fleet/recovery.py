@@ -36,7 +36,7 @@ class Recovery:
         fleet = self.fleet
         rows = fleet.store.all()
         known = {r.uuid for r in rows}
-        instances = fleet.home / "instances"
+        instances = fleet.instances_root
         for orphan in (p for p in (instances.iterdir() if instances.is_dir() else []) if p.name not in known):
             await fleet.driver.remove_orphan(orphan)  # a create without a start cut short
         alive = await fleet.driver.recover_scan([fleet.spec(r) for r in rows])

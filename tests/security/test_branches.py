@@ -11,8 +11,11 @@ import pytest
 
 from pgfleet.fleet.errors import AlreadyExists
 
-from ..conftest import SANDBOX_SKIP
+from pgfleet.drivers import cowstore
+
+from ..conftest import COW_SKIP, SANDBOX_SKIP
 from ..test_branches import fb, sql  # noqa: F401  (fixture)
+from ..test_branches_cow import cow_fb  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.skipif(SANDBOX_SKIP is not None, reason=f"SKIPPED LOUDLY: {SANDBOX_SKIP}")
 
@@ -55,7 +58,19 @@ async def test_a_tampered_spool_is_never_followed_or_trusted(fb):  # noqa: F811
 
 
 async def test_symlinks_and_fifos_in_the_data_dir_do_not_reach_a_branch(fb):  # noqa: F811
-    env, _, branches = fb
+    await planted_files_do_not_reach_a_branch(*fb)
+
+
+@pytest.mark.skipif(COW_SKIP is not None, reason=f"SKIPPED LOUDLY: {COW_SKIP}")
+async def test_the_clone_path_follows_no_symlink_and_opens_no_fifo(cow_fb):  # noqa: F811
+    """On a copy-on-write store each file is cloned (FICLONERANGE), not read: the same
+    descriptor checks hold (O_NOFOLLOW, fstat regular, size at open)."""
+    env, _, _ = cow_fb
+    await planted_files_do_not_reach_a_branch(*cow_fb)
+    assert cowstore.reflinks(env.home / "instances")
+
+
+async def planted_files_do_not_reach_a_branch(env, _backups, branches) -> None:
     created = await env.fleet.create("src")
     data = env.fleet.driver.data_dir(env.fleet.spec(created.row))
     as_tenant(env, "src", f"cd {data} && ln -s /etc/shadow evil_link && ln -s /etc base/evil_dir && "

@@ -115,6 +115,13 @@ class SandboxBackups:
         """A copy-on-write parent (template layer + its upper layer) gets a child over the
         same template layer with a copy of its upper layer: the cost is what the parent
         changed, not its whole size. Otherwise the whole data directory is copied."""
+        steps = Steps()
+        try:
+            return await self._branch(parent, parent_repo, child, steps)
+        finally:
+            log.info("%s: branch of %s: %s", child.name, parent.name, steps)
+
+    async def _branch(self, parent: InstanceSpec, parent_repo: Path, child: InstanceSpec, steps: "Steps") -> Backend:
         uid = self.uid_of(child)
         if self._overlay(parent):
             src, ready = self.storage.layout(parent.home).upper, self._adopt_upper
@@ -127,11 +134,17 @@ class SandboxBackups:
             partial = self._fresh_partial(child)
             with self.data_mounted(parent):
                 meta = await self._consistent_copy(parent, parent_repo, src, partial, uid, keep_wal=True)
+        steps.done("consistent copy")
         await asyncio.to_thread(safecopy.syncfs, partial)
+        steps.done("syncfs")
         ready(child, partial, meta)
         if not meta["online"]:
-            return await self._launch(child)  # a cleanly stopped cluster copied with its WAL
-        return await self._recover(child, parent_repo, meta, RecoveryTarget("immediate"))
+            b = await self._launch(child)  # a cleanly stopped cluster copied with its WAL
+            steps.done("launch")
+            return b
+        b = await self._recover(child, parent_repo, meta, RecoveryTarget("immediate"))
+        steps.done("recover")
+        return b
 
     def _adopt_data(self, child: InstanceSpec, partial: Path, meta: dict) -> None:
         partial.rename(self.data_dir(child))
@@ -206,6 +219,23 @@ class SandboxBackups:
         partial = child.home / name
         safecopy.remove_tree(partial)
         return partial
+
+
+class Steps:
+    """How long each step of a branch took (one log line per branch: where the time goes)."""
+
+    def __init__(self) -> None:
+        self.started = self.last = time.perf_counter()
+        self.took: list[tuple[str, float]] = []
+
+    def done(self, what: str) -> None:
+        now = time.perf_counter()
+        self.took.append((what, now - self.last))
+        self.last = now
+
+    def __str__(self) -> str:
+        parts = ", ".join(f"{what} {s * 1000:.0f}" for what, s in self.took)
+        return f"{(self.last - self.started) * 1000:.0f} ms ({parts})"
 
 
 def _write_owned(path: Path, text: str, uid: int | None) -> None:
