@@ -46,6 +46,9 @@ PARTIAL_RE = re.compile(r"^[0-9A-F]{24}\.partial$")
 HISTORY_RE = re.compile(r"^[0-9A-F]{8}\.history$")
 BACKUP_FILE_RE = re.compile(r"^[0-9A-F]{24}\.[0-9A-F]{8}\.backup$")
 SEGMENTS_PER_XLOGID = 0x1_0000_0000 // WAL_SEGMENT_BYTES
+#: a copied data directory is synced before its recovery: one syncfs, not an fsync of every
+#: file of the merged overlay (the template layer's included: a second for a fresh database)
+SYNC_AT_RECOVERY = ["-c", "recovery_init_sync_method=syncfs"]
 RECOVERY_NOT_REACHED = "recovery ended before configured recovery target was reached"
 
 #: left out of every copy of a data directory (as pg_basebackup leaves them out)
@@ -258,11 +261,7 @@ def archive_from_pg_wal(data: Path, repo: Path, last: str, last_is_partial: bool
 
 
 def _gaps(after: str, last: str, have: set[str]) -> list[str]:
-    tli = int(after[:8], 16)
-    first_no = int(after[8:16], 16) * SEGMENTS_PER_XLOGID + int(after[16:], 16) + 1
-    last_no = int(last[8:16], 16) * SEGMENTS_PER_XLOGID + int(last[16:], 16)
-    names = (f"{tli:08X}{n // SEGMENTS_PER_XLOGID:08X}{n % SEGMENTS_PER_XLOGID:08X}" for n in range(first_no, last_no + 1))
-    return [n for n in names if n not in have]
+    return [n for n in _segment_range(after, last)[1:] if n not in have]
 
 
 # --- base backups and restores ----------------------------------------------------------
@@ -313,12 +312,51 @@ def stage_wal(repo: Path, data: Path, start_segment: str, uid: int) -> int:
     return staged
 
 
+def copy_backup_wal(src: Path, dest: Path, first: str, last: str, uid: int) -> int:
+    """Give the online copy `dest` of `src` the WAL from its backup's start to its end
+    (segments `first`..`last`, one timeline, and the timeline history files), straight from
+    `src/pg_wal` (clones on a copy-on-write store) into `dest/pg_wal`, owned by `uid`: it then
+    starts as it is, replaying them (nothing goes through the archive on this path).
+    Returns how many segments were copied."""
+    sfd = safecopy.open_dir(src)
+    try:
+        wfd = safecopy.open_dir("pg_wal", sfd)
+    finally:
+        os.close(sfd)
+    dfd = safecopy.open_dir(dest)
+    try:
+        ofd = safecopy.open_dir("pg_wal", dfd)
+    finally:
+        os.close(dfd)
+    copied = 0
+    try:
+        names = set(os.listdir(wfd))
+        for name in sorted(names):
+            if HISTORY_RE.match(name):
+                safecopy.copy_file(name, wfd, ofd, uid, max_bytes=HISTORY_MAX_BYTES)
+            elif SEGMENT_RE.match(name) and name[:8] == last[:8] and first[8:] <= name[8:] <= last[8:]:
+                safecopy.copy_file(name, wfd, ofd, uid, max_bytes=WAL_SEGMENT_BYTES)
+                copied += 1
+        missing = [n for n in _segment_range(first, last) if n not in names]
+        if missing:
+            raise DriverError(f"{src}: WAL segments {missing[0]}..{missing[-1]} of the copy are no longer in pg_wal")
+    finally:
+        os.close(ofd)
+        os.close(wfd)
+    return copied
+
+
+def _segment_range(first: str, last: str) -> list[str]:
+    tli = int(last[:8], 16)
+    first_no = int(first[8:16], 16) * SEGMENTS_PER_XLOGID + int(first[16:], 16)
+    last_no = int(last[8:16], 16) * SEGMENTS_PER_XLOGID + int(last[16:], 16)
+    return [f"{tli:08X}{n // SEGMENTS_PER_XLOGID:08X}{n % SEGMENTS_PER_XLOGID:08X}" for n in range(first_no, last_no + 1)]
+
+
 def recovery_args(target: RecoveryTarget) -> list[str]:
     # hot_standby off: no session before the promotion, and postmaster.pid says "ready" only then
     args = ["-c", f"restore_command=cp {RESTORE_WAL}/%f %p", "-c", "recovery_target_action=promote",
-            "-c", "recovery_target_timeline=latest", "-c", "hot_standby=off",
-            # a copied data directory is synced before recovery: one syncfs, not an fsync per file
-            "-c", "recovery_init_sync_method=syncfs"]
+            "-c", "recovery_target_timeline=latest", "-c", "hot_standby=off", *SYNC_AT_RECOVERY]
     if target.kind == "time":
         stamp = datetime.fromtimestamp(target.value, timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f+00")
         args += ["-c", f"recovery_target_time={stamp}"]

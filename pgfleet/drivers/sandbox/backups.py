@@ -73,32 +73,42 @@ class SandboxBackups:
         return self.storage is not None and self.storage.is_overlay(spec.home)
 
     async def _consistent_copy(self, spec: InstanceSpec, repo: Path, src: Path, dest: Path, uid: int | None,
-                               keep_wal: bool = False, overlay: bool = False) -> dict:
+                               keep_wal: bool = False, overlay: bool = False,
+                               steps: "Steps | None" = None) -> dict:
         """Copy `src` (the data directory, or a copy-on-write database's upper layer) to the
         new `dest`: online (pg_backup_start/stop around the copy: the database's clients go
-        on) while it runs; a plain copy of a cleanly stopped cluster otherwise (with its WAL
-        if `keep_wal`: such a copy starts as it is)."""
+        on) while it runs; a plain copy of a cleanly stopped cluster otherwise. `keep_wal`:
+        the copy starts as it is (a branch): it gets the WAL it needs in its own pg_wal (a
+        stopped cluster's, or the segments of the online copy straight from the parent's
+        pg_wal: Postgres then replays them to the end of the backup at its first start);
+        otherwise that WAL is archived into `repo` (a base backup)."""
+        steps = steps or Steps()
         if not self.is_running(spec):
             exclude = archive.exclude_keeping_wal if keep_wal else archive.exclude_from_copy
             stats = await asyncio.to_thread(safecopy.copy_tree, src, dest, uid, exclude, overlay)
             _report(spec, stats)
+            steps.done("copy")
             if keep_wal:
                 return {"online": False}
             control = await asyncio.to_thread(archive.read_control, self.data_dir(spec))  # (mounted)
             return {"start_segment": archive.segment_name(control.timeline, control.redo_lsn),
                     "timeline": control.timeline, "consistent_at": control.time, "online": False}
         conn = await admin_connect(self.backend(spec))
+        steps.done("connect")
         try:
             await conn.query("SELECT pg_backup_start('pgfleet', true)")
+            steps.done("backup start (checkpoint)")
             try:
                 stats = await asyncio.to_thread(safecopy.copy_tree, src, dest, uid, archive.exclude_from_copy, overlay)
             except BaseException:
                 await conn.query("SELECT pg_backup_stop(false)")
                 raise
+            steps.done("copy")
             # never wait for the archiver (the tenant's to break): the WAL the backup needs
             # is taken from pg_wal below; pg_backup_stop has switched to a new segment
             res = await conn.query("SELECT pg_walfile_name(lsn), labelfile, spcmapfile FROM pg_backup_stop(false)")
             stop_segment, label, spcmap = res[-1].rows[0]
+            steps.done("backup stop")
         finally:
             await conn.close()
         consistent_at = time.time()
@@ -106,10 +116,14 @@ class SandboxBackups:
         _write_owned(dest / "backup_label", label or "", uid)
         if spcmap:
             _write_owned(dest / "tablespace_map", spcmap, uid)
+        start_segment = archive.label_start_segment(label or "")
+        if keep_wal:
+            await asyncio.to_thread(archive.copy_backup_wal, src, dest, start_segment, stop_segment or "", uid)
+            steps.done("wal")
+            return {"online": True}
         await self._archive_up_to(spec, repo, stop_segment or "")
         tli = int(label.split("START TIMELINE:", 1)[1].split()[0]) if "START TIMELINE:" in label else 1
-        return {"start_segment": archive.label_start_segment(label or ""), "timeline": tli,
-                "consistent_at": consistent_at, "online": True}
+        return {"start_segment": start_segment, "timeline": tli, "consistent_at": consistent_at, "online": True}
 
     async def branch(self, parent: InstanceSpec, parent_repo: Path, child: InstanceSpec) -> Backend:
         """A copy-on-write parent (template layer + its upper layer) gets a child over the
@@ -127,24 +141,27 @@ class SandboxBackups:
             src, ready = self.storage.layout(parent.home).upper, self._adopt_upper
             partial = self._fresh_partial(child, "upper.partial")
             lower = json.loads(self.storage.layout(parent.home).record.read_text())["lower"]
-            meta = await self._consistent_copy(parent, parent_repo, src, partial, uid, keep_wal=True, overlay=True)
+            meta = await self._consistent_copy(parent, parent_repo, src, partial, uid, keep_wal=True, overlay=True,
+                                               steps=steps)
             meta["lower"] = lower
         else:
             src, ready = self.data_dir(parent), self._adopt_data
             partial = self._fresh_partial(child)
             with self.data_mounted(parent):
-                meta = await self._consistent_copy(parent, parent_repo, src, partial, uid, keep_wal=True)
-        steps.done("consistent copy")
-        await asyncio.to_thread(safecopy.syncfs, partial)
-        steps.done("syncfs")
-        ready(child, partial, meta)
+                meta = await self._consistent_copy(parent, parent_repo, src, partial, uid, keep_wal=True, steps=steps)
         if not meta["online"]:
-            b = await self._launch(child)  # a cleanly stopped cluster copied with its WAL
-            steps.done("launch")
-            return b
-        b = await self._recover(child, parent_repo, meta, RecoveryTarget("immediate"))
-        steps.done("recover")
-        return b
+            # a cleanly stopped cluster starts without syncing its files: made durable here
+            # (an fsync per file, after all of them: one journal commit, not one per clone;
+            # a syncfs would write back every other database's dirty pages on the file system)
+            await asyncio.to_thread(safecopy.fsync_tree, partial)
+            steps.done("fsync")
+        # (an online copy needs no sync here: its first start is a crash recovery, which
+        # syncs its data directory before replaying: by syncfs, as an fsync of every file of
+        # the merged overlay, template layer included, takes a second)
+        ready(child, partial, meta)
+        backend = await self._launch(child, archive.SYNC_AT_RECOVERY)  # with its WAL: an online copy replays to the backup's end
+        steps.done("start")
+        return backend
 
     def _adopt_data(self, child: InstanceSpec, partial: Path, meta: dict) -> None:
         partial.rename(self.data_dir(child))
