@@ -17,7 +17,7 @@ from pathlib import Path
 import uvicorn
 
 from pgfleet import __version__
-from pgfleet.api.app import create_app
+from pgfleet.api.app import create_app, warm_routes
 from pgfleet.api.common import ApiContext
 from pgfleet.config import DaemonInfo, ensure_token, parse_hostport
 from pgfleet.drivers import cowstore, make_driver, swap
@@ -232,8 +232,10 @@ async def serve(opts: DaemonOptions, ready: asyncio.Future | None = None) -> Non
                              "guards": guards.stats()},
         proxies={"direct": direct, "pooled": pooled}, branch_storage=branch_storage.to_json(),
     )
+    app = create_app(ctx)
+    await warm_routes(app, token)
     api = _Uvicorn(uvicorn.Config(
-        create_app(ctx), host=api_host, port=api_port, log_level="warning", lifespan="off",
+        app, host=api_host, port=api_port, log_level="warning", lifespan="off",
         access_log=False, timeout_graceful_shutdown=2,
     ))
     api_task = asyncio.create_task(api.serve(sockets=[api_sock]))
