@@ -97,3 +97,39 @@ def test_up_with_cow_image_makes_keeps_and_remounts_the_store(daemon_env):
     finally:
         stop_daemon(d)
         cowstore.unmount(home)
+
+
+@pytest.mark.parametrize("at_open", [1 << 20, (1 << 20) + 100])
+def test_a_clone_stops_at_the_size_the_file_had_when_opened(tmp_path, at_open):
+    """A tenant's file that grows while root copies it is cloned up to its size at open, block
+    aligned (one clone) or not (the clone is refused: copy_file_range up to that size)."""
+    from pgfleet.drivers.sandbox import safecopy
+
+    home = tmp_path / "home"
+    home.mkdir(mode=0o711)
+    try:
+        assert cowstore.prepare(home, 512 << 20).mode == "reflink"
+        src, dst = home / "instances" / "src", home / "instances" / "dst"
+        src.mkdir()
+        dst.mkdir(mode=0o700)
+        (src / "f").write_bytes(os.urandom(at_open))
+        sfd, dfd = safecopy.open_dir(src), safecopy.open_dir(dst)
+        try:
+            fd, size = safecopy.open_regular("f", sfd)
+            with open(src / "f", "ab") as grow:  # after the open: the tenant appends
+                grow.write(b"x" * 8192)
+            out = os.open("f", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600, dir_fd=dfd)
+            try:
+                assert safecopy.copy_fd(fd, out, size) == size
+            finally:
+                os.close(out)
+                os.close(fd)
+        finally:
+            os.close(sfd)
+            os.close(dfd)
+        assert size == at_open and (dst / "f").read_bytes() == (src / "f").read_bytes()[:size]
+        if at_open % 4096 == 0:
+            shared, extents = shared_extents(dst / "f")
+            assert shared == extents
+    finally:
+        cowstore.unmount(home)
