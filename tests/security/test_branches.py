@@ -109,3 +109,23 @@ def test_branch_and_backup_routes_need_the_token(daemon):
                 r = anon.request(method, path, json=body, headers=headers)
                 assert r.status_code == 401, (method, path, r.status_code)
     assert [d["name"] for d in daemon.json("db", "list")] == ["shop"]
+
+
+async def test_a_role_already_named_like_the_branch_is_moved_aside(fb):  # noqa: F811
+    """The parent's tenant role becomes the branch's; a role of the branch's name in the copy
+    (not the tenant's to make: NOCREATEROLE, but a copy may hold one) keeps nothing of it."""
+    from pgfleet.drivers.base import admin_connect
+
+    env, _, branches = fb
+    parent = await env.fleet.create("alpha")
+    await sql(env, "alpha", parent.password, "CREATE TABLE mine AS SELECT 1 AS x")
+    conn = await admin_connect(env.fleet.driver.backend(env.fleet.spec(env.fleet.get("alpha"))))
+    try:
+        await conn.query('CREATE ROLE "alpha-copy" NOLOGIN')
+    finally:
+        await conn.close()
+    made = await branches.branch("alpha", "alpha-copy")
+    assert await sql(env, "alpha-copy", made.password, "SELECT tableowner FROM pg_tables WHERE tablename = 'mine'") \
+        == [("alpha-copy",)]
+    roles = {r for (r,) in await sql(env, "alpha-copy", made.password, "SELECT rolname FROM pg_roles")}
+    assert "alpha" not in roles and any(r.startswith("alpha-copy_") for r in roles)

@@ -206,27 +206,26 @@ class SandboxBackups:
 
     async def rename_role(self, spec: InstanceSpec, backend: Backend, old: str, new: str,
                           database: str | None = None) -> Backend:
-        from pgfleet.pgwire.client import quote_ident, quote_literal
+        from pgfleet.pgwire.client import quote_literal
 
-        from ..roles import MAINTENANCE_DATABASE, personalise_sql
-
-        async def exists(role: str) -> bool:
-            return await conn.scalar(f"SELECT count(*) FROM pg_roles WHERE rolname = {quote_literal(role)}") != "0"
+        from ..roles import personalise_sql
 
         # roles are the cluster's: renamed from the maintenance database, where the database
-        # the copy holds (its parent's name, or the template's) is renamed too
-        conn = await admin_connect(replace(backend, database=MAINTENANCE_DATABASE))
-        try:
-            if old != new:
-                if await exists(new):  # a role the tenant made with the branch's name: moved aside
-                    await conn.query(f"ALTER ROLE {quote_ident(new)} RENAME TO {quote_ident(new + '_' + os.urandom(4).hex())}")
-                if await exists(old):
-                    await conn.query(f"ALTER ROLE {quote_ident(old)} RENAME TO {quote_ident(new)}")
-        finally:
-            await conn.close()
+        # the copy holds (its parent's name, or the template's) is renamed too; one connection,
+        # one transaction with the personalisation
+        rename = ""
+        if old != new:
+            aside = new + "_" + os.urandom(4).hex()
+            rename = (  # a role the tenant made with the branch's name is moved aside first
+                "DO $pgfleet_rename$ BEGIN "
+                f"IF EXISTS (SELECT FROM pg_roles WHERE rolname = {quote_literal(new)}) THEN "
+                f"EXECUTE format('ALTER ROLE %I RENAME TO %I', {quote_literal(new)}, {quote_literal(aside)}); END IF; "
+                f"IF EXISTS (SELECT FROM pg_roles WHERE rolname = {quote_literal(old)}) THEN "
+                f"EXECUTE format('ALTER ROLE %I RENAME TO %I', {quote_literal(old)}, {quote_literal(new)}); END IF; "
+                "END $pgfleet_rename$;")
         # exactly the tenant's attributes, whatever the copy held
         database = database or spec.name
-        return await self._personalise(spec, backend, personalise_sql(new, database), database)
+        return await self._personalise(spec, backend, rename + personalise_sql(new, database), database)
 
     def _fresh_partial(self, child: InstanceSpec, name: str = "data.partial") -> Path:
         if (self.data_dir(child) / "PG_VERSION").exists() or (child.home / "upper").exists():
