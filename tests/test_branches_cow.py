@@ -80,6 +80,7 @@ def test_up_with_cow_image_makes_keeps_and_remounts_the_store(daemon_env):
         status = d.json("status")
         assert status["branch_storage"]["mode"] == "reflink"
         assert status["branch_storage"]["image"] == str(home / "cow.img")
+        assert "branches: copy-on-write (reflink)" in d.cli("status").stdout
         assert cowstore.is_mounted(home / "cow") and (home / "instances").resolve() == home / "cow" / "instances"
         d.cli("db", "create", "shop")
         d.cli("db", "branch", "shop", "shop-pr1")
