@@ -209,6 +209,7 @@ async def serve(opts: DaemonOptions, ready: asyncio.Future | None = None) -> Non
     fleet.on_delete.append(pooled.forget_database)
     fleet.on_delete.append(direct.forget_database)
     fleet.on_freeze.append(pooled.close_idle_server_connections)
+    fleet.before_freeze.append(direct.direct.open_spare)
     await _start_listening(direct, "--listen", opts.listen)
     await _start_listening(pooled, "--listen-pooled", opts.listen_pooled)
     edge = None

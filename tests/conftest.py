@@ -113,6 +113,8 @@ async def _fleet_env(tmp_path: Path, cow_image_bytes: int | None = None):
         await fleet.driver.prepare()
         await fleet.recover()
         proxy = ProxyServer(fleet, "127.0.0.1", 0)
+        fleet.on_delete.append(proxy.forget_database)
+        fleet.before_freeze.append(proxy.direct.open_spare)  # as the daemon wires it
         await proxy.start()
         try:
             yield Env(home, fleet, proxy)

@@ -130,6 +130,80 @@ async def test_never_frozen_mid_transaction(env, listeners, listener):
         await c.close()
 
 
+async def test_a_new_client_of_a_warm_database_takes_the_session_opened_at_the_freeze(env):
+    """No fork from a postmaster in swap: the session the proxy opened as the database was
+    frozen serves the first new client after the thaw, as its own user and database."""
+    created = await env.fleet.create("spare", policy="idle", cooldown_ms=600_000)
+    spares = env.proxy.direct.spares
+    async with await aconnect(env.proxy, "spare", created.password) as c:
+        await c.execute("CREATE TABLE t AS SELECT 1 AS x")
+        uuid = env.fleet.get("spare").uuid
+    await no_clients(env, "spare")
+    await env.fleet.suspend("spare", tier="warm")
+    assert len(spares) == 1 and spares.counts["opened"] == 1
+    async with await aconnect(env.proxy, "spare", created.password) as c:
+        assert spares.counts["taken"] == 1 and len(spares) == 0
+        assert await scalar(c, "SELECT current_user || '/' || current_database()") == "spare/spare"
+        assert await scalar(c, "SELECT x FROM t") == 1
+        # the cancel key the client got reaches that very backend
+        task = asyncio.ensure_future(c.execute("SELECT pg_sleep(30)"))
+        await until(lambda: env.fleet.rt[uuid].busy > 0)
+        await c.cancel_safe()
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            await task
+    # cold: the spare opened at this freeze goes with the processes, no socket left behind
+    await no_clients(env, "spare")
+    await env.fleet.suspend("spare", tier="warm")
+    assert len(spares) == 1
+    await env.fleet.suspend("spare", tier="cold")
+    await until(lambda: len(spares) == 0)
+
+
+async def test_a_spare_never_serves_a_client_that_came_after_the_thaw(env):
+    """ALTER ROLE ... SET in a held session after the thaw is seen by every later new
+    session: the spare from before it is closed, not handed out."""
+    created = await env.fleet.create("stale", policy="idle", cooldown_ms=600_000)
+    spares = env.proxy.direct.spares
+    held = await aconnect(env.proxy, "stale", created.password)
+    try:
+        await no_clients_busy(env, "stale")
+        await env.fleet.suspend("stale", tier="warm")
+        assert len(spares) == 1
+        await held.execute("ALTER ROLE stale SET work_mem = '7MB'")  # thaws it
+        async with await aconnect(env.proxy, "stale", created.password) as c:
+            assert await scalar(c, "SHOW work_mem") == "7MB"
+        assert spares.counts["taken"] == 0 and spares.counts["discarded"] == 1
+    finally:
+        await held.close()
+
+
+async def test_a_spare_serves_only_a_client_with_its_startup_parameters(env):
+    created = await env.fleet.create("params", policy="idle", cooldown_ms=600_000)
+    spares = env.proxy.direct.spares
+    async with await aconnect(env.proxy, "params", created.password):
+        pass
+    await no_clients(env, "params")
+    await env.fleet.suspend("params", tier="warm")
+    c = await psycopg.AsyncConnection.connect(host="127.0.0.1", port=env.proxy.port, dbname="params", user="params",
+                                              password=created.password, application_name="other", autocommit=True)
+    async with c:
+        assert await scalar(c, "SHOW application_name") == "other"
+    assert spares.counts["taken"] == 0
+    # the next spare is opened with the parameters of that last client
+    await no_clients(env, "params")
+    await env.fleet.suspend("params", tier="warm")
+    c = await psycopg.AsyncConnection.connect(host="127.0.0.1", port=env.proxy.port, dbname="params", user="params",
+                                              password=created.password, application_name="other", autocommit=True)
+    async with c:
+        assert await scalar(c, "SHOW application_name") == "other"
+    assert spares.counts["taken"] == 1
+
+
+async def no_clients_busy(env, name) -> None:
+    uuid = env.fleet.get(name).uuid
+    await until(lambda: env.fleet.rt[uuid].busy == 0)
+
+
 async def test_cancel_works_after_a_thaw(env):
     created = await env.fleet.create("cancel", policy="idle", cooldown_ms=100)
     c = await aconnect(env.proxy, "cancel", created.password)
@@ -223,6 +297,14 @@ async def test_without_swap_the_warm_tier_freezes_and_says_so(env):
         assert await scalar(c, "SELECT 1") == 1
 
 
+def _postmaster(pids: set[int]) -> int:
+    """The one of these postgres processes whose parent is not one of them."""
+    def parent(pid: int) -> int:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    (postmaster,) = [p for p in pids if parent(p) not in pids]
+    return postmaster
+
+
 def test_restart_kill_9_and_down_with_warm_databases(daemon_env):
     """kill -9 of the daemon: the next one re-attaches to the frozen database (warm, and
     woken by a thaw); `pgfleet down` leaves no frozen process behind."""
@@ -235,6 +317,7 @@ def test_restart_kill_9_and_down_with_warm_databases(daemon_env):
         assert shown["state"] == "standby" and shown["standby_tier"] == "warm"
         assert shown["memory_charged_bytes"] > 0
         before = set(postmasters_under(home))
+        postmaster = _postmaster(before)
         os.kill(d.info["pid"], signal.SIGKILL)
         deadline = time.monotonic() + 30
         while Path(f"/proc/{d.info['pid']}").exists() and time.monotonic() < deadline:
@@ -244,7 +327,9 @@ def test_restart_kill_9_and_down_with_warm_databases(daemon_env):
         assert shown["standby_tier"] == "warm" and set(postmasters_under(home)) == before
         assert _psql(d, uri, "SELECT sum(x) FROM t") == "55"
         assert d.json("db", "show", "w")["start_count"] == 2  # a thaw, not a second Postgres
-        assert set(postmasters_under(home)) == before
+        # the same Postgres, less the spare session the dead daemon held (its backend ended
+        # with the daemon's socket once thawed)
+        assert postmaster in postmasters_under(home)
         d.json("db", "suspend", "w", "--tier", "warm")
         assert "frozen" in d.cli("status").stdout
         d.cli("down")

@@ -162,6 +162,13 @@ class _Collector:
                     tx.add_metric([name], t.transactions)
                     wait.add_metric([name], t.wait_seconds)
         yield from (conns, recv, sent, tx, wait, auth)
+        spares = CounterMetricFamily("pgfleet_proxy_spare_sessions",
+                                     "Server sessions opened ahead as a database is frozen, by what became of them",
+                                     labels=["outcome"])
+        direct = (self.ctx.proxies or {}).get("direct")
+        for outcome, n in (direct.direct.spares.counts if direct is not None else {}).items():
+            spares.add_metric([outcome], n)
+        yield spares
 
     def _pgbouncer(self):
         rows = {r.uuid: r for r in self.snap.rows}

@@ -116,6 +116,7 @@ class Fleet:
         self.standby_status = self.warm.status
         #: called with a database's uuid as it is frozen (the pooler closes its idle server connections)
         self.on_freeze = self.warm.on_freeze
+        self.before_freeze = self.warm.before_freeze
         # client sessions
         self.lease = self.scaling.lease
         self.session_busy = self.scaling.session_busy

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 from pgfleet.drivers.base import Backend, DriverError
 from pgfleet.store import InstanceRow
@@ -37,6 +37,9 @@ class WarmTier:
         #: called with a database's uuid as it is frozen: the pooled listener closes its idle
         #: server connections (their backends would hold memory; a new one wakes the database)
         self.on_freeze: list = []
+        #: awaited with (uuid, backend) as a database is about to be frozen, its sessions
+        #: held back already: the direct listener opens the session its next client takes
+        self.before_freeze: list[Callable[[str, Backend], Awaitable[None]]] = []
 
     @property
     def mode(self) -> str | None:
@@ -68,14 +71,16 @@ class WarmTier:
             rt.policy = row.stz_policy
             if rt.in_use() or (only_if_idle and not rt.idle_at_least(row.cooldown_ms)):
                 return False
-            # From here to the freeze nothing awaits: a packet arriving now finds no backend
-            # and waits for the thaw behind this lock, so no query runs into the freeze.
+            # From here to the freeze a packet of an open session finds no backend and waits
+            # for the thaw behind this lock, as does a new client: no query runs into the freeze.
             rt.cancel_idle_timer()
             fleet.transitions.change_state(uuid, State.RUNNING, State.STANDBY, reason, standby_tier=WARM,
                         stop_reason=reason, stopped_at=time.time())
-            rt.backend, rt.running = None, False
+            backend, rt.backend, rt.running = rt.backend, None, False
             for callback in self.on_freeze:
                 callback(uuid)
+            for prepare in self.before_freeze:
+                await prepare(uuid, backend)
             try:
                 charged = await fleet.driver.freeze(fleet.spec(row))
             except DriverError as exc:

@@ -17,6 +17,7 @@ from .connect import BackendRefused, open_session
 from .errors import ClientError
 from .relay import Relay, SessionActivity
 from .routing import Route
+from .spares import Spares
 
 #: client startup parameters that must not reach the backend as given
 NOT_FORWARDED = frozenset({"user", "database", "replication"})
@@ -31,6 +32,8 @@ class DirectSessions:
         #: live relays by database uuid, and [received, sent] of those that ended
         self.relays: dict[str, set[Relay]] = {}
         self.relayed: dict[str, list[int]] = {}
+        #: one session opened ahead per warm database (spares.py)
+        self.spares = Spares()
 
     async def serve(self, startup: m.StartupMessage, route: Route, row: InstanceRow,
                     reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -44,12 +47,18 @@ class DirectSessions:
             # frozen (warm standby) since the wake, while the client authenticated: thaw it
             backend = fleet.backend_of(row.uuid) or await asyncio.wait_for(
                 sessions.wake(fleet, row.uuid), sessions.WAKE_TIMEOUT_S)
-            params.update(user=row.role, database=backend.database)
-            try:
-                b_reader, b_writer, replies = await open_session(backend, params, sessions.WAKE_TIMEOUT_S)
-            except BackendRefused as exc:  # the database's own error, as it sent it
-                writer.write(m.message(BackendMsg.ERROR_RESPONSE, exc.body))
-                raise ClientError("", "")
+            self.spares.note_client(row.uuid, dict(params))
+            # row: the database as the startup packet found it (its start count then)
+            spare = self.spares.take(row.uuid, params, row.start_count)
+            if spare is not None:
+                b_reader, b_writer, replies = spare.reader, spare.writer, spare.replies
+            else:
+                params.update(user=row.role, database=backend.database)
+                try:
+                    b_reader, b_writer, replies = await open_session(backend, params, sessions.WAKE_TIMEOUT_S)
+                except BackendRefused as exc:  # the database's own error, as it sent it
+                    writer.write(m.message(BackendMsg.ERROR_RESPONSE, exc.body))
+                    raise ClientError("", "")
             key = self.cancels.mint()
             try:
                 writer.write(self._startup_replies(replies, backend, key))
@@ -102,5 +111,11 @@ class DirectSessions:
 
         return SessionActivity(lambda busy: fleet.session_busy(uuid, busy), before_forward)
 
+    async def open_spare(self, uuid: str, backend: Backend) -> None:
+        """Before a freeze (fleet hook): the session the next new client takes (spares.py)."""
+        row = self.fleet.get(uuid)
+        await self.spares.open(uuid, backend, row.start_count, {"user": row.role, "database": backend.database})
+
     def forget(self, uuid: str) -> None:
         self.relayed.pop(uuid, None)
+        self.spares.forget(uuid)

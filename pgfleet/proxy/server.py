@@ -89,6 +89,7 @@ class ProxyServer:
         if self._clients:
             await asyncio.gather(*self._clients, return_exceptions=True)
         self.pooled.close()
+        self.direct.spares.close_all()
 
     def pool_for(self, row: InstanceRow) -> Pool:
         return self.pooled.pool_for(row)
