@@ -14,8 +14,10 @@ Warm standby (frozen, memory reclaimed to swap: the daemon runs with `--swap`):
   warm_held    : `SELECT 1` on a session held open across a warm standby (policy idle)
   running_held : the same on the same session while the database runs (the floor)
   warm_new     : new connection to a warm database until the first query result
-  storm_warm / storm_cold : N databases (--storm, default 200) in warm or cold standby,
-            all connected at once; each client's time to its first query result
+  storm_warm : N databases (--storm, default 200) in warm standby, each woken at once by a
+            query on the session it held (sessions kept: what warm standby is for)
+  storm_warm_new / storm_cold : the same N in warm, then cold standby, all connected
+            at once by new clients; each client's time to its first query result
   RAM per warm database: memory charged to its cgroup, and PSS of its processes
 `wake` is the cold tier (a Postgres start). Cold standby databases hold no process.
 Writes bench/results/wake.json and bench/results/wake.png.
@@ -118,57 +120,94 @@ def warm_tier(d, cycles: int, samples: dict) -> dict:
 
 
 def storms(d, n: int, samples: dict) -> dict:
-    """N databases woken at once: from warm, then from cold."""
+    """N databases woken at once: from warm on the sessions they held (what warm standby is
+    for: `storm_warm`), from warm by new connections (`storm_warm_new`), then from cold by new
+    connections (`storm_cold`). Each client's time to its first query result."""
     import asyncio
     import resource
     from concurrent.futures import ThreadPoolExecutor
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4 * n + 256)), hard))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 8 * n + 256)), hard))
     host, port = d.proxy
     names = [f"storm{i}" for i in range(n)]
 
     def make(name: str) -> tuple[str, str]:
-        created = d.api("POST", "/v1/databases", {"name": name})
-        d.api("PUT", f"/v1/databases/{name}/resume")
-        d.api("PUT", f"/v1/databases/{name}/suspend", {"tier": "warm"})  # frozen at once: n fit in RAM
+        created = d.api("POST", "/v1/databases", {"name": name,
+                                                   "scale_to_zero": {"policy": "idle", "cooldown_ms": 3_600_000}})
         return name, created["password"]
 
-    t = time.perf_counter()
-    with ThreadPoolExecutor(4) as pool:
-        dbs = list(pool.map(make, names))
-    made_s = time.perf_counter() - t
-    listed = [db for db in d.api("GET", "/v1/databases")["databases"] if db["name"] in set(names)]
-    warm_charged = sorted(db["memory_charged_bytes"] / 2**20 for db in listed if db["standby_tier"] == "warm")
+    def all_warm() -> None:
+        with ThreadPoolExecutor(4) as pool:  # frozen at once: n fit in RAM
+            list(pool.map(lambda nm: d.api("PUT", f"/v1/databases/{nm}/suspend", {"tier": "warm"}), names))
 
-    async def one(name: str, password: str) -> float | None:
+    async def connect(name: str, password: str):
+        return await psycopg.AsyncConnection.connect(host=host, port=port, dbname=name, user=name,
+                                                     password=password, connect_timeout=120, autocommit=True)
+
+    async def first_result(conn) -> None:
+        await (await conn.execute("SELECT 1")).fetchone()
+
+    async def timed(make_conn, name: str) -> float | None:
         t0 = time.perf_counter()
         try:
-            conn = await psycopg.AsyncConnection.connect(host=host, port=port, dbname=name, user=name,
-                                                         password=password, connect_timeout=120)
-            try:
-                await (await conn.execute("SELECT 1")).fetchone()
-            finally:
-                await conn.close()
+            await make_conn()
         except Exception as exc:
             print(f"storm client {name}: {exc}", file=sys.stderr)
             return None
         return (time.perf_counter() - t0) * 1000
 
-    async def storm() -> tuple[list[float], int, float]:
+    async def storm(one) -> tuple[list[float], int, float]:
         t0 = time.perf_counter()
-        got = await asyncio.gather(*(one(nm, pw) for nm, pw in dbs))
+        got = await asyncio.gather(*(timed(lambda nm=nm, pw=pw: one(nm, pw), nm) for nm, pw in dbs))
         return [g for g in got if g is not None], sum(g is None for g in got), time.perf_counter() - t0
 
-    out: dict = {"n": n, "setup_s": round(made_s, 1),
-                 "warm_charged_mib_p50": round(warm_charged[len(warm_charged) // 2], 2) if warm_charged else None}
-    samples["storm_warm"], out["warm_failed"], out["warm_wall_s"] = asyncio.run(storm())
-    progress("storm warm", 1, 1)
-    with ThreadPoolExecutor(4) as pool:  # now all cold
-        list(pool.map(lambda nm: d.api("PUT", f"/v1/databases/{nm}/suspend"), names))
-    samples["storm_cold"], out["cold_failed"], out["cold_wall_s"] = asyncio.run(storm())
-    progress("storm cold", 1, 1)
-    for k in ("warm_wall_s", "cold_wall_s"):
+    async def new_session(name: str, password: str) -> None:
+        conn = await connect(name, password)
+        try:
+            await first_result(conn)
+        finally:
+            await conn.close()
+
+    async def run() -> dict:
+        out: dict = {"n": n}
+        held: dict[str, psycopg.AsyncConnection] = {}
+        sem = asyncio.Semaphore(8)
+
+        async def hold(name: str, password: str) -> None:
+            async with sem:
+                held[name] = await connect(name, password)
+                await first_result(held[name])
+        t = time.perf_counter()
+        await asyncio.gather(*(hold(nm, pw) for nm, pw in dbs))
+        await asyncio.to_thread(all_warm)
+        out["setup_s"] = round(time.perf_counter() - t + made_s, 1)
+        listed = [db for db in d.api("GET", "/v1/databases")["databases"] if db["name"] in set(names)]
+        charged = sorted(db["memory_charged_bytes"] / 2**20 for db in listed if db["standby_tier"] == "warm")
+        out["warm_charged_mib_p50"] = round(charged[len(charged) // 2], 2) if charged else None
+        out["warm_count"] = len(charged)
+
+        async def on_held(name: str, _password: str) -> None:
+            await first_result(held[name])
+        samples["storm_warm"], out["warm_failed"], out["warm_wall_s"] = await storm(on_held)
+        progress("storm warm (held sessions)", 1, 1)
+        await asyncio.gather(*(c.close() for c in held.values()))
+        await asyncio.to_thread(all_warm)
+        samples["storm_warm_new"], out["warm_new_failed"], out["warm_new_wall_s"] = await storm(new_session)
+        progress("storm warm (new connections)", 1, 1)
+        with ThreadPoolExecutor(4) as pool:  # now all cold
+            await asyncio.get_running_loop().run_in_executor(
+                None, lambda: list(pool.map(lambda nm: d.api("PUT", f"/v1/databases/{nm}/suspend"), names)))
+        samples["storm_cold"], out["cold_failed"], out["cold_wall_s"] = await storm(new_session)
+        progress("storm cold", 1, 1)
+        return out
+
+    t = time.perf_counter()
+    with ThreadPoolExecutor(4) as pool:
+        dbs = list(pool.map(make, names))
+    made_s = time.perf_counter() - t
+    out = asyncio.run(run())
+    for k in ("warm_wall_s", "warm_new_wall_s", "cold_wall_s"):
         out[k] = round(out[k], 2)
     return out
 
@@ -270,7 +309,7 @@ def plot(samples: dict, summary: dict, path: Path, driver: str) -> None:
     import matplotlib.pyplot as plt
 
     order = [k for k in ("direct", "warm", "running_held", "warm_held", "warm_new", "wake", "storm_warm",
-                         "storm_cold", "create") if samples.get(k)]
+                         "storm_warm_new", "storm_cold", "create") if samples.get(k)]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.boxplot([samples[k] for k in order], tick_labels=order, orientation="horizontal", showfliers=True)
     for i, k in enumerate(order, start=1):
