@@ -204,6 +204,42 @@ async def no_clients_busy(env, name) -> None:
     await until(lambda: env.fleet.rt[uuid].busy == 0)
 
 
+async def test_a_warm_database_is_reclaimed_again_once_its_freeze_settled(env, monkeypatch):
+    """Pages touched just before a freeze resist its reclaim: the fleet reclaims a second
+    time SETTLE_S later, under the database's lock, only if it is still warm."""
+    from pgfleet.fleet import standby
+
+    monkeypatch.setattr(standby, "SETTLE_S", 0.05)
+    calls: list[int] = []
+    again = env.fleet.driver.reclaim_again
+
+    async def recorded(spec):
+        charged = await again(spec)
+        calls.append(charged)
+        return charged
+
+    monkeypatch.setattr(env.fleet.driver, "reclaim_again", recorded)
+    created = await env.fleet.create("settle", policy="idle", cooldown_ms=600_000)
+    async with await aconnect(env.proxy, "settle", created.password) as c:
+        await c.execute("CREATE TABLE t AS SELECT generate_series(1, 1000) AS x")
+    await no_clients(env, "settle")
+    await env.fleet.suspend("settle", tier="warm")
+    await until(lambda: len(calls) == 1)
+    row = env.fleet.get("settle")
+    assert warm(row) and frozen(env, "settle")
+    if env.fleet.driver.warm_mode() == "reclaim":
+        assert 0 < calls[0] <= env.fleet.memory_charged(row)[0] + (256 << 10)
+    # thawed before it settles: no second reclaim of a running database
+    monkeypatch.setattr(standby, "SETTLE_S", 0.3)
+    await env.fleet.suspend("settle", tier="warm")
+    async with await aconnect(env.proxy, "settle", created.password) as c:
+        assert await scalar(c, "SELECT count(*) FROM t") == 1000
+        ran = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_later(0.5, ran.set_result, None)
+        await ran  # past the settle time, the session open
+    assert len(calls) == 1
+
+
 async def test_cancel_works_after_a_thaw(env):
     created = await env.fleet.create("cancel", policy="idle", cooldown_ms=100)
     c = await aconnect(env.proxy, "cancel", created.password)

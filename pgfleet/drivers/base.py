@@ -207,6 +207,12 @@ class Driver(abc.ABC):
         frozen processes are gone."""
         raise DriverError(f"the {self.name} driver has no warm standby")
 
+    async def reclaim_again(self, spec: InstanceSpec) -> int:
+        """warm: push out what the freeze's reclaim could not yet (pages touched just before
+        it resist it). The fleet calls it once the freeze has settled, under the instance's
+        lock. Returns the bytes still charged."""
+        return self.memory_charged(spec)[0]
+
     def is_frozen(self, spec: InstanceSpec) -> bool:
         return False
 

@@ -75,6 +75,14 @@ class MicroVMWarm:
                 return await asyncio.to_thread(freeze.reclaim, memory, v2)
             return freeze.charged_bytes(memory, v2)[0]
 
+    async def reclaim_again(self, spec: InstanceSpec) -> int:
+        async with self._lock(spec):  # type: ignore[attr-defined]
+            vm = self._running(spec)  # type: ignore[attr-defined]
+            memory = self._memory_dir(spec)
+            if vm is None or not vm.paused or memory is None or self.warm_mode() != "reclaim":
+                return self.memory_charged(spec)[0]
+            return await asyncio.to_thread(freeze.reclaim, memory, self._cgroup(spec).v2)
+
     async def thaw(self, spec: InstanceSpec) -> Backend:
         async with self._lock(spec):  # type: ignore[attr-defined]
             vm = self._running(spec)  # type: ignore[attr-defined]

@@ -34,6 +34,14 @@ class SandboxWarm:
             return await asyncio.to_thread(freeze.reclaim, memory, self._cgroup(spec).v2)
         return freeze.charged_bytes(memory, self._cgroup(spec).v2)[0]
 
+    async def reclaim_again(self, spec: InstanceSpec) -> int:
+        memory = self._memory_dir(spec)
+        if memory is None or spec.uuid not in self._running or not self._freezer(spec).is_frozen():
+            return self.memory_charged(spec)[0]
+        if self.warm_mode() != "reclaim":
+            return freeze.charged_bytes(memory, self._cgroup(spec).v2)[0]
+        return await asyncio.to_thread(freeze.reclaim, memory, self._cgroup(spec).v2)
+
     async def thaw(self, spec: InstanceSpec) -> Backend:
         if spec.uuid not in self._running:
             raise DriverError(f"the processes of frozen database {spec.name} are gone")
