@@ -95,7 +95,7 @@ class WarmTier:
                 return True
             log.info("%s: warm standby (%s), %.1f MiB still charged", row.name, reason, charged / 2**20)
             self._arm_cold_timer(uuid, rt, row.cold_after_ms)
-            self._arm_settle_timer(uuid)
+            self._arm_settle_timer(uuid, row.start_count)
         await fleet.transitions.notify()
         return True
 
@@ -155,17 +155,18 @@ class WarmTier:
         await self.fleet.driver.suspend(self.fleet.spec(row))
         log.info("%s: cold standby (%s)", row.name, reason)
 
-    def _arm_settle_timer(self, uuid: str) -> None:
+    def _arm_settle_timer(self, uuid: str, start_count: int) -> None:
         if not self.fleet.closing:
             asyncio.get_running_loop().call_later(
-                SETTLE_S, lambda: None if self.fleet.closing else self.fleet.spawn(self._settled(uuid)))
+                SETTLE_S, lambda: None if self.fleet.closing else self.fleet.spawn(self._settled(uuid, start_count)))
 
-    async def _settled(self, uuid: str) -> None:
-        """A second reclaim once the freeze has settled, if the database is still warm."""
+    async def _settled(self, uuid: str, start_count: int) -> None:
+        """A second reclaim once the freeze has settled, if the database is still warm from
+        that freeze (never thawed since: its start count has not moved)."""
         try:
             async with self.fleet.rt.locked(uuid):
                 row = self.fleet.store.get(uuid)
-                if row is not None and is_warm(row):
+                if row is not None and is_warm(row) and row.start_count == start_count:
                     charged = await self.fleet.driver.reclaim_again(self.fleet.spec(row))
                     log.debug("%s: %.1f MiB still charged once settled", row.name, charged / 2**20)
         except Exception:
