@@ -7,6 +7,7 @@ to death), pids (no fork bombs), CPU weight (fair share under contention).
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import signal
 import subprocess
@@ -20,8 +21,16 @@ PIDS_MAX = 256
 CPU_PERIOD_US = 100_000  # postgres needs max_connections + ~10 auxiliary processes
 
 
+@functools.cache
 def is_v2(root: Path = ROOT) -> bool:
+    """The host's cgroup version is fixed at boot: asked once per root (a wake asked it ten times)."""
     return (root / "cgroup.controllers").exists()
+
+
+@functools.cache
+def v1_controllers(root: Path = ROOT) -> tuple[str, ...]:
+    """The v1 hierarchies of the controllers pgfleet uses that this host mounts."""
+    return tuple(c for c in ("memory", "pids", "cpu") if (root / c).is_dir())
 
 
 @dataclass(frozen=True)
@@ -40,7 +49,7 @@ class Cgroup:
         if self.v2:
             self.dirs = {"unified": root / parent / name}
         else:
-            self.dirs = {c: root / c / parent / name for c in ("memory", "pids", "cpu") if (root / c).is_dir()}
+            self.dirs = {c: root / c / parent / name for c in v1_controllers(root)}
 
     def create(self, limits: CgroupLimits) -> None:
         for controller, d in self.dirs.items():

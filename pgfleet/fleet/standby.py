@@ -122,7 +122,8 @@ class WarmTier:
             return await fleet.power.start_locked(fleet.store.get(row.uuid), reason=reason)  # type: ignore[arg-type]
         rt.backend, rt.running = backend, True
         rt.last_active = time.monotonic()
-        fleet.scaling.arm_idle_timer(row.uuid)
+        rt.policy, rt.cooldown_ms = row.stz_policy, row.cooldown_ms
+        fleet.scaling.arm_idle_timer(row.uuid, fresh=False)  # the settings are row's: no re-read
         if reason == "wake":
             took = rt.last_active - started
             fleet.telemetry.wake(row.uuid, time.time(), took)

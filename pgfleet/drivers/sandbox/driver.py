@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -92,10 +93,10 @@ class SandboxDriver(SandboxProcesses, SandboxWarm, SandboxRecovery, SandboxIdent
         return Backend(port=PORT, socket_dir=str(self.socket_dir(spec)), database=self.databases.inside(spec))
 
     def _cgroup(self, spec: InstanceSpec) -> cgroups.Cgroup:
-        return cgroups.Cgroup(self.cgroup_parent, spec.uuid)
+        return _cgroup_of(self.cgroup_parent, spec.uuid)
 
     def _freezer(self, spec: InstanceSpec) -> freeze.Freezer:
-        return freeze.Freezer(self.cgroup_parent, spec.uuid)
+        return _freezer_of(self.cgroup_parent, spec.uuid)
 
     @staticmethod
     def _limits(spec: InstanceSpec) -> cgroups.CgroupLimits:
@@ -290,3 +291,15 @@ class SandboxDriver(SandboxProcesses, SandboxWarm, SandboxRecovery, SandboxIdent
 
 
 _home_tag = cgroups.home_tag  # tests find an instance's cgroups through it
+
+
+# Paths only (no state): a wake asks for them several times, and pathlib joins cost (a
+# storm of 1,000 wakes spent 0.3 s of the event loop building them); recent ones are kept.
+@functools.lru_cache(maxsize=2048)
+def _cgroup_of(parent: str, uuid: str) -> cgroups.Cgroup:
+    return cgroups.Cgroup(parent, uuid)
+
+
+@functools.lru_cache(maxsize=2048)
+def _freezer_of(parent: str, uuid: str) -> freeze.Freezer:
+    return freeze.Freezer(parent, uuid)

@@ -58,10 +58,10 @@ class SandboxWarm:
         return freeze.charged_bytes(memory, self._cgroup(spec).v2)
 
     def _unfreeze(self, spec: InstanceSpec) -> None:
-        """Limit first, then thaw: the thawed processes fault their pages back in at once."""
+        """Limit first, then thaw: the thawed processes fault their pages back in at once.
+        Both are idempotent: no read of the freezer's state first (a wake storm pays each
+        file operation a thousand times)."""
         freezer = self._freezer(spec)
-        if not freezer.is_frozen():
-            return
         memory = self._memory_dir(spec)
         if memory is not None:
             freeze.restore_limit(memory, self._cgroup(spec).v2, self._limits(spec).memory_bytes)
