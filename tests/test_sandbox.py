@@ -200,3 +200,48 @@ async def test_a_start_given_up_leaves_no_process(driver, tmp_path):
         assert find_postmaster(driver.data_dir(spec)) is None
     backend = await driver.start(spec)  # and the instance still starts normally
     assert (await _query(backend, "SELECT 1"))[0].rows == [("1",)]
+
+
+def _parent_of(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2:].split()[1])
+
+
+async def test_postgres_starts_forked_from_the_zygote_and_without_it(driver, tmp_path):
+    """A start forks the zygote (postgres loaded once) instead of exec'ing postgres: same jail,
+    same name and process titles (procscan and the tests find postmasters by them); a zygote
+    that died is replaced at the next start, and with none at all a start execs the jail."""
+    assert driver.zygote is not None, "a C compiler is there: the zygote library builds"
+    spec = _spec(driver, tmp_path, "zyg", 18)
+    backend = await driver.create(spec)
+    pm = find_postmaster(driver.data_dir(spec))
+    assert pm is not None
+    handle = _parent_of(pm)
+    zygote = driver.zygote._proc.pid
+    assert _parent_of(handle) == zygote and _parent_of(zygote) == os.getpid()
+    assert Path(f"/proc/{pm}/comm").read_text().strip() == "postgres"
+    assert Path(f"/proc/{pm}/cmdline").read_bytes().startswith(str(driver.pg.postgres).encode() + b"\0-D\0")
+    status = Path(f"/proc/{pm}/status").read_text()
+    assert "NoNewPrivs:\t1" in status and "Seccomp:\t2" in status and "CapBnd:\t0000000000000000" in status
+    assert "LD_PRELOAD" not in Path(f"/proc/{pm}/environ").read_text()
+    titles = [Path(f"/proc/{p}/cmdline").read_bytes() for p in
+              Path(f"/proc/{pm}/task/{pm}/children").read_text().split()]
+    assert any(t.startswith(b"postgres: zyg: checkpointer") for t in titles), titles
+    assert (await _query(backend, "SELECT 1"))[0].rows == [("1",)]
+    await driver.suspend(spec)
+    assert find_postmaster(driver.data_dir(spec)) is None, "the handle and its postmaster are gone"
+
+    driver.zygote._proc.kill()
+    driver.zygote._proc.wait()
+    backend = await driver.start(spec)  # a new zygote
+    assert _parent_of(_parent_of(find_postmaster(driver.data_dir(spec)))) == driver.zygote._proc.pid != zygote
+    await driver.suspend(spec)
+
+    kept, driver.zygote = driver.zygote, None
+    try:
+        backend = await driver.start(spec)  # exec'd: the handle is the daemon's own child
+        assert _parent_of(_parent_of(find_postmaster(driver.data_dir(spec)))) == os.getpid()
+        assert (await _query(backend, "SELECT 1"))[0].rows == [("1",)]
+        await driver.suspend(spec)
+    finally:
+        driver.zygote = kept

@@ -77,7 +77,7 @@ static void in_root(char *out, const char *path) {
 
 /* Bind `src` (a path, or /proc/self/fd/N) at `dst` inside the new root, then remount it with
  * `flags` (MS_RDONLY, MS_NOSUID, ...): a bind mount takes new flags only on a remount. */
-static void bind(const char *src, const char *dst, unsigned long flags, int is_dir) {
+static void bind_mount(const char *src, const char *dst, unsigned long flags, int is_dir) {
     char target[PATH_MAX];
     in_root(target, dst);
     if (is_dir) {
@@ -103,7 +103,7 @@ static void system_dir(const char *path) {
         in_root(target, path);
         if (symlink(link, target) != 0) die("symlink", target);
     } else if (S_ISDIR(st.st_mode)) {
-        bind(path, path, MS_RDONLY | MS_NOSUID | MS_NODEV, 1);
+        bind_mount(path, path, MS_RDONLY | MS_NOSUID | MS_NODEV, 1);
     }
 }
 
@@ -130,7 +130,7 @@ static int open_dir(const char *path) {
 static void bind_fd(int fd, const char *dst, unsigned long flags) {
     char src[64];
     snprintf(src, sizeof src, "/proc/self/fd/%d", fd);
-    bind(src, dst, flags, 1);
+    bind_mount(src, dst, flags, 1);
     close(fd);
 }
 
@@ -171,14 +171,14 @@ static void build_root(struct host_dirs *d, long tmp_mb, int wait_detach) {
     char opts[64];
     if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) != 0) die("make private", "/");
     if (mount("tmpfs", NEWROOT, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755") != 0) die("tmpfs", "root");
-    bind("/usr", "/usr", MS_RDONLY | MS_NOSUID | MS_NODEV, 1);
-    bind("/etc", "/etc", MS_RDONLY | MS_NOSUID | MS_NODEV, 1);
+    bind_mount("/usr", "/usr", MS_RDONLY | MS_NOSUID | MS_NODEV, 1);
+    bind_mount("/etc", "/etc", MS_RDONLY | MS_NOSUID | MS_NODEV, 1);
     const char *sys[] = {"/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"};
     for (size_t i = 0; i < sizeof sys / sizeof *sys; i++) system_dir(sys[i]);
     /* /dev: a few harmless character devices, nothing else */
     tmpfs("/dev", "size=64k,mode=0755");
     const char *devs[] = {"/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"};
-    for (size_t i = 0; i < sizeof devs / sizeof *devs; i++) bind(devs[i], devs[i], MS_NOSUID | MS_NOEXEC, 0);
+    for (size_t i = 0; i < sizeof devs / sizeof *devs; i++) bind_mount(devs[i], devs[i], MS_NOSUID | MS_NOEXEC, 0);
     snprintf(opts, sizeof opts, "size=%ldm,mode=1777", tmp_mb);
     tmpfs("/dev/shm", opts);
     tmpfs("/tmp", opts);
@@ -344,7 +344,9 @@ static int join_and_enter_namespaces(int argc, char **argv) {
     exit(WIFEXITED(status) ? WEXITSTATUS(status) : 111);
 }
 
-int main(int argc, char **argv) {
+/* `run`: the jail's last step, given the command's argv (exec_command; zygote.c runs postgres'
+ * main in place instead) */
+static int jail_main(int argc, char **argv, void (*run)(char **argv)) {
     if (argc > 1 && strcmp(argv[1], "-j") == 0) return join_cgroups_then_exec(argc, argv);
     if (argc > 1 && strcmp(argv[1], "-n") == 0) {
         int rest = join_and_enter_namespaces(argc, argv); /* only the child returns */
@@ -374,6 +376,17 @@ int main(int argc, char **argv) {
     if (clearenv() != 0 || setenv("PATH", "/usr/local/bin:/usr/bin:/bin", 1) != 0 ||
         setenv("LANG", "C.UTF-8", 1) != 0 || setenv("HOME", "/tmp", 1) != 0)
         die("environment", NULL);
-    execvp(argv[7 + wal], &argv[7 + wal]);
-    die("exec", argv[7 + wal]);
+    run(&argv[7 + wal]);
+    return 111;
 }
+
+#ifndef PGFLEET_ZYGOTE /* zygote.c includes this file and runs jail_main its own way */
+static void exec_command(char **argv) {
+    execvp(argv[0], argv);
+    die("exec", argv[0]);
+}
+
+int main(int argc, char **argv) {
+    return jail_main(argc, argv, exec_command);
+}
+#endif

@@ -24,7 +24,8 @@ from ..pgbin import PostgresInstall, find_postgres
 from ..roles import MAINTENANCE_DATABASE, DatabaseNames, check_role_name, personalise_sql
 from ..untrusted import write_root_file
 from .. import cgroups, freeze
-from ..jail import ensure_jail
+from ..jail import ensure_jail, ensure_zygote
+from ..zygote import Zygote
 from . import disk
 from .backups import SandboxBackups
 from .identity import SandboxIdentity
@@ -61,6 +62,7 @@ class SandboxDriver(SandboxProcesses, SandboxWarm, SandboxRecovery, SandboxIdent
         self.template: Path | None = None
         self.storage: OverlayStorage | None = None
         self.jail: Path | None = None
+        self.zygote: Zygote | None = None  # postgres loaded once, forked per start (zygote.py)
         self.uids = UidRegistry()
         self._uids: dict[str, int] = {}  # instance uuid -> its uid
         self.databases = DatabaseNames()  # the name of each instance's database inside
@@ -110,6 +112,10 @@ class SandboxDriver(SandboxProcesses, SandboxWarm, SandboxRecovery, SandboxIdent
         lower = await ensure_lower(self.template) if overlay_supported() else None
         self.storage = OverlayStorage(lower)
         self.jail = await ensure_jail(self.cache_dir)
+        library = await ensure_zygote(self.cache_dir)
+        if library is not None and self.zygote is None:
+            self.zygote = Zygote(self.pg.postgres, library)
+            self.zygote.start()
         log.info("%s", await asyncio.to_thread(cgroups.favor_migrations))  # at most one remount, logged
 
     async def create(self, spec: InstanceSpec) -> Backend:
@@ -280,6 +286,9 @@ class SandboxDriver(SandboxProcesses, SandboxWarm, SandboxRecovery, SandboxIdent
         left running keep their logs until the next daemon adopts them)."""
         if self._log_guard is not None:
             self._log_guard.cancel()
+        if self.zygote is not None:
+            self.zygote.close()
+            self.zygote = None
         sockets = SOCKET_ROOT / self.home_tag
         slots = [d for d in sockets.iterdir() if d.is_dir()] if sockets.is_dir() else []
         freezer_parent = freeze.Freezer(CGROUP_PARENT, self.home_tag).dir

@@ -19,6 +19,7 @@ from ..base import Backend, DriverError, InstanceSpec
 from ..spawn import Spawned, spawn, wait_pid_exit
 from ..untrusted import read_head, read_tail, rotate_log
 from ..jail import jail_argv
+from ..zygote import ZygoteProcess
 from . import archive, disk
 from .dirwatch import DirWatch
 from .procscan import find_postmaster
@@ -96,7 +97,7 @@ class SandboxProcesses:
         os.fchmod(logf.fileno(), 0o600)
         with DirWatch(data) as changes:  # watching before the spawn: no change is missed
             try:
-                proc = spawn(argv, stdout=logf, stderr=logf)  # vfork, whatever the event loop
+                proc = self._spawn_jailed(argv, logf.fileno())
             finally:
                 logf.close()
             try:
@@ -110,7 +111,16 @@ class SandboxProcesses:
         self._watch(spec, pm_pid, proc.wait())
         return self.backend(spec)
 
-    async def _kill_start(self, spec: InstanceSpec, proc: Spawned) -> None:
+    def _spawn_jailed(self, argv: list[str], log_fd: int) -> Spawned | ZygoteProcess:
+        """Start a jailed postgres (`argv`: _sandboxed's): forked from the zygote, which has
+        postgres loaded already, or else exec'd (vfork, whatever the event loop)."""
+        if self.zygote is not None:
+            forked = self.zygote.spawn(argv[1:], log_fd)
+            if forked is not None:
+                return forked
+        return spawn(argv, stdout=log_fd, stderr=log_fd)
+
+    async def _kill_start(self, spec: InstanceSpec, proc: Spawned | ZygoteProcess) -> None:
         """A start given up (failed, timed out, cancelled): every process it made is gone when
         this returns, not only the one spawned (unshare), so no postmaster is left behind on
         the data directory (a twin for the next start) or in the cgroup."""
@@ -149,7 +159,7 @@ class SandboxProcesses:
             timeout=timeout, start_new_session=True,
         )
 
-    async def _wait_ready(self, spec: InstanceSpec, proc: Spawned, changes: DirWatch,
+    async def _wait_ready(self, spec: InstanceSpec, proc: Spawned | ZygoteProcess, changes: DirWatch,
                           timeout_s: float = READY_TIMEOUT_S) -> int:
         """Wait until the postmaster reports 'ready' in postmaster.pid; returns its host pid.
         Looks again whenever the data directory changes (inotify: a wake is on the client's
