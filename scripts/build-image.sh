@@ -34,7 +34,8 @@ mmdebstrap --variant=minbase --mode=root --quiet \
     --customize-hook="copy-in $out/wheels /tmp" \
     --customize-hook='chroot "$1" python3 -m venv /opt/pgfleet' \
     --customize-hook='chroot "$1" /opt/pgfleet/bin/pip install --quiet --no-index --find-links /tmp/wheels pgfleet' \
-    --customize-hook='jail="$(chroot "$1" /opt/pgfleet/bin/python -c "from pgfleet.drivers.sandbox.jail import prebuilt_path; print(prebuilt_path())")" && cc -O2 -Wall -static -o "$1$jail" "$1${jail%/*}/jail.c"' \
+    --customize-hook='jail="$(chroot "$1" /opt/pgfleet/bin/python -c "from pgfleet.drivers.jail import prebuilt_path; print(prebuilt_path())")" && cc -O2 -Wall -static -o "$1$jail" "$1${jail%/*}/jail.c"' \
+    --customize-hook='zygote="$(chroot "$1" /opt/pgfleet/bin/python -c "from pgfleet.drivers.jail import prebuilt_zygote_path; print(prebuilt_zygote_path())")" && cc -O2 -Wall -shared -fPIC -o "$1$zygote" "$1${zygote%/*}/zygote.c"' \
     --customize-hook='rm -rf "$1/tmp/wheels" "$1/var/cache/apt/"*.bin "$1/var/lib/apt/lists/"*' \
     --customize-hook='mkdir -p "$1/var/lib/pgfleet" "$1/var/cache/pgfleet"' \
     "$suite" "$out/rootfs.tar" \

@@ -49,12 +49,16 @@ def _zygote_name() -> str:
     return f"pgfleet-zygote-{digest}.so"
 
 
+def prebuilt_zygote_path() -> Path:
+    """Where an installation ships the zygote library built for this source (as the jail)."""
+    return SOURCE.with_name(_zygote_name())
+
+
 async def ensure_zygote(cache_dir: Path) -> Path | None:
     """The zygote library (zygote.c) for this source: shipped beside the source, or built into
     the cache; None without a C compiler (every start then execs postgres: ~9 ms more)."""
-    shipped = SOURCE.with_name(_zygote_name())
-    if shipped.exists():
-        return shipped
+    if prebuilt_zygote_path().exists():
+        return prebuilt_zygote_path()
     final = cache_dir / "bin" / _zygote_name()
     if not final.exists():
         try:
