@@ -75,14 +75,25 @@ static void serve_one(int sock, char *buf, ssize_t n, int log_fd) {
     args[argc++] = "pgfleet-jail";
     for (char *p = buf; p < buf + n && argc < ZYGOTE_MAX_ARGS; p += strlen(p) + 1) args[argc++] = p;
     args[argc] = NULL;
+    /* The child waits for a go on this pipe, sent once the daemon has its pid: a start the
+     * daemon was not told about (the zygote killed in between, no pidfd) never runs, so the
+     * daemon may start it another way without making a twin postmaster. */
+    int go[2];
+    if (pipe2(go, O_CLOEXEC) != 0) go[0] = go[1] = -1;
     sigset_t chld, old;
     sigemptyset(&chld);
     sigaddset(&chld, SIGCHLD);
     sigprocmask(SIG_BLOCK, &chld, &old); /* not reaped before its pidfd exists: no pid reuse */
-    pid_t pid = fork();
+    pid_t pid = go[0] >= 0 ? fork() : -1;
     if (pid == 0) {
         signal(SIGCHLD, SIG_DFL);
         sigprocmask(SIG_SETMASK, &old, NULL);
+        close(go[1]);
+        char c;
+        ssize_t got;
+        while ((got = read(go[0], &c, 1)) < 0 && errno == EINTR) {
+        }
+        if (got != 1) _exit(0);
         int devnull = open("/dev/null", O_RDONLY | O_CLOEXEC);
         if (devnull < 0 || setsid() < 0 || dup2(devnull, 0) < 0 || dup2(log_fd, 1) < 0 || dup2(log_fd, 2) < 0)
             _exit(111);
@@ -107,7 +118,10 @@ static void serve_one(int sock, char *buf, ssize_t n, int log_fd) {
         c->cmsg_len = CMSG_LEN(sizeof(int));
         memcpy(CMSG_DATA(c), &pidfd, sizeof(int));
     }
-    if (sendmsg(sock, &msg, MSG_NOSIGNAL) < 0) _exit(0); /* the daemon is gone */
+    if (sendmsg(sock, &msg, MSG_NOSIGNAL) < 0) _exit(0); /* the daemon is gone (and with us, the go) */
+    if (reply > 0 && write(go[1], "g", 1) != 1) kill(pid, SIGKILL); /* the daemon sees it exit */
+    if (go[0] >= 0) close(go[0]);
+    if (go[1] >= 0) close(go[1]);
     if (pidfd >= 0) close(pidfd);
 }
 

@@ -85,7 +85,9 @@ class Zygote:
 
     def spawn(self, jail_args: list[str], log_fd: int) -> ZygoteProcess | None:
         """Fork a start: `jail_args` are pgfleet-jail's arguments (jail_argv without the
-        program), its stdout and stderr `log_fd`. None if the zygote cannot (the caller execs)."""
+        program), its stdout and stderr `log_fd`. None if the zygote cannot (the caller execs):
+        then nothing was started, as a forked start waits for the zygote's go, which comes only
+        after its pid reached us (zygote.c), so the request may be sent again or exec'd."""
         for attempt in range(2):  # a zygote found dead is replaced once
             if self._sock is None or (self._proc is not None and self._proc.poll() is not None):
                 try:
@@ -102,25 +104,28 @@ class Zygote:
                 data, fds, _, _ = socket.recv_fds(self._sock, 4, 1, socket.MSG_CMSG_CLOEXEC)
             except OSError as exc:
                 log.warning("the postgres zygote failed (%s); starting a new one", exc)
-                self.close()
+                self.close(kill=True)
                 continue
             pid = int.from_bytes(data, "little", signed=True) if len(data) == 4 else -1
             if pid <= 0 or not fds:
                 for fd in fds:
                     os.close(fd)
                 if not data:  # closed: it died
-                    self.close()
+                    self.close(kill=True)
                     continue
                 return None
             return ZygoteProcess(pid, fds[0])
         return None
 
-    def close(self) -> None:
-        """Stop the zygote (closing its socket ends it); starts forked from it run on."""
+    def close(self, kill: bool = False) -> None:
+        """Stop the zygote (closing its socket ends it; `kill`: at once, one that failed may be
+        hung and is never waited for on a start's path); starts forked from it run on."""
         if self._sock is not None:
             self._sock.close()
             self._sock = None
         if self._proc is not None:
+            if kill:
+                self._proc.kill()
             try:
                 self._proc.wait(timeout=2)
             except subprocess.TimeoutExpired:
