@@ -270,7 +270,7 @@ def status(as_json: bool = JsonOpt) -> None:
                   + ("" if standby["zswap"] is None else f", zswap {'on' if standby['zswap'] else 'off'}"))
     if memory:
         out.print(f"memory: {memory['charged_bytes'] >> 20} MiB charged of a {memory['budget_bytes'] >> 20} MiB budget"
-                  + ("" if memory["pressure_some_avg10"] is None else f", pressure {memory['pressure_some_avg10']}%"))
+                  + ("" if memory["pressure_full_avg10"] is None else f", pressure {memory['pressure_full_avg10']}%"))
     branching = data.get("branch_storage")
     if branching:
         out.print(f"branches: {'copy-on-write (reflink)' if branching['mode'] == 'reflink' else 'full copies'} "

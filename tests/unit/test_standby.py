@@ -99,3 +99,16 @@ async def test_shutdown_leaves_nothing_frozen_and_recovery_trusts_the_host(tmp_p
     await second.shutdown()
     assert tier(second, "kept") == (State.STANDBY, "cold") and driver.frozen == set()
     store.close()
+
+
+def test_memory_pressure_reads_the_full_line_not_some(tmp_path):
+    """The fleet's own reclaim raises `some` with every freeze; only `full` is the host's."""
+    from pgfleet.fleet.memory import memory_pressure
+
+    psi = tmp_path / "memory"
+    psi.write_text("some avg10=42.00 avg60=10.00 avg300=2.00 total=1\n"
+                   "full avg10=3.50 avg60=1.00 avg300=0.20 total=1\n")
+    assert memory_pressure(psi) == 3.5
+    psi.write_text("some avg10=42.00 avg60=10.00 avg300=2.00 total=1\n")  # no full line: no signal
+    assert memory_pressure(psi) is None
+    assert memory_pressure(tmp_path / "absent") is None
