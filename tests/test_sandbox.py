@@ -245,3 +245,24 @@ async def test_postgres_starts_forked_from_the_zygote_and_without_it(driver, tmp
         await driver.suspend(spec)
     finally:
         driver.zygote = kept
+
+
+async def test_a_start_works_when_the_daemon_holds_fds_past_1024(driver, tmp_path):
+    """A daemon with a thousand databases holds more than 1,024 fds (sessions, spares,
+    backends): every wait in a start polls instead of select()ing (select() refuses such
+    fds; a storm of 1,000 found every start failing with ValueError)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
+    filler = [os.open("/dev/null", os.O_RDONLY) for _ in range(1100)]
+    try:
+        spec = _spec(driver, tmp_path, "manyfds", 18)
+        await driver.provision(spec)
+        backend = await driver.start(spec)
+        assert (await _query(backend, "SELECT 1"))[0].rows == [("1",)]
+        await driver.stop(spec)
+    finally:
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -38,8 +38,7 @@ class ZygoteProcess:
     def returncode(self) -> int | None:
         if self._pidfd < 0:
             return -1
-        readable, _, _ = select.select([self._pidfd], [], [], 0)
-        return -1 if readable else None
+        return -1 if _readable(self._pidfd, 0) else None
 
     def kill(self) -> None:
         if self.returncode is None:
@@ -99,7 +98,7 @@ class Zygote:
             request = b"".join(a.encode() + b"\0" for a in jail_args)
             try:
                 self._sock.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [log_fd]))])
-                if not select.select([self._sock], [], [], REPLY_TIMEOUT_S)[0]:
+                if not _readable(self._sock.fileno(), REPLY_TIMEOUT_S):
                     raise OSError("no answer")
                 data, fds, _, _ = socket.recv_fds(self._sock, 4, 1, socket.MSG_CMSG_CLOEXEC)
             except OSError as exc:
@@ -133,3 +132,10 @@ class Zygote:
                 self._proc.wait()
             self._proc = None
 
+
+def _readable(fd: int, timeout_s: float) -> bool:
+    """poll(), not select(): a daemon with a thousand databases holds fds past 1,024, which
+    select() refuses (found by a storm of 1,000: every start failed with ValueError)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(timeout_s * 1000))
