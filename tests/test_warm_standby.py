@@ -315,6 +315,28 @@ async def test_memory_manager_demotes_least_recently_used_idle_first(env):
         await busy.close()
 
 
+async def test_memory_manager_never_takes_cold_a_warm_database_whose_held_session_waits(env):
+    """A held session's query waiting for the thaw makes its database busy: the memory
+    manager leaves it warm (taking it cold would end the session under its query; seen in a
+    storm of 1,000 woken at once under real memory pressure)."""
+    created = await env.fleet.create("waits", policy="idle", cooldown_ms=600_000)
+    c = await aconnect(env.proxy, "waits", created.password)
+    try:
+        assert await scalar(c, "SELECT 1") == 1
+        await no_clients_busy(env, "waits")
+        await env.fleet.suspend("waits", tier="warm")
+        uuid = env.fleet.get("waits").uuid
+        manager = MemoryManager(env.fleet, budget_bytes=1)
+        async with env.fleet.rt.locked(uuid):  # the thaw waits behind this
+            query = asyncio.ensure_future(scalar(c, "SELECT 42"))
+            await until(lambda: env.fleet.rt[uuid].busy > 0)
+            report = await manager.tick()
+            assert report.demoted == [] and warm(env.fleet.get("waits"))
+        assert await query == 42
+    finally:
+        await c.close()
+
+
 async def test_without_swap_the_warm_tier_freezes_and_says_so(env):
     from pgfleet.drivers import swap
 

@@ -152,7 +152,7 @@ class MemoryManager:
                 if rt is None or fleet.in_use(uuid):
                     continue  # a busy session: never touched
                 running.append((last, uuid))
-            else:
+            elif not fleet.in_use(uuid):  # a held session's query waiting for the thaw: busy
                 warm.append((last, uuid))
         plan: list[tuple[str, str]] = []
         saved = 0
@@ -178,7 +178,7 @@ class MemoryManager:
         if row is None:
             return False
         if is_warm(row):
-            return await fleet.warm.to_cold(uuid, "host memory")
+            return await fleet.warm.to_cold(uuid, "host memory", if_unused=True)
         if tier == "warm":
             return await fleet.warm.enter(uuid, "host memory", only_if_idle=False)
         after = await fleet.suspend(uuid, reason="host memory", drain_timeout_s=0, if_unused=True)

@@ -140,10 +140,12 @@ class WarmTier:
         return self.fleet.get(row.uuid)
 
     # --- warm -> cold ------------------------------------------------------------------
-    async def to_cold(self, uuid: str, reason: str) -> bool:
+    async def to_cold(self, uuid: str, reason: str, *, if_unused: bool = False) -> bool:
+        """warm -> cold; `if_unused`: not while a session is busy (a query of a held session
+        waiting for the thaw counts: taking it cold would end the session under its query)."""
         async with self.fleet.rt.locked(uuid) as rt:
             row = self.fleet.store.get(uuid)
-            if row is None or not is_warm(row):
+            if row is None or not is_warm(row) or (if_unused and self.fleet.in_use(uuid)):
                 return False
             await self.cold_locked(row, rt, reason)
         await self.fleet.transitions.notify()
