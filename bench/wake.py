@@ -27,6 +27,7 @@ Writes bench/results/wake.json and bench/results/wake.png.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -39,6 +40,8 @@ from pgfleet.fleet.standby import SETTLE_S  # noqa: E402
 
 #: warm-tier cycles whose memory is measured once the freeze settled (each waits SETTLE_S)
 SETTLED_SAMPLES = 10
+#: swap a warm database takes (measured ~14 MiB), to size the storm's swap file
+SWAP_PER_WARM_MIB = 16
 
 TARGETS = {"wake_p50_ms": 50, "wake_p99_ms": 150, "create_p50_ms": 300,
            "warm_held_p50_ms": 5, "warm_held_p99_ms": 20, "warm_new_p50_ms": 10,
@@ -59,7 +62,6 @@ def progress(what: str, done: int, total: int) -> None:
 
 
 def processes_of(home: Path) -> int:
-    import os
 
     root = os.path.realpath(home)
     n = 0
@@ -237,10 +239,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cycles", type=int, default=50)
     ap.add_argument("--driver", default="sandbox")
-    ap.add_argument("--swap", default="4G", help="swap file the daemon makes for the warm tier (0: none)")
+    ap.add_argument("--swap", default="auto", help="swap file the daemon makes for the warm tier (0: none; auto: "
+                    "4G, or room for the storm's databases: a warm one has ~14 MiB in swap, and zswap still "
+                    "takes a swap slot per page)")
     ap.add_argument("--storm", type=int, default=200, help="databases woken at once (0: no storms)")
     args = ap.parse_args()
 
+    if args.swap == "auto":
+        args.swap = f"{max(4, -(-args.storm * SWAP_PER_WARM_MIB // 1024) + 2)}G"
+    if args.storm:
+        # the storm's clients all come from 127.0.0.1 (one source, as behind a load balancer):
+        # the default pre-auth cap of 256 per source would refuse the rest (docs/security.md);
+        # and all N are live at once
+        os.environ.setdefault("PGFLEET_LIMIT_MAX_PENDING_PER_SOURCE", str(args.storm + 64))
+        os.environ.setdefault("PGFLEET_QUOTA_LIVE_INSTANCES", str(args.storm + 64))
+        os.environ.setdefault("PGFLEET_QUOTA_LIVE_MEMORY_MB", str(10**7))
     d = start_daemon(args.driver, ("--swap", args.swap) if args.swap != "0" else ())
     host, port = d.proxy
     samples: dict[str, list[float]] = {"create": [], "wake": [], "warm": [], "direct": []}
