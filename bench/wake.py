@@ -62,7 +62,6 @@ def progress(what: str, done: int, total: int) -> None:
 
 
 def processes_of(home: Path) -> int:
-
     root = os.path.realpath(home)
     n = 0
     for entry in os.scandir("/proc"):
