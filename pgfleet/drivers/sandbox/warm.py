@@ -59,9 +59,11 @@ class SandboxWarm:
 
     def _unfreeze(self, spec: InstanceSpec) -> None:
         """Limit first, then thaw: the thawed processes fault their pages back in at once.
-        Both are idempotent: no read of the freezer's state first (a wake storm pays each
-        file operation a thousand times)."""
+        Only a frozen one: a running one has its limits already (and cgroup v1 refuses a
+        memory limit above the memory+swap one, which an update changes at the next start)."""
         freezer = self._freezer(spec)
+        if not freezer.is_frozen():
+            return
         memory = self._memory_dir(spec)
         if memory is not None:
             freeze.restore_limit(memory, self._cgroup(spec).v2, self._limits(spec).memory_bytes)
