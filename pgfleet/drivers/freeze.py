@@ -188,6 +188,14 @@ def _write_limit(limit: Path, value: int) -> bool:
     return True
 
 
+async def push_out(memory_dir: Path, v2: bool, with_swap: bool) -> int:
+    """What a frozen cgroup still has charged once its memory is pushed out: reclaimed on a
+    worker thread with swap (the warm mode "reclaim"), only measured without it ("freeze")."""
+    if with_swap:
+        return await asyncio.to_thread(reclaim, memory_dir, v2)
+    return charged_bytes(memory_dir, v2)[0]
+
+
 def restore_limit(memory_dir: Path, v2: bool, limit_bytes: int) -> None:
     """Give a thawed cgroup its memory limit back (v1), or its no-swap rule (v2)."""
     if v2:

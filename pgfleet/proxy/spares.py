@@ -74,16 +74,16 @@ class Spares:
     async def open(self, uuid: str, backend: Backend, epoch: int, params: dict[str, str]) -> None:
         """Open the spare of a database about to be frozen (replacing any it had)."""
         self.drop(uuid)
-        params = {**self._last_params.get(uuid, {}), **params}
+        last = self._last_params.get(uuid, {})
         try:
-            reader, writer, replies = await open_session(backend, params, OPEN_TIMEOUT_S)
+            reader, writer, replies = await open_session(backend, {**last, **params}, OPEN_TIMEOUT_S)
         except (ClientError, OSError, asyncio.TimeoutError, asyncio.IncompleteReadError) as exc:
             log.debug("no spare session for %s: %s", uuid, exc)
             return
         except Exception as exc:  # BackendRefused and the like: the database's own answer
             log.info("no spare session for %s: %s", uuid, exc)
             return
-        spare = Spare(self._last_params.get(uuid, {}), epoch, reader, writer, replies)
+        spare = Spare(last, epoch, reader, writer, replies)
         self.counts["opened"] += 1
         spare.watcher = asyncio.ensure_future(self._forget_when_closed(uuid, spare))
         self._spares[uuid] = spare
@@ -134,5 +134,4 @@ class Spares:
             pass
         if self._spares.get(uuid) is spare:
             del self._spares[uuid]
-            self.counts["discarded"] += 1
-            spare.writer.close()
+            self._discard(spare)  # (close() leaves this watcher, the current task, alone)

@@ -70,18 +70,15 @@ class MicroVMWarm:
             memory = self._memory_dir(spec)
             if memory is None:
                 return 0
-            v2 = self._cgroup(spec).v2
-            if self.warm_mode() == "reclaim":
-                return await asyncio.to_thread(freeze.reclaim, memory, v2)
-            return freeze.charged_bytes(memory, v2)[0]
+            return await freeze.push_out(memory, self._cgroup(spec).v2, self.warm_mode() == "reclaim")
 
     async def reclaim_again(self, spec: InstanceSpec) -> int:
         async with self._lock(spec):  # type: ignore[attr-defined]
             vm = self._running(spec)  # type: ignore[attr-defined]
             memory = self._memory_dir(spec)
-            if vm is None or not vm.paused or memory is None or self.warm_mode() != "reclaim":
+            if vm is None or not vm.paused or memory is None:
                 return self.memory_charged(spec)[0]
-            return await asyncio.to_thread(freeze.reclaim, memory, self._cgroup(spec).v2)
+            return await freeze.push_out(memory, self._cgroup(spec).v2, self.warm_mode() == "reclaim")
 
     async def thaw(self, spec: InstanceSpec) -> Backend:
         async with self._lock(spec):  # type: ignore[attr-defined]

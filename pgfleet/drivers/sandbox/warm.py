@@ -4,7 +4,6 @@ swap, their memory reclaimed (freeze.py). A mixin of SandboxDriver.
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 from .. import swap
@@ -30,17 +29,13 @@ class SandboxWarm:
         memory = self._memory_dir(spec)
         if memory is None:
             return 0
-        if self.warm_mode() == "reclaim":
-            return await asyncio.to_thread(freeze.reclaim, memory, self._cgroup(spec).v2)
-        return freeze.charged_bytes(memory, self._cgroup(spec).v2)[0]
+        return await freeze.push_out(memory, self._cgroup(spec).v2, self.warm_mode() == "reclaim")
 
     async def reclaim_again(self, spec: InstanceSpec) -> int:
         memory = self._memory_dir(spec)
         if memory is None or spec.uuid not in self._running or not self._freezer(spec).is_frozen():
             return self.memory_charged(spec)[0]
-        if self.warm_mode() != "reclaim":
-            return freeze.charged_bytes(memory, self._cgroup(spec).v2)[0]
-        return await asyncio.to_thread(freeze.reclaim, memory, self._cgroup(spec).v2)
+        return await freeze.push_out(memory, self._cgroup(spec).v2, self.warm_mode() == "reclaim")
 
     async def thaw(self, spec: InstanceSpec) -> Backend:
         if spec.uuid not in self._running:
